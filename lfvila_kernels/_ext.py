@@ -1,0 +1,25 @@
+"""Loads the compiled extension `lfvila_kernels._C` (registers the `lfvila_C::` ops) and reports what it has."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def load_error() -> str | None:
+    """None when the extension loaded, else why it did not."""
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as exc:  # not built (e.g. a source checkout without `pip install .`)
+        return f"the compiled extension lfvila_kernels._C is not available ({exc}); build it with `pip install .`"
+    return None
+
+
+def has_kernel(op: str, device: str) -> bool:
+    """True when the compiled op `lfvila_C::<op>` has a kernel for `device` ('cpu' or 'cuda')."""
+    if load_error() is not None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device]
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lfvila_C::{op}", key)

@@ -1,0 +1,180 @@
+"""Hierarchical temporal window attention (HTWA): LF-VILA's video-encoder attention as one op.
+
+Three layers, FlashAttention-style: `lfvila::htwa_fwd` / `lfvila::htwa_bwd` are functional torch.library custom
+ops (each with its fake kernel right below it) that dispatch to a compiled or Triton backend; `register_autograd`
+ties them together; `htwa_attention` checks the arguments, picks the backend and calls the op.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _backends
+from ._checks import check_htwa_args
+
+__all__ = ["htwa_attention"]
+
+_CPU_ORDER = ("cpp",)
+_CUDA_ORDER = ("triton", "cuda")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------------------
+# custom ops
+
+
+@torch.library.custom_op("lfvila::htwa_fwd", mutates_args=())
+def _htwa_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor],
+    window: list[int],
+    shift: list[int],
+    bias_window: list[int],
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        from .triton.htwa import htwa_fwd_triton
+
+        return htwa_fwd_triton(q, k, v, bias, window, shift, bias_window, scale)
+    return torch.ops.lfvila_C.htwa_fwd(q, k, v, bias, window, shift, bias_window, scale)
+
+
+@_htwa_fwd.register_fake
+def _htwa_fwd_fake(q, k, v, bias, window, shift, bias_window, scale, backend):
+    out = q.new_empty(q.shape)
+    lse = q.new_empty(q.shape[:5], dtype=_acc_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("lfvila::htwa_bwd", mutates_args=())
+def _htwa_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    window: list[int],
+    shift: list[int],
+    bias_window: list[int],
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        from .triton.htwa import htwa_bwd_triton
+
+        return htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale)
+    return torch.ops.lfvila_C.htwa_bwd(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale)
+
+
+@_htwa_bwd.register_fake
+def _htwa_bwd_fake(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale, backend):
+    dbias = bias.new_empty(bias.shape) if bias is not None else q.new_empty((0,), dtype=_acc_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, window, shift, bias_window, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, out, lse)
+    ctx.has_bias = bias is not None
+    ctx.params = (window, shift, bias_window, scale, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, bias, out, lse = ctx.saved_tensors
+    window, shift, bias_window, scale, backend = ctx.params
+    dq, dk, dv, dbias = torch.ops.lfvila.htwa_bwd(
+        dout.contiguous(), q, k, v, bias, out, lse, window, shift, bias_window, scale, backend
+    )
+    return dq, dk, dv, (dbias if ctx.has_bias else None), None, None, None, None, None
+
+
+_htwa_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# public function
+
+
+def htwa_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias_table: Optional[Tensor] = None,
+    *,
+    window,
+    shift=(0, 0, 0),
+    bias_window=None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Hierarchical temporal window attention over a (frames x rows x columns) token grid.
+
+    Args:
+        q, k, v: `(B, T, H, W, heads, D)` in the token-grid layout; any strides with the last dim contiguous, so
+            views of a qkv projection (`qkv.view(B, T, H, W, 3, heads, D).unbind(4)`) need no copy. Same dtype
+            (float16, bfloat16, float32; float64 on the CPU) and device. D <= 128.
+        bias_table: `((2Bt-1)(2Bh-1)(2Bw-1), heads)` learned relative position bias, or None. Any float dtype
+            (read in fp32; in fp64 for fp64 inputs); gets a gradient.
+        window: `(Wt, Wh, Ww)` (or one int): the window box, each <= the grid size of its axis.
+        shift: `(st, sh, sw)`, `0 <= shift < window`: windows start at `shift` along each axis, with a partial
+            window `[0, shift)` in front (Swin's cyclic shift with its region mask, as exact exclusion).
+        bias_window: `(Bt, Bh, Bw)` >= window, the window the bias table was built for (default: `window`).
+            When it differs, in-window token n (flattened frame-major in `window`) is read as token n of
+            `bias_window` to pick the bias row: the official code's behaviour when the grid is smaller than the
+            configured window (spec 1.3).
+        scale: logit scale, default `D ** -0.5`.
+        backend: "auto" (C++ on CPU; Triton, then CUDA C++ on GPU), "cpp", "cuda", "triton", "flex", "sdpa" or
+            "reference" (plain PyTorch, the official roll + partition + mask path).
+
+    Query (t, h, w) attends key (t', h', w') iff g(t)=g(t'), g(h)=g(h'), g(w)=g(w') per axis with
+    g(x) = floor((x - shift) / window). For one axis with length 5, window 2, shift 1 the groups are
+    [0 | 1 2 | 3 4], i.e. the 0/1 mask::
+
+        1 0 0 0 0
+        0 1 1 0 0
+        0 1 1 0 0
+        0 0 0 1 1
+        0 0 0 1 1
+
+    Grids that do not divide by the window are legal: the edge windows are smaller.
+
+    Returns:
+        `(B, T, H, W, heads, D)`, contiguous, dtype of q.
+    """
+    window, shift, bias_window, scale = check_htwa_args(q, k, v, bias_table, window, shift, bias_window, scale)
+    if backend not in _backends.HTWA_BACKENDS:
+        raise ValueError(f"backend must be one of {_backends.HTWA_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = _backends.choose("htwa_fwd", _CPU_ORDER, _CUDA_ORDER, q.device, q.dtype)
+    kwargs = dict(window=window, shift=shift, bias_window=bias_window, scale=scale)
+    if backend == "reference":
+        from .reference import htwa_reference
+
+        return htwa_reference(q, k, v, bias_table, **kwargs)
+    if backend in ("sdpa", "flex"):
+        from . import _htwa_torch
+
+        return getattr(_htwa_torch, f"htwa_{backend}")(q, k, v, bias_table, **kwargs)
+    if backend in ("cpp", "cuda"):
+        _backends.can_run_compiled("htwa_fwd", backend, q.device, raise_error=True)
+    else:
+        _backends.can_run_triton(q.device, q.dtype, raise_error=True)
+
+    # The kernels read q, k, v through their strides; only a non-unit last stride forces a copy.
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    bias = None if bias_table is None else bias_table.to(_acc_dtype(q.dtype))
+    out, _ = torch.ops.lfvila.htwa_fwd(q, k, v, bias, list(window), list(shift), list(bias_window), scale, backend)
+    return out

@@ -1,0 +1,123 @@
+"""Plain-PyTorch reference implementations: the oracles every backend is tested against and the "naive"
+baselines every benchmark compares with.
+
+`htwa_reference` does literally what LF-VILA's official video encoder does around its window attention
+(spec sections 1.3-1.4): zero-pad the grid to window multiples, cyclic roll by -shift, partition into windows,
+scaled q @ k^T, relative position bias gathered from the official index buffer (built for the configured
+`bias_window` and cut to the effective window, which is the official quirk), the -100 region mask of shifted
+windows, softmax, @ v, reverse partition and roll back. Keys that are grid padding are excluded, which is the
+op's ragged-window semantics (the official model pads *before* the qkv projection instead; spec 7.8).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_htwa_args
+
+_OFFICIAL_MASK_VALUE = -100.0
+
+
+def relative_position_index(window: tuple[int, int, int]) -> torch.Tensor:
+    """The official `relative_position_index` buffer for a (Wt, Wh, Ww) window: (N, N) int64, N = Wt*Wh*Ww,
+    tokens flattened frame-major, row of (query - key) offsets with the temporal offset slowest."""
+    wt, wh, ww = window
+    coords = torch.stack(
+        torch.meshgrid(torch.arange(wt), torch.arange(wh), torch.arange(ww), indexing="ij")
+    ).flatten(1)  # 3, N
+    rel = coords[:, :, None] - coords[:, None, :]  # 3, N, N (query - key)
+    rel[0] += wt - 1
+    rel[1] += wh - 1
+    rel[2] += ww - 1
+    return (rel[0] * (2 * wh - 1) + rel[1]) * (2 * ww - 1) + rel[2]
+
+
+def _region_labels(length: int, window: int, shift: int, device) -> torch.Tensor:
+    """Swin's compute_mask slices along one axis of the rolled, padded grid: 0 / 1 / 2 for the slices
+    (0, -W), (-W, -s), (-s, None). With shift 0 the last slice covers the whole axis, so every label is equal."""
+    r = torch.arange(length, device=device)
+    if shift == 0:
+        return torch.zeros(length, dtype=torch.long, device=device)
+    return (r >= length - window).long() + (r >= length - shift).long()
+
+
+def _partition(x: torch.Tensor, window) -> torch.Tensor:
+    """(B, Tp, Hp, Wp, C...) -> (B * nW, N, C...) windows, frame-major inside a window."""
+    B, Tp, Hp, Wp = x.shape[:4]
+    rest = x.shape[4:]
+    wt, wh, ww = window
+    x = x.reshape(B, Tp // wt, wt, Hp // wh, wh, Wp // ww, ww, *rest)
+    x = x.permute(0, 1, 3, 5, 2, 4, 6, *range(7, 7 + len(rest)))
+    return x.reshape(-1, wt * wh * ww, *rest)
+
+
+def _reverse(x: torch.Tensor, window, B: int, Tp: int, Hp: int, Wp: int) -> torch.Tensor:
+    wt, wh, ww = window
+    rest = x.shape[2:]
+    x = x.reshape(B, Tp // wt, Hp // wh, Wp // ww, wt, wh, ww, *rest)
+    x = x.permute(0, 1, 4, 2, 5, 3, 6, *range(7, 7 + len(rest)))
+    return x.reshape(B, Tp, Hp, Wp, *rest)
+
+
+def htwa_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias_table: Optional[torch.Tensor] = None,
+    *,
+    window,
+    shift=(0, 0, 0),
+    bias_window=None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Naive HTWA, the official way. Same arguments and result as `lfvila_kernels.htwa_attention`."""
+    window, shift, bias_window, scale = check_htwa_args(q, k, v, bias_table, window, shift, bias_window, scale)
+    B, T, H, W, heads, D = q.shape
+    wt, wh, ww = window
+    Tp, Hp, Wp = (math.ceil(T / wt) * wt, math.ceil(H / wh) * wh, math.ceil(W / ww) * ww)
+    N = wt * wh * ww
+    pad = (0, 0, 0, 0, 0, Wp - W, 0, Hp - H, 0, Tp - T)
+    needs_pad = (Tp, Hp, Wp) != (T, H, W)
+    if needs_pad:
+        q, k, v = (F.pad(x, pad) for x in (q, k, v))
+    if any(shift):
+        q, k, v = (torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3)) for x in (q, k, v))
+
+    qw, kw, vw = (_partition(x, window).transpose(1, 2) for x in (q, k, v))  # (B*nW, heads, N, D)
+    attn = (qw * scale) @ kw.transpose(-2, -1)  # (B*nW, heads, N, N)
+
+    if bias_table is not None:
+        index = relative_position_index(bias_window)[:N, :N].to(q.device)  # the official top-left block
+        bias = bias_table[index.reshape(-1)].reshape(N, N, heads).permute(2, 0, 1)
+        attn = attn + bias.to(attn.dtype).unsqueeze(0)
+
+    nw = attn.shape[0] // B
+    if any(shift):
+        labels = [_region_labels(n, w, s, q.device) for n, w, s in zip((Tp, Hp, Wp), window, shift)]
+        region = (labels[0][:, None, None] * 9 + labels[1][None, :, None] * 3 + labels[2][None, None, :])
+        rw = _partition(region[None, ..., None], window)[..., 0]  # (nW, N)
+        mask = (rw[:, :, None] != rw[:, None, :]).to(attn.dtype) * _OFFICIAL_MASK_VALUE
+        attn = (attn.view(B, nw, heads, N, N) + mask[None, :, None]).view(-1, heads, N, N)
+
+    if needs_pad:
+        # grid padding never acts as a key: ragged windows (a finite fill keeps all-padding rows NaN-free)
+        coords = [torch.arange(n, device=q.device) for n in (Tp, Hp, Wp)]
+        real = [((c + s) % n) < L for c, s, n, L in zip(coords, shift, (Tp, Hp, Wp), (T, H, W))]
+        real_grid = real[0][:, None, None] & real[1][None, :, None] & real[2][None, None, :]
+        key_ok = _partition(real_grid[None, ..., None], window)[..., 0]  # (nW, N)
+        attn = attn.view(B, nw, heads, N, N).masked_fill(
+            ~key_ok[None, :, None, None, :], torch.finfo(attn.dtype).min
+        ).view(-1, heads, N, N)
+
+    attn = attn.softmax(dim=-1)
+    out = (attn @ vw).transpose(1, 2)  # (B*nW, N, heads, D)
+    out = _reverse(out, window, B, Tp, Hp, Wp)
+    if any(shift):
+        out = torch.roll(out, shifts=shift, dims=(1, 2, 3))
+    if needs_pad:
+        out = out[:, :T, :H, :W]
+    return out.contiguous()

@@ -1,0 +1,103 @@
+"""Build lfvila: two Python packages and the `lfvila_kernels._C` extension compiled from csrc/.
+
+The CPU sources (csrc/*.cpp) are always built. The CUDA sources (csrc/*.cu) are built only where the installed
+torch has CUDA and nvcc is found; otherwise the build says why it skipped them. Environment switches:
+
+  LFVILA_SKIP_CUDA=1    never build the CUDA sources
+  LFVILA_FORCE_CUDA=1   build them even if torch reports no GPU (needs a CUDA build of torch and nvcc)
+  LFVILA_NO_NATIVE=1    do not compile the CPU kernels with -march=native (for wheels moved between machines)
+  TORCH_CUDA_ARCH_LIST  CUDA architectures (default "9.0", i.e. sm_90)
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    sys.stderr.write("lfvila: torch is not installed; install torch first, then build lfvila.\n")
+    raise SystemExit(1)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _want_cuda() -> tuple[bool, str]:
+    if _flag("LFVILA_SKIP_CUDA"):
+        return False, "LFVILA_SKIP_CUDA is set"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} has no CUDA"
+    if CUDA_HOME is None:
+        return False, "nvcc / CUDA_HOME not found"
+    if not glob.glob(os.path.join(HERE, "csrc", "*.cu")):
+        return False, "no CUDA sources in csrc/"
+    return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, nvcc at {CUDA_HOME}"
+
+
+def _extensions():
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    if not _flag("LFVILA_NO_NATIVE") and sys.platform.startswith("linux"):
+        cxx.append("-march=native")
+    link = ["-fopenmp"]
+    use_cuda, why = _want_cuda()
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        print(f"lfvila: building the CUDA kernels ({why}; archs {os.environ['TORCH_CUDA_ARCH_LIST']})")
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        include = [os.path.join(HERE, "csrc")]
+        # CUDA 13 wheels keep some headers (cccl) under site-packages/nvidia/cu13/include.
+        nv_inc = os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu13", "include")
+        if os.path.isdir(nv_inc):
+            include.append(os.path.abspath(nv_inc))
+        return [
+            CUDAExtension(
+                "lfvila_kernels._C",
+                cpp_sources + cu_sources,
+                include_dirs=include,
+                extra_compile_args={"cxx": cxx + ["-DLFVILA_WITH_CUDA"], "nvcc": nvcc + ["-DLFVILA_WITH_CUDA"]},
+                extra_link_args=link,
+            )
+        ]
+    print(f"lfvila: building the CPU kernels only ({why})")
+    return [
+        CppExtension(
+            "lfvila_kernels._C",
+            cpp_sources,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
+        )
+    ]
+
+
+setup(
+    name="lfvila",
+    version="0.1.0",
+    description="Fast, faithful LF-VILA: HTWA attention and fused contrastive-loss ops, model, training",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lfvila_kernels", "lfvila_kernels.*", "lfvila_model", "lfvila_model.*"]),
+    package_data={"lfvila_model": ["configs/*.yaml"]},
+    python_requires=">=3.10",
+    # Loose on purpose: the package runs under whatever torch the environment has (CPU 2.13 here, CUDA 2.11 on
+    # the GPU image). Exact pins live in the Makefile's CPU set-up.
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "triton": ["triton"],
+        "video": ["av"],
+        "model": ["transformers", "safetensors", "pyyaml", "tqdm", "tensorboard"],
+    },
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+    zip_safe=False,
+)
