@@ -63,6 +63,61 @@ def _reverse(x: torch.Tensor, window, B: int, Tp: int, Hp: int, Wp: int) -> torc
     return x.reshape(B, Tp, Hp, Wp, *rest)
 
 
+def window_prepare(q, k, v, window, shift):
+    """Official pre-attention path: zero-pad the grid to window multiples, roll by -shift, partition.
+    Returns (qw, kw, vw) as (B * nW, heads, N, D) and the padded grid (Tp, Hp, Wp)."""
+    B, T, H, W = q.shape[:4]
+    wt, wh, ww = window
+    padded = (math.ceil(T / wt) * wt, math.ceil(H / wh) * wh, math.ceil(W / ww) * ww)
+    if padded != (T, H, W):
+        pad = (0, 0, 0, 0, 0, padded[2] - W, 0, padded[1] - H, 0, padded[0] - T)
+        q, k, v = (F.pad(x, pad) for x in (q, k, v))
+    if any(shift):
+        q, k, v = (torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3)) for x in (q, k, v))
+    qw, kw, vw = (_partition(x, window).transpose(1, 2) for x in (q, k, v))
+    return qw, kw, vw, padded
+
+
+def window_additive_mask(bias_table, grid, padded, window, shift, bias_window, heads, dtype, device):
+    """The dense additive term of the official logits for every window: relative position bias (from the
+    official index buffer of `bias_window`, cut to the effective window), -100 between regions of a shifted
+    window, and the most negative finite value for keys that are grid padding.
+    Returns (1 or nW, heads or 1, N, N), or None when there is nothing to add."""
+    N = window[0] * window[1] * window[2]
+    term = None
+    if bias_table is not None:
+        index = relative_position_index(bias_window)[:N, :N].to(device)  # the official top-left block
+        term = bias_table[index.reshape(-1)].reshape(N, N, heads).permute(2, 0, 1).to(dtype).unsqueeze(0)
+    if any(shift):
+        labels = [_region_labels(n, w, s, device) for n, w, s in zip(padded, window, shift)]
+        region = labels[0][:, None, None] * 9 + labels[1][None, :, None] * 3 + labels[2][None, None, :]
+        rw = _partition(region[None, ..., None], window)[..., 0]  # (nW, N)
+        mask = (rw[:, :, None] != rw[:, None, :]).to(dtype) * _OFFICIAL_MASK_VALUE
+        term = mask[:, None] if term is None else term + mask[:, None]
+    if tuple(padded) != tuple(grid):
+        # grid padding never acts as a key: ragged windows (a finite fill keeps all-padding rows NaN-free)
+        coords = [torch.arange(n, device=device) for n in padded]
+        real = [((c + s) % n) < L for c, s, n, L in zip(coords, shift, padded, grid)]
+        real_grid = real[0][:, None, None] & real[1][None, :, None] & real[2][None, None, :]
+        key_ok = _partition(real_grid[None, ..., None], window)[..., 0]  # (nW, N)
+        fill = torch.zeros(key_ok.shape, dtype=dtype, device=device)
+        fill = fill.masked_fill(~key_ok, torch.finfo(dtype).min)[:, None, None, :]
+        # clamp so that adding the fill to the bias cannot overflow to -inf
+        term = fill if term is None else (term + fill).clamp_min(torch.finfo(dtype).min)
+    return term
+
+
+def window_finish(out, window, shift, grid, padded):
+    """(B * nW, heads, N, D) window outputs -> (B, T, H, W, heads, D): reverse partition, roll back, crop."""
+    B = out.shape[0] // ((padded[0] // window[0]) * (padded[1] // window[1]) * (padded[2] // window[2]))
+    out = _reverse(out.transpose(1, 2), window, B, *padded)
+    if any(shift):
+        out = torch.roll(out, shifts=tuple(shift), dims=(1, 2, 3))
+    if tuple(padded) != tuple(grid):
+        out = out[:, : grid[0], : grid[1], : grid[2]]
+    return out.contiguous()
+
+
 def htwa_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -77,47 +132,10 @@ def htwa_reference(
     """Naive HTWA, the official way. Same arguments and result as `lfvila_kernels.htwa_attention`."""
     window, shift, bias_window, scale = check_htwa_args(q, k, v, bias_table, window, shift, bias_window, scale)
     B, T, H, W, heads, D = q.shape
-    wt, wh, ww = window
-    Tp, Hp, Wp = (math.ceil(T / wt) * wt, math.ceil(H / wh) * wh, math.ceil(W / ww) * ww)
-    N = wt * wh * ww
-    pad = (0, 0, 0, 0, 0, Wp - W, 0, Hp - H, 0, Tp - T)
-    needs_pad = (Tp, Hp, Wp) != (T, H, W)
-    if needs_pad:
-        q, k, v = (F.pad(x, pad) for x in (q, k, v))
-    if any(shift):
-        q, k, v = (torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3)) for x in (q, k, v))
-
-    qw, kw, vw = (_partition(x, window).transpose(1, 2) for x in (q, k, v))  # (B*nW, heads, N, D)
+    qw, kw, vw, padded = window_prepare(q, k, v, window, shift)
     attn = (qw * scale) @ kw.transpose(-2, -1)  # (B*nW, heads, N, N)
-
-    if bias_table is not None:
-        index = relative_position_index(bias_window)[:N, :N].to(q.device)  # the official top-left block
-        bias = bias_table[index.reshape(-1)].reshape(N, N, heads).permute(2, 0, 1)
-        attn = attn + bias.to(attn.dtype).unsqueeze(0)
-
-    nw = attn.shape[0] // B
-    if any(shift):
-        labels = [_region_labels(n, w, s, q.device) for n, w, s in zip((Tp, Hp, Wp), window, shift)]
-        region = (labels[0][:, None, None] * 9 + labels[1][None, :, None] * 3 + labels[2][None, None, :])
-        rw = _partition(region[None, ..., None], window)[..., 0]  # (nW, N)
-        mask = (rw[:, :, None] != rw[:, None, :]).to(attn.dtype) * _OFFICIAL_MASK_VALUE
-        attn = (attn.view(B, nw, heads, N, N) + mask[None, :, None]).view(-1, heads, N, N)
-
-    if needs_pad:
-        # grid padding never acts as a key: ragged windows (a finite fill keeps all-padding rows NaN-free)
-        coords = [torch.arange(n, device=q.device) for n in (Tp, Hp, Wp)]
-        real = [((c + s) % n) < L for c, s, n, L in zip(coords, shift, (Tp, Hp, Wp), (T, H, W))]
-        real_grid = real[0][:, None, None] & real[1][None, :, None] & real[2][None, None, :]
-        key_ok = _partition(real_grid[None, ..., None], window)[..., 0]  # (nW, N)
-        attn = attn.view(B, nw, heads, N, N).masked_fill(
-            ~key_ok[None, :, None, None, :], torch.finfo(attn.dtype).min
-        ).view(-1, heads, N, N)
-
+    term = window_additive_mask(bias_table, (T, H, W), padded, window, shift, bias_window, heads, attn.dtype, q.device)
+    if term is not None:  # (1 or nW, heads or 1, N, N) broadcasts over the batch
+        attn = (attn.view(B, -1, *attn.shape[1:]) + term).view(attn.shape)
     attn = attn.softmax(dim=-1)
-    out = (attn @ vw).transpose(1, 2)  # (B*nW, N, heads, D)
-    out = _reverse(out, window, B, Tp, Hp, Wp)
-    if any(shift):
-        out = torch.roll(out, shifts=shift, dims=(1, 2, 3))
-    if needs_pad:
-        out = out[:, :T, :H, :W]
-    return out.contiguous()
+    return window_finish(attn @ vw, window, shift, (T, H, W), padded)

@@ -56,3 +56,23 @@ def official_cases(reduced: bool = False) -> list[HTWACase]:
             eff, shift = effective_window_and_shift(grid, window, shifted)
             cases.append(HTWACase(layer, shifted, grid, eff, shift, window, heads))
     return cases
+
+
+def make_htwa_inputs(case: HTWACase, batch: int = 1, dtype=None, device="cpu", requires_grad=False, seed=0,
+                     with_bias=True):
+    """The model's layout: q, k, v as strided views of one qkv projection output (B, T, H, W, 3, heads, D), plus
+    a (rows, heads) bias table. Returns (qkv, (q, k, v), bias_table); gradients land in qkv.grad / bias.grad."""
+    import torch
+
+    from ._checks import htwa_num_bias_rows
+
+    dtype = dtype or torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, *case.grid, 3, case.heads, case.head_dim)
+    qkv = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    qkv.requires_grad_(requires_grad)
+    bias = None
+    if with_bias:
+        bias = (torch.randn(htwa_num_bias_rows(case.bias_window), case.heads, generator=gen) * 0.5).to(device)
+        bias = bias.to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_(requires_grad)
+    return qkv, qkv.unbind(4), bias
