@@ -1,0 +1,95 @@
+"""The one-shot GPU conformance and performance run.
+
+    python benchmarks/gpu_suite.py [--out DIR] [--dry-run] [--only htwa,losses,model]
+
+On a CUDA machine (H100/H200): checks every GPU backend against the reference on the official shapes and times
+it against the baselines (see benchmarks/gpu_htwa.py and benchmarks/gpu_losses.py), prints one table and writes
+`gpu_suite.json` under --out (default: $OUT or the current directory). GPU time is scarce: the whole run is sized
+to finish in a few minutes. With --dry-run it runs the same code on tiny shapes on the CPU through the Triton
+interpreter, so the script itself is tested without a GPU.
+
+Build first on the GPU machine: `pip install --no-build-isolation --no-deps .` (no network there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for gpu_suite.json")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU via the Triton interpreter")
+    p.add_argument("--only", default="htwa,losses,model", help="comma-separated parts to run")
+    return p.parse_args(argv)
+
+
+def _print_table(rows):
+    if not rows:
+        return
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    cells = [keys] + [[fmt(r.get(k, "")) for k in keys] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(keys))]
+    for c in cells:
+        print("  ".join(x.rjust(w) for x, w in zip(c, widths)))
+
+
+def main(argv=None):
+    args = _parse(argv)
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+    sys.path.insert(0, ROOT)
+    import torch
+
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_suite: no CUDA device; use --dry-run to exercise the suite on the CPU")
+    report = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "dry_run": args.dry_run,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "parts": {},
+    }
+    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    runners = {
+        "htwa": ("benchmarks.gpu_htwa", "run_htwa_suite"),
+        "losses": ("benchmarks.gpu_losses", "run_loss_suite"),
+        "model": ("benchmarks.gpu_model", "run_model_suite"),
+    }
+    failures = 0
+    for part in parts:
+        module, fn = runners[part]
+        t0 = time.time()
+        try:
+            mod = __import__(module, fromlist=[fn])
+            rows = getattr(mod, fn)(device, args.dry_run)
+            status = "ok"
+        except ModuleNotFoundError as exc:
+            rows, status = [], f"missing: {exc}"
+        except Exception as exc:  # keep the other parts' results: GPU time is too scarce to lose them
+            rows, status = [], f"error: {type(exc).__name__}: {exc}"
+            failures += 1
+        report["parts"][part] = {"status": status, "seconds": round(time.time() - t0, 1), "rows": rows}
+        print(f"\n== {part}: {status} ({time.time() - t0:.1f} s)")
+        _print_table(rows)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "gpu_suite.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nwrote {path}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
