@@ -79,7 +79,7 @@ def _decode_event(e: int) -> tuple[int, int, str, int]:
 def event_sentence(e: int) -> str:
     """The one sentence that describes event ``e``."""
     colour, shape, kind, target = _decode_event(e)
-    obj = f"{COLOURS[colour][0]} {shape}"
+    obj = f"{COLOURS[colour][0]} {SHAPES[shape]}"
     if kind in ("left", "right"):
         return f"the {obj} moves to the {kind}."
     if kind in ("up", "down"):
