@@ -351,8 +351,7 @@ def _check_size(size) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def frames_to_tensor(frames) -> torch.Tensor:
-    """``uint8 (T, H, W, 3)`` (numpy or torch) -> ``float32 (T, 3, H, W)`` in [0, 1]."""
+def _as_uint8_tensor(frames) -> torch.Tensor:
     if isinstance(frames, np.ndarray):
         frames = torch.from_numpy(np.ascontiguousarray(frames))
     if not isinstance(frames, torch.Tensor):
@@ -361,7 +360,15 @@ def frames_to_tensor(frames) -> torch.Tensor:
         raise ValueError(f"frames must be (T, H, W, 3), got shape {tuple(frames.shape)}")
     if frames.dtype != torch.uint8:
         raise TypeError(f"frames must be uint8, got {frames.dtype}")
-    return frames.permute(0, 3, 1, 2).float().div_(255.0)
+    if frames.shape[0] == 0:
+        raise ValueError("frames must hold at least one frame")
+    # (T, 3, H, W) view of (T, H, W, 3) memory: channels_last, which is what the fast uint8 resize kernel takes
+    return frames.permute(0, 3, 1, 2)
+
+
+def frames_to_tensor(frames) -> torch.Tensor:
+    """``uint8 (T, H, W, 3)`` (numpy or torch) -> ``float32 (T, 3, H, W)`` in [0, 1]."""
+    return _as_uint8_tensor(frames).float().div_(255.0).contiguous()
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -371,11 +378,22 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def _finish(x8: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(T, 3, h, w)`` -> normalised float32 ``(3, T, h, w)``, contiguous."""
+    # one fused pass: x / (255 std) - mean / std, promoting uint8 to float32 on the fly
+    scale = torch.tensor([1.0 / (255.0 * s) for s in IMAGENET_STD]).view(3, 1, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1, 1)
+    return torch.addcmul(-shift, x8.permute(1, 0, 2, 3), scale).contiguous()
+
+
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    # bilinear with antialias: what torchvision's tensor Resize does by default
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    # Bilinear with antialias, as torchvision's Resize does on tensors. Resizing stays in uint8 (torch's fast
+    # channels-last kernel, ~15x faster than float32 here); the official pipeline resizes float frames, so
+    # pixels may differ by one rounding step (<= 0.5/255) per resize.
+    return F.interpolate(x.contiguous(memory_format=torch.channels_last), size=size, mode="bilinear",
+                         align_corners=False, antialias=True)
 
 
 def random_resized_crop_params(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -420,12 +438,12 @@ def train_transform(frames, size: tuple[int, int], rng: np.random.Generator, *,
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     if not (0 < scale[0] <= scale[1] <= 1):
         raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale!r}")
-    x = frames_to_tensor(frames)
+    x = _as_uint8_tensor(frames)
     top, left, h, w = random_resized_crop_params(x.shape[-2], x.shape[-1], scale, ratio, rng)
     x = _resize(x[..., top:top + h, left:left + w], size)
     if rng.random() < flip_p:
         x = x.flip(-1)
-    return normalize(x).permute(1, 0, 2, 3).contiguous()
+    return _finish(x)
 
 
 def eval_sizes(size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -446,8 +464,8 @@ def eval_transform(frames, size: tuple[int, int]) -> torch.Tensor:
     """
     size = _check_size(size)
     (rh, rw), (ch, cw) = eval_sizes(size)
-    x = _resize(frames_to_tensor(frames), (rh, rw))
+    x = _resize(_as_uint8_tensor(frames), (rh, rw))
     # torchvision CenterCrop offsets: int(round((H - h) / 2))
     top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
     x = _resize(x[..., top:top + ch, left:left + cw], size)
-    return normalize(x).permute(1, 0, 2, 3).contiguous()
+    return _finish(x)
