@@ -163,11 +163,15 @@ def test_skip_tracker_counts_with_worker_processes(flaky_set):
     assert tracker.count == 2
 
 
-def test_preload_reports_bad_videos(flaky_set):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_preload_reports_bad_videos(flaky_set, workers):
     flaky_set.cache = V.FrameCache("memory")
-    bad = D.preload_videos(flaky_set, progress=False)
+    bad = D.preload_videos(flaky_set, progress=False, workers=workers)
     assert [p.rsplit("/", 1)[1] for p in bad] == ["v2.mp4", "v3.mp4"]
     assert len(flaky_set.cache) == 2
+    good = flaky_set.clip_paths(0)[0]
+    assert np.array_equal(flaky_set.cache.get(good), V.decode_all_frames(good))
+    assert flaky_set.cache.hits == 1  # served from the preloaded cache, not decoded again
 
 
 def test_dataset_argument_checks(pre_root, tok):

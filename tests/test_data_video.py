@@ -63,6 +63,14 @@ def test_missing_and_corrupt_files_raise_video_read_error(tmp_path, solid_mp4):
             V.count_frames(tmp_path / name)
 
 
+def test_video_read_error_pickles():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(V.VideoReadError("/x/y.mp4", "file not found")))
+    assert isinstance(e, V.VideoReadError) and e.path == "/x/y.mp4" and e.reason == "file not found"
+    assert str(e) == "cannot read video /x/y.mp4: file not found"
+
+
 def test_truncated_file_with_index_first_is_caught(tmp_path):
     # faststart puts the index first: the header still promises 10 frames, the data for the last ones is gone
     rng = np.random.default_rng(0)

@@ -33,8 +33,8 @@ from torch.utils.data import Dataset
 
 from . import annotations as ann
 from .text import ParagraphTokenizer
-from .video import (FrameCache, VideoReadError, clip_segment_indices, downstream_indices, eval_transform,
-                    load_video, train_transform)
+from .video import (FrameCache, VideoReadError, clip_segment_indices, decode_all_frames, downstream_indices,
+                    eval_transform, load_video, train_transform)
 
 __all__ = ["PretrainDataset", "RetrievalDataset", "collate", "SkipTracker", "TooManySkippedError",
            "preload_videos"]
@@ -280,20 +280,49 @@ class SkipTracker:
                 "paths": sorted({p for p, _ in self.skipped.values()})}
 
 
-def preload_videos(dataset: PretrainDataset | RetrievalDataset, progress: bool = True) -> list[str]:
-    """Decodes every video of ``dataset`` into its cache once (before training, so DataLoader workers forked
-    afterwards share a memory cache). Returns the paths that could not be read (they stay uncached and their
-    items will be skipped)."""
+def _decode_for_preload(path: str):
+    try:
+        return path, decode_all_frames(path), None
+    except VideoReadError as e:
+        return path, None, e
+
+
+def preload_videos(dataset: PretrainDataset | RetrievalDataset, progress: bool = True,
+                   workers: int = 1) -> list[str]:
+    """Decodes every video of ``dataset`` into its cache once, before training (DataLoader workers forked
+    afterwards then share a memory cache). ``workers > 1`` decodes in that many processes.
+
+    Returns the paths that could not be read (logged; they stay uncached and their items will be skipped).
+    """
     if dataset.cache is None:
         raise ValueError("dataset.cache is None: construct the dataset with a FrameCache to preload")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    import multiprocessing as mp
+
     from tqdm.auto import tqdm
 
     paths = sorted({p for i in range(len(dataset)) for p in dataset.clip_paths(i)})
     bad = []
-    for p in tqdm(paths, desc="decoding videos", unit="video", disable=not progress):
-        try:
-            dataset.cache.get(p)
-        except VideoReadError as e:
-            log.warning("unreadable video: %s", e)
-            bad.append(p)
+    bar = tqdm(total=len(paths), desc="decoding videos", unit="video", disable=not progress)
+    if workers == 1:
+        results = map(_decode_for_preload, paths)
+        pool = None
+    else:
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+        pool = ctx.Pool(workers)
+        results = pool.imap(_decode_for_preload, paths, chunksize=32)
+    try:
+        for path, frames, err in results:
+            if err is None:
+                dataset.cache.put(path, frames)
+            else:
+                log.warning("unreadable video: %s", err)
+                bad.append(path)
+            bar.update(1)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        bar.close()
     return bad

@@ -65,6 +65,10 @@ class VideoReadError(RuntimeError):
         self.path = path
         self.reason = reason
 
+    def __reduce__(self):
+        # picklable with its two fields, so it can cross process boundaries (pools, DataLoader workers)
+        return (type(self), (self.path, self.reason))
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # decoding
@@ -251,10 +255,7 @@ class FrameCache:
                 self.hits += 1
                 return hit
             frames = decode_all_frames(path)
-            frames.setflags(write=False)  # shared between items: nobody may modify a cached video in place
-            with self._lock:
-                self._mem[path] = frames
-            self.misses += 1
+            self.put(path, frames)  # read-only from here: items share it, nobody may modify it in place
             return frames
         if not os.path.isfile(path):
             raise VideoReadError(path, "file not found")
@@ -263,11 +264,22 @@ class FrameCache:
             self.hits += 1
             return np.load(name, mmap_mode="r")
         frames = decode_all_frames(path)
-        tmp = f"{name}.{os.getpid()}.{threading.get_ident()}.tmp.npy"
-        np.save(tmp, frames)
-        os.replace(tmp, name)  # atomic: a concurrent reader sees either nothing or the whole file
-        self.misses += 1
+        self.put(path, frames)  # atomic rename: a concurrent reader sees either nothing or the whole file
         return frames
+
+    def put(self, path: str | os.PathLike, frames: np.ndarray) -> None:
+        """Stores already-decoded frames for ``path`` (used by parallel preloading)."""
+        path = os.fspath(path)
+        if self.mode == "memory":
+            frames.setflags(write=False)
+            with self._lock:
+                self._mem[path] = frames
+        else:
+            name = self._disk_name(path)
+            tmp = f"{name}.{os.getpid()}.{threading.get_ident()}.tmp.npy"
+            np.save(tmp, frames)
+            os.replace(tmp, name)
+        self.misses += 1
 
     def __len__(self) -> int:
         if self.mode == "memory":
