@@ -16,12 +16,17 @@ Layout written under ``out_dir`` (the official formats of spec 5, so the real re
     videos/<vid>.mp4             whole validation videos (retrieval path rule <root>/<clip_id>.mp4)
     meta.json                    parameters, vocabulary, per-video event ids and order
 
-Reading the 4 clips with ``frames_per_clip`` frames each (pre-training sampling) and reading the whole video
-with ``4 * frames_per_clip`` frames (eval retrieval sampling) give the same frames.
+Reading the 4 clips with ``frames_per_clip`` frames each (pre-training sampling, eval window) and reading the
+whole video with ``4 * frames_per_clip`` frames (eval retrieval sampling) give the same frames (two separate
+encodes of identical pixels, so equal up to codec error). Clips are 3 fps, as the official HD-VILA clips.
+
+The background is grey with blotchy noise (4x4-pixel cells, a new pattern and a slight tint per clip); object
+position and size are random per clip. Files are mpeg4 by default (libx264 on request): for thousands of
+4-frame files, x264's per-file start-up dominated the generation time.
 
 Everything depends only on ``seed``: video v of a split is rendered from ``default_rng([seed, split, v])``, so
-the output is identical for any number of workers. libx264 runs single-threaded without B-frames, which makes
-the mp4 bytes themselves reproducible on one machine (mpeg4 is single-threaded too).
+the output is identical for any number of workers. Both encoders run single-threaded without B-frames, which
+makes the mp4 bytes themselves reproducible on one machine.
 """
 
 from __future__ import annotations
