@@ -248,3 +248,16 @@ def test_frame_cache_memory_and_disk(tmp_path, solid_mp4):
         V.FrameCache("disk")
     with pytest.raises(ValueError, match="mode must be"):
         V.FrameCache("gpu")
+
+
+def test_antialias_option_changes_downscaling():
+    # one bright column in every 8, downscaled 8x: plain bilinear samples between columns 3 and 4 of each block
+    # (0.5 * 255), an antialiased filter averages the whole block (much darker)
+    fr = np.zeros((1, 8, 64, 3), np.uint8)
+    fr[:, :, 3::8] = 255
+    kw = dict(scale=(1.0, 1.0), ratio=(8.0, 8.0))  # the crop is the whole frame
+    plain = V.train_transform(fr, (1, 8), np.random.default_rng(0), **kw)
+    aa = V.train_transform(fr, (1, 8), np.random.default_rng(0), antialias=True, **kw)
+    level = lambda x: (x[0].numpy() * STD[0] + MEAN[0]) * 255  # noqa: E731
+    assert np.abs(level(plain) - 127.5).max() <= 1.0
+    assert level(aa).max() < 64

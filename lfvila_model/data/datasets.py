@@ -63,7 +63,7 @@ class _VideoTextDataset(Dataset):
     """Shared machinery: tokenizer, transform choice, per-item RNG, skip handling."""
 
     def __init__(self, tokenizer: ParagraphTokenizer | None, size: tuple[int, int], train: bool, seed: int,
-                 cache: FrameCache | None):
+                 cache: FrameCache | None, antialias: bool = False):
         if tokenizer is not None and not isinstance(tokenizer, ParagraphTokenizer):
             raise TypeError(f"tokenizer must be a ParagraphTokenizer or None, got {type(tokenizer).__name__}")
         if cache is not None and not isinstance(cache, FrameCache):
@@ -75,6 +75,7 @@ class _VideoTextDataset(Dataset):
         self.train = bool(train)
         self.seed = int(seed)
         self.cache = cache
+        self.antialias = bool(antialias)
         self.epoch = 0
         self.skipped: dict[int, str] = {}  # index -> path, for in-process use (num_workers=0)
 
@@ -88,7 +89,9 @@ class _VideoTextDataset(Dataset):
         return np.random.default_rng([self.seed, self.epoch, index])
 
     def _transform(self, frames: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        return train_transform(frames, self.size, rng) if self.train else eval_transform(frames, self.size)
+        if self.train:
+            return train_transform(frames, self.size, rng, antialias=self.antialias)
+        return eval_transform(frames, self.size, antialias=self.antialias)
 
     def _text(self, sentences: Sequence[str]) -> dict[str, Any]:
         if self.tokenizer is None:
@@ -112,14 +115,15 @@ class PretrainDataset(_VideoTextDataset):
         frames_per_clip: frames taken from each clip at its segment starts (8 officially, 4 in the demo).
         size: output ``(height, width)``.
         train: train transform and random window, else eval transform and window 0.
+        cache: a :class:`FrameCache` (decode each video once); antialias: see :func:`video.train_transform`.
     Items: ``video (3, num_clips * frames_per_clip, H, W)``, text ``(num_clips, L)``.
     """
 
     def __init__(self, samples: Sequence[ann.PretrainSample] | str | os.PathLike, video_root: str | os.PathLike,
                  tokenizer: ParagraphTokenizer | None, *, num_clips: int = 4, frames_per_clip: int = 8,
                  size: tuple[int, int] = (192, 320), train: bool = True, seed: int = 0,
-                 cache: FrameCache | None = None):
-        super().__init__(tokenizer, size, train, seed, cache)
+                 cache: FrameCache | None = None, antialias: bool = False):
+        super().__init__(tokenizer, size, train, seed, cache, antialias)
         if isinstance(samples, (str, os.PathLike)):
             samples = ann.read_pretrain_jsonl(samples)
         self.samples = list(samples)
@@ -181,8 +185,8 @@ class RetrievalDataset(_VideoTextDataset):
     def __init__(self, records: Sequence[ann.RetrievalRecord] | str | os.PathLike, video_root: str | os.PathLike,
                  tokenizer: ParagraphTokenizer | None, *, num_frames: int = 32,
                  size: tuple[int, int] = (192, 320), train: bool = False, seed: int = 0,
-                 cache: FrameCache | None = None, ext: str = ".mp4"):
-        super().__init__(tokenizer, size, train, seed, cache)
+                 cache: FrameCache | None = None, ext: str = ".mp4", antialias: bool = False):
+        super().__init__(tokenizer, size, train, seed, cache, antialias)
         if isinstance(records, (str, os.PathLike)):
             records = ann.read_retrieval_jsonl(records)
         self.records = list(records)

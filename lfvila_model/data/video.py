@@ -15,6 +15,7 @@ Transforms (torch ops only, no torchvision), one random crop/flip shared by ever
 
 - train: RandomResizedCrop(size, scale 0.8-1.0, ratio 3/4-4/3, torchvision's sampling with 10 tries and a
   centre fallback) + horizontal flip with p = 0.5 (the official zero ColorJitter is a no-op and is left out).
+  Bilinear resizing without antialias by default (what torchvision of the official code's time did on tensors).
 - eval: Resize -> CenterCrop -> Resize, with the official 192x320 recipe (240x428 -> 216x385 -> 192x320) scaled
   proportionally for other target sizes.
 
@@ -398,14 +399,14 @@ def _finish(x8: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(-shift, x8.permute(1, 0, 2, 3), scale).contiguous()
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _resize(x: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    # Bilinear with antialias, as torchvision's Resize does on tensors. Resizing stays in uint8 (torch's fast
-    # channels-last kernel, ~15x faster than float32 here); the official pipeline resizes float frames, so
-    # pixels may differ by one rounding step (<= 0.5/255) per resize.
+    # Bilinear, align_corners=False, as torchvision's tensor Resize. Resizing stays in uint8 (torch's
+    # channels-last kernels, ~8x faster than float32 here); the official pipeline resizes float frames, so a
+    # pixel may differ by one rounding step (1/255) per resize.
     return F.interpolate(x.contiguous(memory_format=torch.channels_last), size=size, mode="bilinear",
-                         align_corners=False, antialias=True)
+                         align_corners=False, antialias=antialias)
 
 
 def random_resized_crop_params(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -436,13 +437,15 @@ def random_resized_crop_params(height: int, width: int, scale: tuple[float, floa
 
 def train_transform(frames, size: tuple[int, int], rng: np.random.Generator, *,
                     scale: tuple[float, float] = (0.8, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                    flip_p: float = 0.5) -> torch.Tensor:
+                    flip_p: float = 0.5, antialias: bool = False) -> torch.Tensor:
     """Train transform: one RandomResizedCrop box and one flip decision for all frames, then normalisation.
 
     Args:
         frames: ``uint8 (T, H, W, 3)``.
         size: output ``(height, width)`` (192x320 officially).
         rng: numpy Generator (crop box and flip).
+        antialias: antialiased downscaling. Default False: the official code resized tensors with a
+            torchvision of 2022, which did not antialias tensors (antialias became the default in 0.17).
     Returns: ``float32 (3, T, height, width)``.
     """
     size = _check_size(size)
@@ -452,7 +455,7 @@ def train_transform(frames, size: tuple[int, int], rng: np.random.Generator, *,
         raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale!r}")
     x = _as_uint8_tensor(frames)
     top, left, h, w = random_resized_crop_params(x.shape[-2], x.shape[-1], scale, ratio, rng)
-    x = _resize(x[..., top:top + h, left:left + w], size)
+    x = _resize(x[..., top:top + h, left:left + w], size, antialias)
     if rng.random() < flip_p:
         x = x.flip(-1)
     return _finish(x)
@@ -466,18 +469,19 @@ def eval_sizes(size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]
     return (r(h * 240 / 192), r(w * 428 / 320)), (r(h * 216 / 192), r(w * 385 / 320))
 
 
-def eval_transform(frames, size: tuple[int, int]) -> torch.Tensor:
+def eval_transform(frames, size: tuple[int, int], *, antialias: bool = False) -> torch.Tensor:
     """Eval transform: Resize -> CenterCrop -> Resize (see :func:`eval_sizes`), then normalisation.
 
     Args:
         frames: ``uint8 (T, H, W, 3)``.
         size: output ``(height, width)``.
+        antialias: antialiased downscaling (default False, see :func:`train_transform`).
     Returns: ``float32 (3, T, height, width)``.
     """
     size = _check_size(size)
     (rh, rw), (ch, cw) = eval_sizes(size)
-    x = _resize(_as_uint8_tensor(frames), (rh, rw))
+    x = _resize(_as_uint8_tensor(frames), (rh, rw), antialias)
     # torchvision CenterCrop offsets: int(round((H - h) / 2))
     top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
-    x = _resize(x[..., top:top + ch, left:left + cw], size)
+    x = _resize(x[..., top:top + ch, left:left + cw], size, antialias)
     return _finish(x)
