@@ -93,7 +93,7 @@ def _dump(d: dict, path: str) -> str:
     if path.endswith((".yaml", ".yml")):
         import yaml
 
-        return yaml.safe_dump(d, sort_keys=False)
+        return yaml.safe_dump(d, sort_keys=False, default_flow_style=None)
     if path.endswith(".json"):
         return json.dumps(d, indent=2) + "\n"
     raise ValueError(f"config path must end with .json, .yaml or .yml, got {path!r}")
