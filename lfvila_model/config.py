@@ -93,7 +93,15 @@ def _dump(d: dict, path: str) -> str:
     if path.endswith((".yaml", ".yml")):
         import yaml
 
-        return yaml.safe_dump(d, sort_keys=False, default_flow_style=None)
+        class Dumper(yaml.SafeDumper):  # lists of scalars inline ([2, 3, 5]), everything else in block style
+            pass
+
+        def seq(dumper, data):
+            flow = all(not isinstance(x, (list, dict)) for x in data)
+            return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+        Dumper.add_representer(list, seq)
+        return yaml.dump(d, Dumper=Dumper, sort_keys=False, default_flow_style=False)
     if path.endswith(".json"):
         return json.dumps(d, indent=2) + "\n"
     raise ValueError(f"config path must end with .json, .yaml or .yml, got {path!r}")
