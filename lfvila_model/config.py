@@ -312,6 +312,8 @@ class LFVILAConfig(_Serialisable):
     num_labels: int = 2  # qa_classification / video_classification classes
     num_choices: int = 4  # qa_multichoice candidates
     span_weight: float = 1.0  # qa_multichoice span loss weight
+    # LayerNorm eps of VideoTokenPos: the spec names none (unlike SentEmbedding's 1e-12), so PyTorch's default
+    video_token_pos_eps: float = 1e-5
 
     def __post_init__(self):
         if isinstance(self.video, dict):
@@ -331,6 +333,7 @@ class LFVILAConfig(_Serialisable):
             _check_int(getattr(self, name), name)
         for name in ("temperature", "mtc_temperature"):
             _check_float(getattr(self, name), name, 0.0, open_lo=True)
+        _check_float(self.video_token_pos_eps, "video_token_pos_eps", 0.0, open_lo=True)
         for name in ("mtc_weight", "mlm_weight", "vtm_weight", "span_weight"):
             _check_float(getattr(self, name), name, 0.0)
         if self.mtc_video_features not in ("final", "local"):

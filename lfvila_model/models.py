@@ -139,7 +139,7 @@ class _CrossModalMixin:
             # not in the official model (both 1024): joins a narrower video tower to the text width
             self.video_to_text = _linear(cfg.video.out_dim, cfg.text.hidden_size)
         self.video_token_pos = VideoTokenPos(cfg.video.grids()[-1][0], cfg.tokens_per_frame, cfg.text.hidden_size,
-                                             eps=cfg.text.layer_norm_eps)
+                                             eps=cfg.video_token_pos_eps)
 
     def cross_video_tokens(self, pooled: Tensor) -> Tensor:
         if hasattr(self, "video_to_text"):

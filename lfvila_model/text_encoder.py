@@ -133,7 +133,7 @@ class VideoTokenPos(nn.Module):
         `(B, T*P, D)`.
     """
 
-    def __init__(self, num_frames: int, tokens_per_frame: int, dim: int, eps: float = 1e-12):
+    def __init__(self, num_frames: int, tokens_per_frame: int, dim: int, eps: float = 1e-5):
         super().__init__()
         self.s_pos_embed = nn.Parameter(0.02 * torch.randn(1, 1, tokens_per_frame, dim))
         self.t_pos_embed = nn.Parameter(0.02 * torch.randn(1, num_frames, 1, dim))

@@ -35,11 +35,22 @@ def test_config_file_round_trip(tmp_path, ext):
     assert LFVILAConfig.load(path) == cfg
 
 
-@pytest.mark.parametrize("name,preset", [("lfvila_official_stage1.yaml", "lfvila-official"),
-                                         ("lfvila_official_stage2.yaml", "lfvila-official-stage2"),
-                                         ("lfvila_tiny.yaml", "lfvila-tiny")])
+SHIPPED = [("lfvila_official_stage1.yaml", "lfvila-official"), ("lfvila_official_stage2.yaml", "lfvila-official-stage2"),
+           ("lfvila_tiny.yaml", "lfvila-tiny"), ("lfvila_official_retrieval.yaml", "lfvila-official-retrieval"),
+           ("lfvila_official_retrieval_cmovie.yaml", "lfvila-official-retrieval-cmovie"),
+           ("lfvila_official_how2qa.yaml", "lfvila-official-how2qa"),
+           ("lfvila_official_violin.yaml", "lfvila-official-violin"),
+           ("lfvila_official_actnetqa.yaml", "lfvila-official-actnetqa"),
+           ("lfvila_official_coin.yaml", "lfvila-official-coin")]
+
+
+@pytest.mark.parametrize("name,preset", SHIPPED)
 def test_shipped_yaml_configs_equal_the_presets(name, preset):
     assert LFVILAConfig.load(os.path.join(ROOT, "configs", name)) == get_config(preset)
+
+
+def test_every_shipped_yaml_is_tested():
+    assert sorted(os.listdir(os.path.join(ROOT, "configs"))) == sorted(n for n, _ in SHIPPED)
 
 
 @pytest.mark.parametrize("changes,exc,match", [

@@ -164,3 +164,29 @@ def test_stage2_freezes_exactly_the_stage1_parts(stage2):
     pred = stage2.text_encoder.cls.predictions
     assert pred.decoder.weight is not stage2.text_encoder.bert.embeddings.word_embeddings.weight
     assert pred.decoder.bias is pred.bias
+
+
+@pytest.mark.parametrize("preset,has,lacks", [
+    ("lfvila-official-retrieval", {"video_global_proj.weight": (1024, 1024), "text_global_proj.weight": (1024, 1024),
+                                   "sent_embedding.segment_embeddings.weight": (8, 1024),
+                                   "text_encoder.cls.predictions.decoder.weight": (30522, 1024)},
+     ("video_local_proj.", "text_local_proj.", "video_token_pos.", "text_encoder.bert.encoder.layer.12.")),
+    ("lfvila-official-how2qa", {"text_encoder.classifier.weight": (1, 1024), "text_encoder.span_classifier.weight": (2, 1024),
+                                "video_token_pos.t_pos_embed": (1, 32, 1, 1024),
+                                "text_encoder.bert.encoder.layer.23.output.dense.weight": (1024, 4096)},
+     ("video_global_proj.", "video_local_proj.", "text_encoder.cls.", "text_encoder.seq_relationship.")),
+    ("lfvila-official-actnetqa", {"text_encoder.classifier.weight": (1654, 1024), "video_token_pos.s_pos_embed": (1, 1, 6, 1024)},
+     ("text_encoder.span_classifier.", "text_global_proj.")),
+    ("lfvila-official-coin", {"video_global_proj.weight": (1024, 1024), "video_frame_proj.weight": (1024, 1024),
+                              "classifier.weight": (180, 1024)},
+     ("text_encoder.", "sent_embedding.")),
+])
+def test_finetuning_models_use_the_official_names(preset, has, lacks):
+    with torch.device("meta"):
+        sd = create_model(preset).state_dict()
+    for k, shape in has.items():
+        assert tuple(sd[k].shape) == shape, k
+    for prefix in lacks:
+        assert not any(k.startswith(prefix) for k in sd), prefix
+    # every fine-tuning model shares the video encoder's names with stage 1
+    assert {k for k in sd if k.startswith("video_encoder.")} == {k for k in expected_keys(1) if k.startswith("video_encoder.")}
