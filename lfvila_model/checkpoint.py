@@ -78,13 +78,14 @@ def _is_derived(name: str) -> bool:
 
 
 def load_checked(module: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True,
-                 ignore_missing: Tuple[str, ...] = ()) -> LoadReport:
+                 ignore_missing: Tuple[str, ...] = (), log: bool = True) -> LoadReport:
     """Load `state_dict` into `module`, refusing silent partial loads.
 
     Args:
         strict: True: any missing, unexpected or mis-shaped tensor raises ValueError naming them (nothing is
             loaded). False: tensors that fit are loaded; the rest is reported (and logged).
         ignore_missing: name prefixes allowed to be absent even when strict (e.g. derived buffers).
+        log: log a warning with the report after a partial load.
     Returns:
         `LoadReport`.
     """
@@ -111,7 +112,7 @@ def load_checked(module: nn.Module, state_dict: Mapping[str, Tensor], strict: bo
         for k, v in to_load.items():
             own[k].copy_(v)  # state_dict() tensors share storage with the parameters
     report.loaded = len(to_load)
-    if not report.clean:
+    if log and not report.clean:
         logger.warning("partial load: %s", report)
     return report
 

@@ -170,13 +170,14 @@ def _hf_rename(k: str) -> str:
     return k[len("bert."):] if k.startswith("bert.") else k
 
 
-def bert_to_text_encoder(sd_hf, cfg: TextEncoderConfig, num_layers: int, prefix: str = "text_encoder.") -> StateDict:
+def bert_to_text_encoder(sd_hf, cfg: TextEncoderConfig, num_layers: Optional[int] = None,
+                         prefix: str = "text_encoder.") -> StateDict:
     """A Hugging Face BERT state dict -> LF-VILA names.
 
     Args:
         sd_hf: `BertModel` (`embeddings.*`, `encoder.layer.*`, `pooler.*`) or `BertForPreTraining` / MLM
             (`bert.*`, `cls.predictions.*`, `cls.seq_relationship.*`) names; legacy `gamma`/`beta` renamed.
-        num_layers: layers the model builds; checkpoint layers beyond are dropped.
+        num_layers: keep only checkpoint layers below this (None: keep all, so a loader can report the rest).
     Returns:
         `{prefix}bert.*`, `{prefix}cls.predictions.*`, `{prefix}seq_relationship.*` and
         `sent_embedding.position_embeddings.weight` (a copy of BERT's position table, `_init_sent_embedding`).
@@ -192,7 +193,7 @@ def bert_to_text_encoder(sd_hf, cfg: TextEncoderConfig, num_layers: int, prefix:
             out[f"{prefix}bert.{k}"] = v
         elif k.startswith("encoder.layer."):
             idx = int(k.split(".")[2])
-            if idx < num_layers:
+            if num_layers is None or idx < num_layers:
                 out[f"{prefix}bert.{k}"] = v
         elif k.startswith("cls.predictions."):
             out[f"{prefix}{k}"] = v

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import LoadReport, load_checked, load_pretrained, read_state_dict, save_pretrained
+from .checkpoint import LoadReport, load_checked, load_pretrained, logger, read_state_dict, save_pretrained
 from .checkpoint_filters import bert_to_text_encoder, official_filter, swin_2d_to_3d
 from .config import LFVILAConfig
 from .losses import mlm_loss, mtc_loss, span_loss, vpc_loss, vtm_shuffle
@@ -52,6 +52,13 @@ def _check_text(input_ids: Tensor, attention_mask: Tensor, ndim: int = 3) -> Non
         raise ValueError(
             f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
         )
+
+
+def _as_state_dict(checkpoint):
+    """A path (file or Hugging Face directory) is read without unpickling objects; a dict is used as is."""
+    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
+        return read_state_dict(checkpoint)
+    return checkpoint
 
 
 class LFVILABase(nn.Module):
@@ -89,27 +96,31 @@ class LFVILABase(nn.Module):
     def load_official(self, checkpoint, strict: bool = True) -> LoadReport:
         """Load an official `lfvila_stage1.bin` / `lfvila_stage2.bin` (path or state dict). Fine-tuning models
         load from them as the official configs do: `strict=False`, the report names what was skipped."""
-        sd = read_state_dict(checkpoint) if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__") else checkpoint
-        return load_checked(self, official_filter(sd, self.state_dict()), strict=strict)
+        return load_checked(self, official_filter(_as_state_dict(checkpoint), self.state_dict()), strict=strict)
 
     def init_video_from_swin(self, checkpoint) -> LoadReport:
         """Initialise the video encoder from a 2D Swin-B checkpoint (path, `{'model': sd}` or timm dict), inflated
-        to 3D (spec 1.6). Shapes must fit; the report lists what the 2D model lacks."""
-        sd = read_state_dict(checkpoint) if isinstance(checkpoint, str) else checkpoint
-        sd3 = swin_2d_to_3d(sd, self.config.video)
-        return load_checked(self.video_encoder, sd3, strict=False)
+        to 3D (spec 1.6). Mis-shaped tensors are refused (ValueError naming them); the report lists what the 2D
+        model lacks."""
+        sd3 = swin_2d_to_3d(_as_state_dict(checkpoint), self.config.video)
+        report = load_checked(self.video_encoder, sd3, strict=False)
+        if report.mismatched:
+            raise ValueError(f"the Swin checkpoint does not fit the video config: {report}")
+        return report
 
     def init_text_from_bert(self, checkpoint) -> LoadReport:
         """Initialise BERT (and the SentEmbedding position table, `_init_sent_embedding`) from a Hugging Face
-        directory, `.safetensors` or `.bin` (bert-large-uncased layout; MiniLM for the tiny preset)."""
-        sd = read_state_dict(checkpoint) if isinstance(checkpoint, str) else checkpoint
-        n = len(self.text_encoder.bert.encoder.layer)
-        mapped = bert_to_text_encoder(sd, self.config.text, n)
-        own = self.state_dict()
-        mapped = {k: v for k, v in mapped.items() if k in own}  # heads this task does not build
-        report = load_checked(self, mapped, strict=False)
-        # only text-tower names are expected here: drop the rest of the model from "missing"
+        directory, `.safetensors` or `.bin` (bert-large-uncased layout; MiniLM for the tiny preset). The report
+        names checkpoint tensors this model has no place for (e.g. BERT-large layers 12-23 in stage 1) and the
+        text-tower tensors the checkpoint lacks; mis-shaped tensors are refused (ValueError naming them)."""
+        mapped = bert_to_text_encoder(_as_state_dict(checkpoint), self.config.text)
+        report = load_checked(self, mapped, strict=False, log=False)
+        if report.mismatched:
+            raise ValueError(f"the BERT checkpoint does not fit the text config: {report}")
+        # only text-tower names are expected here: the rest of the model is not "missing"
         report.missing = [k for k in report.missing if k.startswith(("text_encoder.", "sent_embedding."))]
+        if not report.clean:
+            logger.warning("BERT init: %s", report)
         return report
 
     def save_pretrained(self, directory: str) -> None:
@@ -168,6 +179,14 @@ class LFVILAPretrain(_CrossModalMixin, LFVILABase):
         if cfg.stage == 2:
             self._build_cross_video(cfg)
             self._freeze_stage_one()  # after every part exists (the released code crashes here, spec 4.1)
+
+    def train(self, mode: bool = True):
+        """Stage 2 keeps the frozen video encoder in eval mode (no stochastic depth on frozen blocks), as Video
+        Swin's frozen stages do (LF-VILA's `SwinTransformer3D` derives from it)."""
+        super().train(mode)
+        if self.stage == 2:
+            self.video_encoder.eval()
+        return self
 
     def _freeze_stage_one(self) -> None:
         n = self.config.text.num_sentence_layers + self.config.text.num_paragraph_layers

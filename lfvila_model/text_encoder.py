@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 from transformers.models.bert.modeling_bert import BertLayer, BertPooler

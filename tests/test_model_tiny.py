@@ -199,3 +199,12 @@ def test_video_classification_forward():
     assert out["logits"].shape == (2, 6) and torch.isfinite(out["loss"])
     assert "text_encoder.bert.embeddings.word_embeddings.weight" not in model.state_dict()
     assert {"video_global_proj.weight", "video_frame_proj.weight", "classifier.weight"} <= set(model.state_dict())
+
+
+def test_stage2_keeps_the_frozen_video_encoder_in_eval_mode():
+    model = build_model(micro_config("lfvila-tiny-stage2"))
+    model.train()
+    assert model.training and not model.video_encoder.training
+    assert model.text_encoder.bert.encoder.layer[6].training
+    stage1 = build_model(micro_config()).train()
+    assert stage1.video_encoder.training

@@ -258,3 +258,42 @@ def test_from_pretrained_refuses_wrong_class_and_config(tmp_path, stage1_micro):
         type(stage1_micro).from_pretrained(str(tmp_path), proj_dim=128)
     with pytest.raises(FileNotFoundError):
         read_state_dict(str(tmp_path / "nope.bin"))
+
+
+def test_bert_init_from_a_pretraining_checkpoint_reports_by_name(tmp_path):
+    # BertForPreTraining layout (`bert.`, `cls.predictions`, `cls.seq_relationship`) with 8 layers into the micro
+    # stage-1 model (6 layers): layers 6-7 are reported as unexpected, the heads load, legacy gamma/beta renamed
+    from transformers import BertConfig, BertForPreTraining
+
+    cfg = micro_config()
+    t = cfg.text
+    hf = BertForPreTraining(BertConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=8,
+                                       num_attention_heads=t.num_attention_heads,
+                                       intermediate_size=t.intermediate_size))
+    hf.save_pretrained(str(tmp_path))
+    model = build_model(cfg)
+    report = model.init_text_from_bert(str(tmp_path))
+    assert report.mismatched == []
+    # what BERT cannot provide: the new SentEmbedding parts (its position table is BERT's copy)
+    assert sorted(report.missing) == ["sent_embedding.norm.bias", "sent_embedding.norm.weight",
+                                      "sent_embedding.segment_embeddings.weight"]
+    assert report.unexpected and all(k.startswith(("text_encoder.bert.encoder.layer.6.", "text_encoder.bert.encoder.layer.7."))
+                                     for k in report.unexpected)
+    hsd = hf.state_dict()
+    te = model.text_encoder
+    assert torch.equal(te.seq_relationship.weight, hsd["cls.seq_relationship.weight"])
+    assert torch.equal(te.cls.predictions.transform.dense.weight, hsd["cls.predictions.transform.dense.weight"])
+    assert torch.equal(te.bert.encoder.layer[5].output.dense.weight, hsd["bert.encoder.layer.5.output.dense.weight"])
+    # the untied decoder starts from the word embeddings (what the HF tie means) but stays a separate tensor
+    assert torch.equal(te.cls.predictions.decoder.weight, te.bert.embeddings.word_embeddings.weight)
+    assert te.cls.predictions.decoder.weight.data_ptr() != te.bert.embeddings.word_embeddings.weight.data_ptr()
+    # legacy LayerNorm names
+    legacy = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+              for k, v in hsd.items()}
+    model2 = build_model(cfg)
+    model2.init_text_from_bert(legacy)
+    assert torch.equal(model2.text_encoder.bert.embeddings.LayerNorm.weight, hsd["bert.embeddings.LayerNorm.weight"])
+    bad = dict(hsd)
+    bad["bert.encoder.layer.0.attention.self.query.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="layer.0.attention.self.query.weight"):
+        build_model(cfg).init_text_from_bert(bad)
