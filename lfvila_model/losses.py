@@ -60,7 +60,7 @@ def mtc_loss(
         clips, sentences = gather_with_grad(clips), gather_with_grad(sentences)
     if indices is None:
         indices = sample_mtc_indices(clips.shape[0], clips.shape[1], num_key, num_value, generator=generator)
-    key_idx, value_idx, other_idx = indices
+    key_idx, value_idx, other_idx = (t.to(clips.device) for t in indices)
     return temporal_contrastive_loss(clips, sentences, key_idx, value_idx, other_idx, temperature, rolls=tuple(rolls))
 
 
