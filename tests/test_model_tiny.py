@@ -1,13 +1,15 @@
 """The tiny preset (micro-sized for the CPU) end to end: features, losses, gradients, every task model."""
 
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from _model_common import make_inputs, micro_config
-from lfvila_model import build_model, get_config
+from lfvila_model import build_model, create_model, get_config, minilm_dir
 from lfvila_model.losses import span_loss, vtm_shuffle
 from lfvila_model.pooling import clip_means, pool_frame_tokens
 
@@ -208,3 +210,20 @@ def test_stage2_keeps_the_frozen_video_encoder_in_eval_mode():
     assert model.text_encoder.bert.encoder.layer[6].training
     stage1 = build_model(micro_config()).train()
     assert stage1.video_encoder.training
+
+
+def test_tiny_preset_itself_forward_backward():
+    # the real tiny preset (16 frames at 96x160, MiniLM text), not the micro variant the other tests use
+    torch.manual_seed(0)
+    model = create_model("lfvila-tiny", pretrained=True, video={"attention_backend": "reference"}).train()
+    minilm = load_file(os.path.join(minilm_dir(), "model.safetensors"))
+    key = next(k for k in minilm if k.endswith("encoder.layer.2.attention.self.key.weight"))
+    assert torch.equal(model.text_encoder.bert.encoder.layer[2].attention.self.key.weight, minilm[key])
+    video, ids, mask = make_inputs(model.config, batch=2)
+    f = model.stage1_features(video, ids, mask)
+    assert f["clips"].shape == (2, 4, 256) and all(torch.isfinite(v).all() for v in f.values())
+    (hand_vpc(f["video"], f["paragraph"], 0.05) + (f["clips"] * f["sentences"]).sum()).backward()
+    g = model.video_encoder.layers[0].blocks[1].attn.relative_position_bias_table.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+    with pytest.raises(ValueError, match="no bundled weights"):
+        create_model("lfvila-official", pretrained=True)
