@@ -244,7 +244,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_cpu(const at::Tensor
                                                                 double scale, int64_t offset, bool symmetric) {
   check_inputs(a, b, offset, symmetric);
   const auto acc = acc_type(a.scalar_type());
-  at::Tensor A = a.to(acc).contiguous(), B = b.to(acc).contiguous();
+  // detach: the tile GEMMs run on OpenMP worker threads, which do not inherit the caller's below-autograd
+  // dispatch state, and out= ops refuse inputs that require grad
+  at::Tensor A = a.detach().to(acc).contiguous(), B = b.detach().to(acc).contiguous();
   if (acc == at::kDouble) return fwd_impl<double>(A, B, scale, offset, symmetric);
   return fwd_impl<float>(A, B, static_cast<float>(scale), offset, symmetric);
 }
@@ -258,9 +260,9 @@ std::tuple<at::Tensor, at::Tensor> info_nce_bwd_cpu(const at::Tensor& dloss, con
   TORCH_CHECK(lse_row.scalar_type() == acc && lse_row.numel() == a.size(0), "info_nce_bwd: bad lse_row");
   TORCH_CHECK(!symmetric || (lse_col.scalar_type() == acc && lse_col.numel() == b.size(0)),
               "info_nce_bwd: bad lse_col");
-  at::Tensor A = a.to(acc).contiguous(), B = b.to(acc).contiguous();
+  at::Tensor A = a.detach().to(acc).contiguous(), B = b.detach().to(acc).contiguous();
   const double g = dloss.item<double>();
-  at::Tensor lr = lse_row.contiguous(), lc = lse_col.contiguous();
+  at::Tensor lr = lse_row.detach().contiguous(), lc = lse_col.detach().contiguous();
   std::tuple<at::Tensor, at::Tensor> out;
   if (acc == at::kDouble) {
     out = bwd_impl<double>(g, A, B, lr, lc, scale, offset, symmetric);

@@ -189,6 +189,21 @@ def _temperature_tensor(temperature, like: Tensor) -> Tensor:
     return torch.full((), float(temperature), dtype=_acc_dtype(like.dtype), device=like.device)
 
 
+@torch.compiler.assume_constant_result
+def _resolve_backend(backend: str, device: str, dtype: torch.dtype) -> str:
+    """The backend to run (auto: the device's first that can run); raises when an explicit one cannot. Its result
+    depends only on its constant arguments, so torch.compile runs it once at trace time (the predicates query the
+    dispatcher, which Dynamo cannot trace)."""
+    device = torch.device(device)
+    if backend == "auto":
+        return _backends.choose("info_nce_fwd", _CPU_ORDER, _CUDA_ORDER, device, dtype)
+    if backend == "cpp":
+        _backends.can_run_compiled("info_nce_fwd", backend, device, raise_error=True)
+    elif backend == "triton":
+        _backends.can_run_triton(device, dtype, raise_error=True)
+    return backend
+
+
 def _rows_loss(a: Tensor, b: Tensor, temperature, offset: int, symmetric: bool, backend: str) -> Tensor:
     """mean CE over a's rows against all of b's rows (positives at offset) [+ the column CE when symmetric]."""
     if backend == "reference":
@@ -249,12 +264,7 @@ def info_nce_loss(
         raise TypeError(f"distributed must be a bool, got {distributed!r}")
     if backend not in LOSS_BACKENDS:
         raise ValueError(f"backend must be one of {LOSS_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = _backends.choose("info_nce_fwd", _CPU_ORDER, _CUDA_ORDER, a.device, a.dtype)
-    elif backend == "cpp":
-        _backends.can_run_compiled("info_nce_fwd", backend, a.device, raise_error=True)
-    elif backend == "triton":
-        _backends.can_run_triton(a.device, a.dtype, raise_error=True)
+    backend = _resolve_backend(backend, str(a.device), a.dtype)
     if isinstance(temperature, Tensor) and backend != "reference" and temperature.device != a.device:
         temperature = temperature.to(a.device)
 
