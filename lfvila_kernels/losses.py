@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backends
+from . import _backends, _ext
 from ._checks import check_info_nce_args, check_mtc_args
 
 __all__ = ["info_nce_loss", "temporal_contrastive_loss", "sample_mtc_indices", "gather_with_grad"]
@@ -47,6 +47,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # inputs, fp32 otherwise).
 
 
+def _compiled():
+    """torch.ops.lfvila_C, with the extension loaded (the ops may be called directly, without the public
+    function's backend check)."""
+    err = _ext.load_error()
+    if err is not None:
+        raise RuntimeError(f"backend='cpp' cannot run: {err}")
+    return torch.ops.lfvila_C
+
+
 def _info_nce_shapes(a: Tensor, b: Tensor, symmetric: bool):
     acc = _acc_dtype(a.dtype)
     return (
@@ -64,7 +73,7 @@ def _info_nce_fwd(
         from .triton.info_nce import info_nce_fwd_triton
 
         return info_nce_fwd_triton(a, b, temperature, offset, symmetric)
-    return torch.ops.lfvila_C.info_nce_fwd(a, b, 1.0 / float(temperature), offset, symmetric)
+    return _compiled().info_nce_fwd(a, b, 1.0 / float(temperature), offset, symmetric)
 
 
 @_info_nce_fwd.register_fake
@@ -88,7 +97,7 @@ def _info_nce_bwd(
         from .triton.info_nce import info_nce_bwd_triton
 
         return info_nce_bwd_triton(dloss, a, b, temperature, lse_row, lse_col, offset, symmetric)
-    return torch.ops.lfvila_C.info_nce_bwd(dloss, a, b, lse_row, lse_col, 1.0 / float(temperature), offset, symmetric)
+    return _compiled().info_nce_bwd(dloss, a, b, lse_row, lse_col, 1.0 / float(temperature), offset, symmetric)
 
 
 @_info_nce_bwd.register_fake

@@ -119,7 +119,9 @@ def test_info_nce_half_inputs_cpp():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_info_nce_extreme_logits_are_finite(dtype):
-    """temperature 0.01 and features x100: logits up to ~1e6. No inf/nan, and the value matches fp64."""
+    """temperature 0.01 and features x100: logits up to ~1e6. No inf/nan; the loss matches fp64, and in fp64 the
+    gradients too. (In fp32 a logit of 1e6 is uncertain by ~0.1, so gradients of near-tied rows are
+    ill-conditioned in any fp32 implementation: only their finiteness is checked.)"""
     a, b = make_features(300, 32, torch.float64, seed=9, scale=100.0)
     b[7] = a[7]  # an exact positive with the largest logit of its row
     t = torch.tensor(0.01, dtype=torch.float64)
@@ -127,9 +129,10 @@ def test_info_nce_extreme_logits_are_finite(dtype):
     ref_loss, ref_grads = run_loss(info_nce_reference, a, b, t, 1.0)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
     assert ref_loss.item() > 1e4  # really extreme: the loss is dominated by huge logit gaps
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=0)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-10 if dtype == torch.float64 else 1e-5, atol=0)
+    if dtype == torch.float64:
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9 * r.abs().max().item())
 
 
 def test_info_nce_deterministic_and_thread_count_independent():
