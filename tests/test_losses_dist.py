@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 
 import pytest
 import torch
@@ -72,7 +73,16 @@ def dist_results():
     if not dist.is_available():
         pytest.fail("torch.distributed is not available in this torch build")
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+        # fork: the children inherit the imported modules (spawn would re-import torch and lfvila_kernels, ~10 s
+        # each on a busy 2-core machine); they run single-threaded, so the parent's OpenMP pool is never reused
+        ctx = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False,
+                                 start_method="fork")
+        deadline = time.monotonic() + 120
+        while not ctx.join(timeout=1):  # re-raises a worker's exception
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                pytest.fail("the distributed workers did not finish within 120 s")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 

@@ -15,7 +15,15 @@ import torch.nn.functional as F  # noqa: E402
 pytest.importorskip("triton", reason="triton is not installed")
 
 from lfvila_kernels import info_nce_loss  # noqa: E402
+from lfvila_kernels._backends import triton_interpreted  # noqa: E402
 from lfvila_kernels.reference import info_nce_reference  # noqa: E402
+
+if not torch.cuda.is_available() and not triton_interpreted():
+    pytest.fail(
+        "TRITON_INTERPRET is not 1 on a machine without a GPU: the Triton loss tests need the interpreter, "
+        "chosen before triton is imported (the root conftest.py does this unless TRITON_INTERPRET is set)",
+        pytrace=False,
+    )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -134,7 +134,7 @@ def _config(device: torch.device, D: int):
     """(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, num_warps, num_stages): one config (the interpreter runs any block
     size; small blocks keep its numpy work small)."""
     if device.type == "cpu":
-        return 16, 16, 16, max(16, min(64, triton.next_power_of_2(D))), 1, 1
+        return 32, 32, 32, max(16, min(64, triton.next_power_of_2(D))), 1, 1
     return 64, 64, 64, min(256, max(16, triton.next_power_of_2(D))), 8, 2
 
 
