@@ -40,15 +40,15 @@ namespace {
 
 constexpr int64_t kTile = 256;
 
-// exp for the fp32 path, written so that gcc vectorises the loops that call it (std::exp does not vectorise
-// without -ffast-math). 2^(x log2 e) = 2^n * e^r, n = round(x log2 e), |r| <= ln2/2; e^r by its Taylor series to
-// degree 7 (relative error < 1e-8, below fp32 rounding). Inputs below -87 (the result underflows) give 0 and
-// -inf gives 0, which the online log-sum-exp relies on.
-// max/min defined here, after the pragma: functions compiled with different optimisation attributes (std::max from
+// max defined here, after the pragma: functions compiled with different optimisation attributes (std::max from
 // the headers) are not inlined into the vectorised loops, which blocks their vectorisation.
 template <typename T>
 inline T vmax(T x, T y) { return x > y ? x : y; }
 
+// exp for the fp32 path, written so that gcc vectorises the loops that call it (std::exp does not vectorise
+// without -ffast-math). 2^(x log2 e) = 2^n * e^r, n = round(x log2 e), |r| <= ln2/2; e^r by its Taylor series to
+// degree 7 (relative error < 1e-8, below fp32 rounding). Inputs below -87 (the result underflows) give 0 and
+// -inf gives 0, which the online log-sum-exp relies on.
 inline float exp_f32(float x) {
   const bool tiny = x < -87.0f;
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);

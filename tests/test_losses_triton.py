@@ -111,3 +111,14 @@ def test_opcheck_triton_ops():
         (a.clone().requires_grad_(), b.clone().requires_grad_(), t, 0, True, "triton"),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
+
+
+def test_gpu_loss_suite_dry_run():
+    """The GPU suite's loss part (benchmarks/gpu_losses.py) runs end to end on tiny shapes and its checks pass."""
+    from benchmarks.gpu_losses import run_loss_suite
+
+    rows = run_loss_suite("cuda" if torch.cuda.is_available() else "cpu", dry_run=True)
+    checks = [r for r in rows if r["kind"] == "check"]
+    timings = [r for r in rows if r["kind"] == "timing"]
+    assert checks and all(r["ok"] for r in checks), checks
+    assert {r["backend"] for r in timings} == {"fused", "naive"} and all(r["ms"] > 0 for r in timings)
