@@ -85,3 +85,19 @@ def choose(op: str, candidates_cpu, candidates_cuda, device: torch.device, dtype
         except RuntimeError as exc:
             _note_fallthrough(backend, str(exc))
     return "reference"
+
+
+@torch.compiler.assume_constant_result
+def resolve(op: str, backend: str, device: str, dtype: torch.dtype, cpu_order: tuple, cuda_order: tuple) -> str:
+    """The backend to run for `op`: with "auto" the device's first that can run (else 'reference'); an explicit
+    compiled or Triton backend that cannot run raises with the reason. The result depends only on constant
+    arguments, so torch.compile evaluates it once at trace time (the predicates query the dispatcher, which Dynamo
+    cannot trace)."""
+    device = torch.device(device)
+    if backend == "auto":
+        return choose(op, cpu_order, cuda_order, device, dtype)
+    if backend in ("cpp", "cuda"):
+        can_run_compiled(op, backend, device, raise_error=True)
+    elif backend == "triton":
+        can_run_triton(device, dtype, raise_error=True)
+    return backend

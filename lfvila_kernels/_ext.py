@@ -23,3 +23,12 @@ def has_kernel(op: str, device: str) -> bool:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}[device]
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"lfvila_C::{op}", key)
+
+
+def ops():
+    """`torch.ops.lfvila_C` with the extension loaded: the compiled ops may be called directly (opcheck, the
+    custom ops' implementations) without going through a public function's backend check first."""
+    err = load_error()
+    if err is not None:
+        raise RuntimeError(f"the compiled backends cannot run: {err}")
+    return torch.ops.lfvila_C

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backends
+from . import _backends, _ext
 from ._checks import check_htwa_args
 
 __all__ = ["htwa_attention"]
@@ -45,7 +45,7 @@ def _htwa_fwd(
         from .triton.htwa import htwa_fwd_triton
 
         return htwa_fwd_triton(q, k, v, bias, window, shift, bias_window, scale)
-    return torch.ops.lfvila_C.htwa_fwd(q, k, v, bias, window, shift, bias_window, scale)
+    return _ext.ops().htwa_fwd(q, k, v, bias, window, shift, bias_window, scale)
 
 
 @_htwa_fwd.register_fake
@@ -74,7 +74,7 @@ def _htwa_bwd(
         from .triton.htwa import htwa_bwd_triton
 
         return htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale)
-    return torch.ops.lfvila_C.htwa_bwd(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale)
+    return _ext.ops().htwa_bwd(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale)
 
 
 @_htwa_bwd.register_fake
@@ -157,8 +157,7 @@ def htwa_attention(
     window, shift, bias_window, scale = check_htwa_args(q, k, v, bias_table, window, shift, bias_window, scale)
     if backend not in _backends.HTWA_BACKENDS:
         raise ValueError(f"backend must be one of {_backends.HTWA_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = _backends.choose("htwa_fwd", _CPU_ORDER, _CUDA_ORDER, q.device, q.dtype)
+    backend = _backends.resolve("htwa_fwd", backend, str(q.device), q.dtype, _CPU_ORDER, _CUDA_ORDER)
     kwargs = dict(window=window, shift=shift, bias_window=bias_window, scale=scale)
     if backend == "reference":
         from .reference import htwa_reference
@@ -168,10 +167,6 @@ def htwa_attention(
         from . import _htwa_torch
 
         return getattr(_htwa_torch, f"htwa_{backend}")(q, k, v, bias_table, **kwargs)
-    if backend in ("cpp", "cuda"):
-        _backends.can_run_compiled("htwa_fwd", backend, q.device, raise_error=True)
-    else:
-        _backends.can_run_triton(q.device, q.dtype, raise_error=True)
 
     # The kernels read q, k, v through their strides; only a non-unit last stride forces a copy.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))

@@ -47,13 +47,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # inputs, fp32 otherwise).
 
 
-def _compiled():
-    """torch.ops.lfvila_C, with the extension loaded (the ops may be called directly, without the public
-    function's backend check)."""
-    err = _ext.load_error()
-    if err is not None:
-        raise RuntimeError(f"backend='cpp' cannot run: {err}")
-    return torch.ops.lfvila_C
+_compiled = _ext.ops
 
 
 def _info_nce_shapes(a: Tensor, b: Tensor, symmetric: bool):
@@ -198,19 +192,8 @@ def _temperature_tensor(temperature, like: Tensor) -> Tensor:
     return torch.full((), float(temperature), dtype=_acc_dtype(like.dtype), device=like.device)
 
 
-@torch.compiler.assume_constant_result
 def _resolve_backend(backend: str, device: str, dtype: torch.dtype) -> str:
-    """The backend to run (auto: the device's first that can run); raises when an explicit one cannot. Its result
-    depends only on its constant arguments, so torch.compile runs it once at trace time (the predicates query the
-    dispatcher, which Dynamo cannot trace)."""
-    device = torch.device(device)
-    if backend == "auto":
-        return _backends.choose("info_nce_fwd", _CPU_ORDER, _CUDA_ORDER, device, dtype)
-    if backend == "cpp":
-        _backends.can_run_compiled("info_nce_fwd", backend, device, raise_error=True)
-    elif backend == "triton":
-        _backends.can_run_triton(device, dtype, raise_error=True)
-    return backend
+    return _backends.resolve("info_nce_fwd", backend, device, dtype, _CPU_ORDER, _CUDA_ORDER)
 
 
 def _rows_loss(a: Tensor, b: Tensor, temperature, offset: int, symmetric: bool, backend: str) -> Tensor:
