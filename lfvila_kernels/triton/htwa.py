@@ -57,6 +57,7 @@ __all__ = ["htwa_fwd_triton", "htwa_bwd_triton"]
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 _WORKSPACE_BYTES = 64 << 20  # dbias workspace budget (see the module docstring)
+BLOCK_OVERRIDE: Optional[int] = None  # tests only: force the tile size (a power of 2 >= 16)
 
 
 def _interpreted() -> bool:
@@ -77,17 +78,22 @@ def _box(j, L, O, WN: tl.constexpr):
 
 
 @triton.jit
-def _tokens(idx, t0, h0, w0, lh, lw, ct, ch, cw, st, sh, sw,
+def _decode(idx, t0, h0, w0, lh, lw, ct, ch, cw,
             WH: tl.constexpr, WW: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
-    """Flat box indices -> (int64 token offsets through strides st/sh/sw, in-window index n, bias key R)."""
+    """Flat box indices -> (frame, row, column) as int64 (for offsets), in-window index n, bias key R."""
     lhw = lh * lw
     it = idx // lhw
     ih = (idx // lw) % lh
     iw = idx % lw
-    off = (t0 + it).to(tl.int64) * st + (h0 + ih).to(tl.int64) * sh + (w0 + iw).to(tl.int64) * sw
     n = ((ct + it) * WH + (ch + ih)) * WW + (cw + iw)
     r = ((n // (BH * BW)) * (2 * BH - 1) + (n // BW) % BH) * (2 * BW - 1) + n % BW
-    return off, n, r
+    return (t0 + it).to(tl.int64), (h0 + ih).to(tl.int64), (w0 + iw).to(tl.int64), n, r
+
+
+@triton.jit
+def _off(tt, hh, ww, st, sh, sw):
+    """int64 element offsets of tokens (tt, hh, ww) through the frame/row/column strides."""
+    return tt * st + hh * sh + ww * sw
 
 
 @triton.jit
@@ -144,7 +150,8 @@ def _htwa_fwd_kernel(
     m_ok = offs_m < nb
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q_off, n_q, r_q = _tokens(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, sqt, sqh, sqw, WH, WW, BH, BW)
+    tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+    q_off = _off(tq, hq, wq, sqt, sqh, sqw)
     q = tl.load(Q + (b.to(tl.int64) * sqb + head * sqn) + q_off[:, None] + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
@@ -158,8 +165,9 @@ def _htwa_fwd_kernel(
     for start_n in range(0, nb, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < nb
-        k_off, n_k, r_k = _tokens(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, skt, skh, skw, WH, WW, BH, BW)
-        v_off, _, _ = _tokens(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, svt, svh, svw, WH, WW, BH, BW)
+        tk, hk, wk, n_k, r_k = _decode(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+        k_off = _off(tk, hk, wk, skt, skh, skw)
+        v_off = _off(tk, hk, wk, svt, svh, svw)
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -181,10 +189,10 @@ def _htwa_fwd_kernel(
 
     out = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    o_off, _, _ = _tokens(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, sot, soh, sow, WH, WW, BH, BW)
+    o_off = _off(tq, hq, wq, sot, soh, sow)
     tl.store(OUT + (b.to(tl.int64) * sob + head * son) + o_off[:, None] + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    l_off, _, _ = _tokens(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, slt, slh, slw, WH, WW, BH, BW)
+    l_off = _off(tq, hq, wq, slt, slh, slw)
     tl.store(LSE + (b.to(tl.int64) * slb + head * sln) + l_off, lse, mask=m_ok)
 
 
@@ -237,9 +245,10 @@ def _htwa_bwd_dq_kernel(
             offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
             m_ok = offs_m < nb
             md = m_ok[:, None] & d_ok[None, :]
-            q_off, n_q, r_q = _tokens(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, sqt, sqh, sqw, WH, WW, BH, BW)
-            o_off, _, _ = _tokens(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, sot, soh, sow, WH, WW, BH, BW)
-            l_off, _, _ = _tokens(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, slt, slh, slw, WH, WW, BH, BW)
+            tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+            q_off = _off(tq, hq, wq, sqt, sqh, sqw)
+            o_off = _off(tq, hq, wq, sot, soh, sow)
+            l_off = _off(tq, hq, wq, slt, slh, slw)
             o_base = (b.to(tl.int64) * sob + head * son) + o_off[:, None] + offs_d[None, :]
             l_ptr = (b.to(tl.int64) * slb + head * sln) + l_off
             q = tl.load(Q + (b.to(tl.int64) * sqb + head * sqn) + q_off[:, None] + offs_d[None, :], mask=md,
@@ -258,8 +267,9 @@ def _htwa_bwd_dq_kernel(
             for start_n in range(0, nb, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
                 n_ok = offs_n < nb
-                k_off, n_k, r_k = _tokens(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, skt, skh, skw, WH, WW, BH, BW)
-                v_off, _, _ = _tokens(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, svt, svh, svw, WH, WW, BH, BW)
+                tk, hk, wk, n_k, r_k = _decode(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+                k_off = _off(tk, hk, wk, skt, skh, skw)
+                v_off = _off(tk, hk, wk, svt, svh, svw)
                 kv_mask = n_ok[:, None] & d_ok[None, :]
                 k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
                 v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -322,8 +332,9 @@ def _htwa_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     nd = n_ok[:, None] & d_ok[None, :]
-    k_off, n_k, r_k = _tokens(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, skt, skh, skw, WH, WW, BH, BW)
-    v_off, _, _ = _tokens(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, svt, svh, svw, WH, WW, BH, BW)
+    tk, hk, wk, n_k, r_k = _decode(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+    k_off = _off(tk, hk, wk, skt, skh, skw)
+    v_off = _off(tk, hk, wk, svt, svh, svw)
     k = tl.load(K + (b.to(tl.int64) * skb + head * skn) + k_off[:, None] + offs_d[None, :], mask=nd, other=0.0)
     v = tl.load(V + (b.to(tl.int64) * svb + head * svn) + v_off[:, None] + offs_d[None, :], mask=nd, other=0.0)
     if UPCAST:
@@ -339,9 +350,10 @@ def _htwa_bwd_dkdv_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < nb
         md = m_ok[:, None] & d_ok[None, :]
-        q_off, n_q, r_q = _tokens(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, sqt, sqh, sqw, WH, WW, BH, BW)
-        o_off, _, _ = _tokens(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, sot, soh, sow, WH, WW, BH, BW)
-        l_off, _, _ = _tokens(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, slt, slh, slw, WH, WW, BH, BW)
+        tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+        q_off = _off(tq, hq, wq, sqt, sqh, sqw)
+        o_off = _off(tq, hq, wq, sot, soh, sow)
+        l_off = _off(tq, hq, wq, slt, slh, slw)
         q = tl.load(q_base + q_off[:, None] + offs_d[None, :], mask=md, other=0.0)
         do = tl.load(DOUT + o_base + o_off[:, None] + offs_d[None, :], mask=md, other=0.0)
         if UPCAST:
@@ -359,7 +371,7 @@ def _htwa_bwd_dkdv_kernel(
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC).to(ACC)
 
-    kd_off, _, _ = _tokens(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, sot, soh, sow, WH, WW, BH, BW)
+    kd_off = _off(tk, hk, wk, sot, soh, sow)
     ptrs = o_base + kd_off[:, None] + offs_d[None, :]
     tl.store(DK + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=nd)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=nd)
@@ -413,9 +425,13 @@ def _num_boxes(grid, window, origin):
 def _settings(q, window):
     nwin = window[0] * window[1] * window[2]
     D = q.shape[-1]
-    block = min(64, max(16, triton.next_power_of_2(nwin)))
-    block_d = max(16, triton.next_power_of_2(D))
     upcast = _interpreted()
+    # GPU: 64 x 64 tiles (at D <= 128 the fp32 accumulators fit in registers with 4 warps); the interpreter
+    # runs programs one by one in Python, so it takes one tile per box (<= 256) to run fewer, larger programs
+    block = min(256 if upcast else 64, max(16, triton.next_power_of_2(nwin)))
+    if BLOCK_OVERRIDE is not None:
+        block = BLOCK_OVERRIDE
+    block_d = max(16, triton.next_power_of_2(D))
     dot_fp32 = upcast or q.dtype in (torch.float32, torch.float64)
     # fp32 inputs: exact fp32 products (no TF32), the contract's accuracy; 16-bit: tensor cores
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, UPCAST=upcast,

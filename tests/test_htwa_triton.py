@@ -1,0 +1,140 @@
+"""The Triton HTWA kernels on the CPU through the Triton interpreter, against `htwa_reference` (fp64 autograd).
+
+The interpreter runs one program at a time in Python, so shapes are small (B=1, 1-2 heads) but every official
+(layer, shifted) geometry, ragged grid, the bias_window quirk, bias None, strided views and multi-tile loops are
+kept. Errors are max |x - ref| / max |ref| per tensor.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (here or through lfvila_kernels)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from lfvila_kernels import htwa_attention  # noqa: E402
+from lfvila_kernels._backends import triton_interpreted  # noqa: E402
+from lfvila_kernels.reference import htwa_reference  # noqa: E402
+from lfvila_kernels.shapes import official_cases  # noqa: E402
+from lfvila_kernels.triton import htwa as tk  # noqa: E402
+
+if not triton_interpreted():  # triton was imported before this module set the variable
+    pytest.skip("TRITON_INTERPRET=1 must be set before triton is imported", allow_module_level=True)
+
+
+def _nbias(bw):
+    return (2 * bw[0] - 1) * (2 * bw[1] - 1) * (2 * bw[2] - 1)
+
+
+def _inputs(B, grid, heads, D, bias_window, dtype, bias=True, layout="qkv", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T, H, W = grid
+    if layout == "qkv":  # views of a qkv projection: token stride 3 * heads * D
+        qkv = torch.randn(B, T, H, W, 3, heads, D, generator=g).to(dtype)
+        q, k, v = qkv.unbind(4)
+    else:  # head-major storage permuted into (B, T, H, W, heads, D): unrelated strides for each tensor
+        q, k, v = (torch.randn(B, heads, T, H, W, D, generator=g).to(dtype).permute(0, 2, 3, 4, 1, 5)
+                   for _ in range(3))
+    table = torch.randn(_nbias(bias_window), heads, generator=g) if bias else None
+    dout = torch.randn(B, T, H, W, heads, D, generator=g).to(dtype)  # non-unit upstream gradient
+    return q, k, v, table, dout
+
+
+def _reference(q, k, v, table, dout, **kw):
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    tab = None if table is None else table.detach().double().requires_grad_()
+    out = htwa_reference(*leaves, tab, **kw)
+    out.backward(dout.double())
+    return out.detach(), [x.grad for x in leaves], (None if tab is None else tab.grad)
+
+
+def _triton(q, k, v, table, dout, **kw):
+    """Through the public op (custom op + register_autograd), so the op layer is covered too."""
+    # keep the views: the kernels read q/k/v through their strides
+    leaves = [x.detach() for x in (q, k, v)]
+    for x in leaves:
+        x.requires_grad_()
+    tab = None if table is None else table.detach().clone().requires_grad_()
+    out = htwa_attention(*leaves, tab, backend="triton", **kw)
+    out.backward(dout)
+    return out.detach(), [x.grad for x in leaves], (None if tab is None else tab.grad)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _check(q, k, v, table, dout, tol, **kw):
+    ref_out, ref_g, ref_db = _reference(q, k, v, table, dout, **kw)
+    out, g, db = _triton(q, k, v, table, dout, **kw)
+    assert out.dtype == q.dtype and out.is_contiguous()
+    errs = {"out": _rel(out, ref_out)}
+    errs.update({n: _rel(a, b) for n, a, b in zip(("dq", "dk", "dv"), g, ref_g)})
+    if table is not None:
+        assert db.dtype == table.dtype and db.shape == table.shape
+        errs["dbias"] = _rel(db, ref_db)
+    bad = {n: e for n, e in errs.items() if not e <= tol}
+    assert not bad, f"rel err above {tol}: {bad} (all: {errs})"
+
+
+_CASES = official_cases(reduced=True)
+
+
+@pytest.mark.parametrize("case", _CASES, ids=[c.name for c in _CASES])
+def test_official_cases_fp32(case):
+    heads = 2 if case.layer == 0 else 1  # one case with several heads is enough to cover head offsets
+    q, k, v, table, dout = _inputs(1, case.grid, heads, case.head_dim, case.bias_window, torch.float32)
+    _check(q, k, v, table, dout, 1e-4, window=case.window, shift=case.shift, bias_window=case.bias_window)
+
+
+@pytest.mark.parametrize(
+    "grid,window,shift,bias_window,D",
+    [
+        ((5, 7, 9), (2, 3, 4), (1, 1, 2), None, 20),  # ragged at both ends of every axis, D padded to 32
+        ((3, 5, 4), (3, 2, 3), (0, 1, 2), (4, 3, 5), 16),  # bias_window quirk with a ragged, shifted grid
+        ((2, 3, 5), (2, 3, 5), (0, 0, 0), (4, 3, 5), 8),  # the official quirk: grid smaller than the config
+    ],
+)
+def test_ragged_and_quirk(grid, window, shift, bias_window, D):
+    q, k, v, table, dout = _inputs(1, grid, 2, D, bias_window or window, torch.float32, seed=1)
+    _check(q, k, v, table, dout, 1e-4, window=window, shift=shift, bias_window=bias_window)
+
+
+def test_no_bias_and_head_major_strides():
+    q, k, v, _, dout = _inputs(2, (4, 5, 6), 2, 16, (2, 2, 3), torch.float32, bias=False, layout="permuted",
+                               seed=2)
+    assert not q.is_contiguous()
+    _check(q, k, v, None, dout, 1e-4, window=(2, 2, 3), shift=(1, 1, 2))
+
+
+def test_multi_tile_loops(monkeypatch):
+    """16-token tiles: several query and key tiles per box (online-softmax rescaling, partial last tiles)."""
+    monkeypatch.setattr(tk, "BLOCK_OVERRIDE", 16)
+    q, k, v, table, dout = _inputs(1, (4, 6, 10), 1, 16, (4, 3, 5), torch.float32, seed=3)
+    _check(q, k, v, table, dout, 1e-4, window=(4, 3, 5), shift=(0, 1, 2))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+def test_half_precision(dtype, tol):
+    q, k, v, table, dout = _inputs(1, (4, 6, 10), 2, 32, (2, 3, 5), dtype, seed=4)
+    _check(q, k, v, table, dout, tol, window=(2, 3, 5), shift=(0, 1, 2))
+
+
+def test_dbias_deterministic():
+    q, k, v, table, dout = _inputs(2, (5, 7, 9), 2, 16, (2, 3, 4), torch.float32, seed=5)
+    window, shift = [2, 3, 4], [1, 1, 2]
+    out, lse = tk.htwa_fwd_triton(q, k, v, table, window, shift, window, 0.25)
+    runs = [tk.htwa_bwd_triton(dout, q, k, v, table, out, lse, window, shift, window, 0.25)[3] for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    _, _, n_chunks = tk._chunk_plan(2, (5, 7, 9), tuple(window), tuple(shift), 2, 1, True, q.device)
+    assert n_chunks > 1  # the ordered chunk reduction is exercised
+
+
+def test_no_bias_returns_empty_dbias():
+    q, k, v, _, dout = _inputs(1, (2, 3, 5), 1, 16, (2, 3, 5), torch.float32, bias=False)
+    out, lse = tk.htwa_fwd_triton(q, k, v, None, [2, 3, 5], [0, 0, 0], [2, 3, 5], 0.25)
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:5]
+    dbias = tk.htwa_bwd_triton(dout, q, k, v, None, out, lse, [2, 3, 5], [0, 0, 0], [2, 3, 5], 0.25)[3]
+    assert dbias.numel() == 0 and dbias.dtype == torch.float32
