@@ -17,7 +17,7 @@ Bias row (spec 1.3): n = (c_t*Wh + c_h)*Ww + c_w in the WINDOW geometry, read ba
 (bt, bh, bw) = (n // (Bh*Bw), (n // Bw) % Bh, n % Bw), and
     row = ((bt_q - bt_k + Bt-1)*(2Bh-1) + (bh_q - bh_k + Bh-1))*(2Bw-1) + (bw_q - bw_k + Bw-1)
         = R(q) - R(k) + R0,   R(x) = (bt*(2Bh-1) + bh)*(2Bw-1) + bw,  R0 = R(Bt-1, Bh-1, Bw-1),
-so each tile needs one R vector per side and the bias tile is a gather at R_q[:, None] - R_k[None, :] + R0.
+so each tile needs one R vector per side and the bias tile is a gather at (R_q + R0)[:, None] - R_k[None, :].
 
 Softmax in base 2 (FlashAttention-2): s2 = log2(e) * (scale <q,k> + bias); m = running max, l = running sum of
 2^(s2 - m); lse (natural log, stored) = ln(2) * (m + log2(l)). Backward: P = 2^(s2 - log2(e) * lse),
@@ -85,8 +85,15 @@ def _decode(idx, t0, h0, w0, lh, lw, ct, ch, cw,
     it = idx // lhw
     ih = (idx // lw) % lh
     iw = idx % lw
-    n = ((ct + it) * WH + (ch + ih)) * WW + (cw + iw)
-    r = ((n // (BH * BW)) * (2 * BH - 1) + (n // BW) % BH) * (2 * BW - 1) + n % BW
+    xt = ct + it  # in-window coordinates
+    xh = ch + ih
+    xw = cw + iw
+    n = (xt * WH + xh) * WW + xw
+    if (BH == WH) and (BW == WW):
+        # same geometry in h and w: n // (BH*BW) = xt, (n // BW) % BH = xh, n % BW = xw (no divisions)
+        r = (xt * (2 * BH - 1) + xh) * (2 * BW - 1) + xw
+    else:  # the bias_window quirk: read n back in the bias window's geometry
+        r = ((n // (BH * BW)) * (2 * BH - 1) + (n // BW) % BH) * (2 * BW - 1) + n % BW
     return (t0 + it).to(tl.int64), (h0 + ih).to(tl.int64), (w0 + iw).to(tl.int64), n, r
 
 
@@ -97,10 +104,11 @@ def _off(tt, hh, ww, st, sh, sw):
 
 
 @triton.jit
-def _bias_tile(BIAS, r_diff, head, HEADS, mask, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
-    """bias[row(q, k), head] for a tile of r_diff = R_q - R_k; row = R_q - R_k + R0 (module docstring)."""
+def _bias_q(r_q, head, HEADS, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """Query side of the bias offset: (row, head) -> row * HEADS + head = bq - bk with bq = (R_q + R0) * HEADS
+    + head and bk = R_k * HEADS, so a tile costs one 2D subtraction (module docstring)."""
     R0: tl.constexpr = ((BT - 1) * (2 * BH - 1) + (BH - 1)) * (2 * BW - 1) + (BW - 1)
-    return tl.load(BIAS + (r_diff + R0) * HEADS + head, mask=mask, other=0.0)
+    return (r_q + R0) * HEADS + head
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -151,6 +159,7 @@ def _htwa_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+    bq = _bias_q(r_q, head, HEADS, BT, BH, BW)
     q_off = _off(tq, hq, wq, sqt, sqh, sqw)
     q = tl.load(Q + (b.to(tl.int64) * sqb + head * sqn) + q_off[:, None] + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
@@ -176,7 +185,8 @@ def _htwa_fwd_kernel(
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
         if HAS_BIAS:
-            bias = _bias_tile(BIAS, r_q[:, None] - r_k[None, :], head, HEADS, m_ok[:, None] & n_ok[None, :], BT, BH, BW)
+            bias = tl.load(BIAS + (bq[:, None] - (r_k * HEADS)[None, :]), mask=m_ok[:, None] & n_ok[None, :],
+                           other=0.0)
             s += bias.to(ACC) * 1.4426950408889634
         s = tl.where(n_ok[None, :], s, float("-inf"))
         # every key tile holds >= 1 real key, so m_new is finite and no row ever computes inf - inf
@@ -246,6 +256,7 @@ def _htwa_bwd_dq_kernel(
             m_ok = offs_m < nb
             md = m_ok[:, None] & d_ok[None, :]
             tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+            bq = _bias_q(r_q, head, HEADS, BT, BH, BW)
             q_off = _off(tq, hq, wq, sqt, sqh, sqw)
             o_off = _off(tq, hq, wq, sot, soh, sow)
             l_off = _off(tq, hq, wq, slt, slh, slw)
@@ -279,7 +290,8 @@ def _htwa_bwd_dq_kernel(
                 mn = m_ok[:, None] & n_ok[None, :]
                 s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
                 if HAS_BIAS:
-                    s += _bias_tile(BIAS, r_q[:, None] - r_k[None, :], head, HEADS, mn, BT, BH, BW).to(ACC) * 1.4426950408889634
+                    bias = tl.load(BIAS + (bq[:, None] - (r_k * HEADS)[None, :]), mask=mn, other=0.0)
+                    s += bias.to(ACC) * 1.4426950408889634
                 p = tl.where(mn, tl.exp2(s - lse2[:, None]), 0.0)
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC).to(ACC)
                 ds = p * (dp - delta[:, None])
@@ -333,6 +345,7 @@ def _htwa_bwd_dkdv_kernel(
     d_ok = offs_d < D
     nd = n_ok[:, None] & d_ok[None, :]
     tk, hk, wk, n_k, r_k = _decode(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+    bk = r_k * HEADS
     k_off = _off(tk, hk, wk, skt, skh, skw)
     v_off = _off(tk, hk, wk, svt, svh, svw)
     k = tl.load(K + (b.to(tl.int64) * skb + head * skn) + k_off[:, None] + offs_d[None, :], mask=nd, other=0.0)
@@ -351,6 +364,7 @@ def _htwa_bwd_dkdv_kernel(
         m_ok = offs_m < nb
         md = m_ok[:, None] & d_ok[None, :]
         tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+        bq = _bias_q(r_q, head, HEADS, BT, BH, BW)
         q_off = _off(tq, hq, wq, sqt, sqh, sqw)
         o_off = _off(tq, hq, wq, sot, soh, sow)
         l_off = _off(tq, hq, wq, slt, slh, slw)
@@ -364,7 +378,8 @@ def _htwa_bwd_dkdv_kernel(
         nm = n_ok[:, None] & m_ok[None, :]
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC).to(ACC) * qk_scale  # (keys, queries)
         if HAS_BIAS:
-            st += _bias_tile(BIAS, r_q[None, :] - r_k[:, None], head, HEADS, nm, BT, BH, BW).to(ACC) * 1.4426950408889634
+            bias_t = tl.load(BIAS + (bq[None, :] - bk[:, None]), mask=nm, other=0.0)
+            st += bias_t.to(ACC) * 1.4426950408889634
         pt = tl.where(nm, tl.exp2(st - lse2[None, :]), 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC).to(ACC)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC).to(ACC)
@@ -392,20 +407,23 @@ def _chunk_sum_kernel(PART, DENSE, NCHUNK, M, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _dbias_gather_kernel(DENSE, ROW_PTR, PAIRS, DBIAS, NBIAS, HEADS, NN, MAXCNT, BLOCK_R: tl.constexpr):
+def _dbias_gather_kernel(DENSE, ROW_PTR, PAIRS, DBIAS, NBIAS, HEADS, NN, MAXCNT,
+                         BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
     """DBIAS[r, head] = sum over the pairs p of row r (CSR: PAIRS[ROW_PTR[r]:ROW_PTR[r+1]], ascending) of
-    DENSE[head, p]. DENSE (HEADS, NN) fp32, ROW_PTR int32 (NBIAS + 1), PAIRS int32 flat n_q * N + n_k,
-    DBIAS (NBIAS, HEADS). Grid: (cdiv(NBIAS, BLOCK_R), HEADS)."""
+    DENSE[head, p], BLOCK_J pairs at a time (a fixed summation order). DENSE (HEADS, NN) fp32, ROW_PTR int32
+    (NBIAS + 1), PAIRS int32 flat n_q * N + n_k, DBIAS (NBIAS, HEADS). Grid: (cdiv(NBIAS, BLOCK_R), HEADS)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     head = tl.program_id(1)
     r_ok = rows < NBIAS
     p0 = tl.load(ROW_PTR + rows, mask=r_ok, other=0)
     cnt = tl.load(ROW_PTR + rows + 1, mask=r_ok, other=0) - p0
     acc = tl.zeros([BLOCK_R], dtype=DENSE.dtype.element_ty)
-    for j in range(0, MAXCNT):
-        ok = r_ok & (j < cnt)
-        pair = tl.load(PAIRS + p0 + j, mask=ok, other=0)
-        acc += tl.load(DENSE + head * NN + pair, mask=ok, other=0.0)
+    dense = DENSE + head * NN
+    for j0 in range(0, MAXCNT, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        ok = r_ok[:, None] & (j[None, :] < cnt[:, None])
+        pair = tl.load(PAIRS + p0[:, None] + j[None, :], mask=ok, other=0)
+        acc += tl.sum(tl.load(dense + pair, mask=ok, other=0.0), 1)
     tl.store(DBIAS + rows * HEADS + head, acc.to(DBIAS.dtype.element_ty), mask=r_ok)
 
 
@@ -580,13 +598,13 @@ def htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, s
     if not has_bias:
         return dq, dk, dv, torch.empty(0, dtype=acc, device=q.device)
     dense = torch.empty((heads, nwin * nwin), dtype=acc, device=q.device)
-    block = 256
+    block = 16384 if _interpreted() else 512  # the interpreter: few, large programs
     _chunk_sum_kernel[(triton.cdiv(dense.numel(), block),)](part, dense, n_chunks, dense.numel(), BLOCK=block)
     row_ptr, pairs, maxcnt = _bias_csr(window, bias_window, q.device)
     nbias = bias.shape[0]
     dbias = torch.empty((nbias, heads), dtype=bias.dtype, device=q.device)
-    block_r = 64
+    block_r, block_j = (1024, 64) if _interpreted() else (32, 32)
     _dbias_gather_kernel[(triton.cdiv(nbias, block_r), heads)](
-        dense, row_ptr, pairs, dbias, nbias, heads, nwin * nwin, maxcnt, BLOCK_R=block_r,
+        dense, row_ptr, pairs, dbias, nbias, heads, nwin * nwin, maxcnt, BLOCK_R=block_r, BLOCK_J=block_j,
     )
     return dq, dk, dv, dbias
