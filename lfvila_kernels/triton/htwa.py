@@ -393,17 +393,22 @@ def _htwa_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _chunk_sum_kernel(PART, DENSE, NCHUNK, M, BLOCK: tl.constexpr):
-    """DENSE[i] = sum_c PART[c, i] over c = 0, 1, ..., NCHUNK-1 in that order. PART (NCHUNK, M) contiguous,
-    DENSE (M,). Grid: (cdiv(M, BLOCK),)."""
+def _chunk_sum_kernel(PART, OUT, NCHUNK, M, G, BLOCK: tl.constexpr):
+    """One level of the ordered chunk reduction: OUT[g, i] = sum of PART[c, i] for c = g*G, g*G + 1, ...,
+    min((g+1)*G, NCHUNK) - 1, in that order. PART (NCHUNK, M), OUT (cdiv(NCHUNK, G), M), both contiguous fp32.
+    The host repeats it until one row is left: a fixed tree, so the sum is the same bits every run.
+    Grid: (cdiv(M, BLOCK), cdiv(NCHUNK, G))."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    g = tl.program_id(1)
     ok = offs < M
-    acc = tl.zeros([BLOCK], dtype=DENSE.dtype.element_ty)
-    ptrs = PART + offs
-    for _ in range(0, NCHUNK):
+    acc = tl.zeros([BLOCK], dtype=OUT.dtype.element_ty)
+    c_lo = g * G
+    c_hi = tl.minimum(c_lo + G, NCHUNK)
+    ptrs = PART + c_lo.to(tl.int64) * M + offs  # int64: NCHUNK * M may pass 2^31 for large budgets
+    for _ in range(c_lo, c_hi):
         acc += tl.load(ptrs, mask=ok, other=0.0)
-        ptrs += M  # a 64-bit pointer walks past 2^31 elements without an int32 product
-    tl.store(DENSE + offs, acc, mask=ok)
+        ptrs += M
+    tl.store(OUT + g.to(tl.int64) * M + offs, acc, mask=ok)
 
 
 @triton.jit
@@ -509,7 +514,7 @@ def _box_classes(L, window, origin):
 
 def _target_programs(device) -> int:
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 16 * torch.cuda.get_device_properties(device).multi_processor_count
     return 8  # interpreter: small, so that tests see several chunks of several units
 
 
@@ -534,7 +539,7 @@ def _chunk_plan(B, grid, window, shift, heads, n_tiles, with_bias, device):
     if with_bias:
         nwin = window[0] * window[1] * window[2]
         want = min(want, max(1, _WORKSPACE_BYTES // (heads * nwin * nwin * 4)))
-    per = max(1, -(-total // want))
+    per = max(1, -(-total // want)) if with_bias else 1  # no bias, no workspace: one unit per program
     units, ptr = [], [0]
     for c in torch.unique(box_cls).tolist():
         boxes = torch.nonzero(box_cls == c).flatten()
@@ -562,6 +567,17 @@ def _bias_csr(window, bias_window, device):
     ptr = torch.zeros(nbias + 1, dtype=torch.int64)
     ptr[1:] = torch.cumsum(counts, 0)
     return (ptr.to(torch.int32).to(device), order.to(torch.int32).to(device), int(counts.max()))
+
+
+def _sum_chunks(part):
+    """(C, M) -> (M,): ordered tree of `_chunk_sum_kernel` levels, G chunks per program and level."""
+    G, block = (4, 16384) if _interpreted() else (8, 512)
+    while part.shape[0] > 1:
+        C, M = part.shape
+        nxt = torch.empty((triton.cdiv(C, G), M), dtype=part.dtype, device=part.device)
+        _chunk_sum_kernel[(triton.cdiv(M, block), nxt.shape[0])](part, nxt, C, M, G, BLOCK=block)
+        part = nxt
+    return part[0]
 
 
 def htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale):
@@ -597,9 +613,7 @@ def htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, s
     )
     if not has_bias:
         return dq, dk, dv, torch.empty(0, dtype=acc, device=q.device)
-    dense = torch.empty((heads, nwin * nwin), dtype=acc, device=q.device)
-    block = 16384 if _interpreted() else 512  # the interpreter: few, large programs
-    _chunk_sum_kernel[(triton.cdiv(dense.numel(), block),)](part, dense, n_chunks, dense.numel(), BLOCK=block)
+    dense = _sum_chunks(part.view(n_chunks, heads * nwin * nwin))
     row_ptr, pairs, maxcnt = _bias_csr(window, bias_window, q.device)
     nbias = bias.shape[0]
     dbias = torch.empty((nbias, heads), dtype=bias.dtype, device=q.device)
