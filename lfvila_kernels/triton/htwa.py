@@ -44,7 +44,6 @@ chunk sum.
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import Optional
 
