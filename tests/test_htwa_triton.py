@@ -138,3 +138,37 @@ def test_no_bias_returns_empty_dbias():
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:5]
     dbias = tk.htwa_bwd_triton(dout, q, k, v, None, out, lse, [2, 3, 5], [0, 0, 0], [2, 3, 5], 0.25)[3]
     assert dbias.numel() == 0 and dbias.dtype == torch.float32
+
+
+def test_chunk_plan_is_a_single_class_partition(monkeypatch):
+    """The dbias workspace ownership argument on GPU-sized plans: every (batch, box) unit exactly once, each chunk
+    of one box class (so a query tile maps to the same in-window rows for all its units), workspace bounded."""
+    monkeypatch.setattr(tk, "_target_programs", lambda device: 16 * 132)
+    for case in official_cases():
+        B, nwin = 16, case.window[0] * case.window[1] * case.window[2]
+        units, ptr, n_chunks = tk._chunk_plan.__wrapped__(B, case.grid, case.window, case.shift, case.heads, 1,
+                                                          True, torch.device("cpu"))
+        origin = tk._origin(case.window, case.shift)
+        cls = [torch.tensor(tk._box_classes(L, w, o)) for L, w, o in zip(case.grid, case.window, origin)]
+        nbh, nbw = len(cls[1]), len(cls[2])
+        nbox = len(cls[0]) * nbh * nbw
+        assert torch.equal(torch.sort(units.long()).values, torch.arange(B * nbox))
+        box = units.long() % nbox
+        key = (cls[0][box // (nbh * nbw)] * 9 + cls[1][(box // nbw) % nbh] * 3 + cls[2][box % nbw])
+        chunk_of = torch.repeat_interleave(torch.arange(n_chunks), (ptr[1:] - ptr[:-1]).long())
+        for c in range(n_chunks):
+            assert key[chunk_of == c].unique().numel() == 1, (case.name, c)
+        assert n_chunks * case.heads * nwin * nwin * 4 <= 64 * 2**20, case.name
+
+
+def test_gpu_suite_dry_run():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_htwa.py"
+    spec = importlib.util.spec_from_file_location("gpu_htwa_dry", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.run_htwa_suite("cpu", True, cases=["layer5"])
+    assert [r["case"] for r in rows] == ["layer5"]
+    assert rows[0]["max_err"] < 1e-4 and rows[0]["dbias_deterministic"], rows

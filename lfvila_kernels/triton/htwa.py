@@ -36,9 +36,10 @@ between units). Then the chunks are summed in order (`_chunk_sum_kernel`) and th
 gathered into the table rows through a cached CSR inverse index built on the host (`_dbias_gather_kernel`),
 also in a fixed order. Bitwise deterministic for a given device (the chunk plan depends on the SM count).
 Memory bound: the workspace is n_chunks * heads * N^2 * 4 bytes, with n_chunks <= max(1, 64 MiB /
-(heads * N^2 * 4)) + (number of box classes, <= 27): <= 64 MiB + 27 * heads * N^2 * 4 B. For LF-VILA (B=16)
-that is at most ~59 MiB (layer 5: 2 chunks x 32 heads x 480^2 x 4 B); plus (heads, N, N) fp32 for the
-chunk sum.
+(heads * N^2 * 4)) + (number of box classes, <= 27): <= 64 MiB + 27 * heads * N^2 * 4 B, independent of B.
+For the official LF-VILA shapes at B=16 on a 132-SM H100/H200 it is 7 MiB (layer 0) to 63 MiB (layers 2-4
+shifted; layer 5: 2 chunks x 32 heads x 480^2 x 4 B = 56 MiB), plus at most 1/8 of that for the first level of
+the chunk sum tree. (The reference materialises B * boxes * heads * N^2 attention weights several times.)
 """
 
 from __future__ import annotations
@@ -137,12 +138,11 @@ def _htwa_fwd_kernel(
     along h, w; N_TILES query tiles per box; qk_scale = scale * log2(e).
     Constexprs: window WT/WH/WW, bias window BT/BH/BW, HAS_BIAS, UPCAST (load 16-bit as fp32: interpreter),
     DOT_PREC ("ieee" for fp32 dots), tile sizes BLOCK_M (queries), BLOCK_N (keys), BLOCK_D (>= D, power of 2).
-    Grid: (boxes * N_TILES, B * HEADS).
+    Grid: (boxes * N_TILES, HEADS, B) (the y and z grid dims allow 65535 each).
     """
     pid = tl.program_id(0)
-    bh_id = tl.program_id(1)
-    b = bh_id // HEADS
-    head = bh_id % HEADS
+    head = tl.program_id(1)
+    b = tl.program_id(2)
     box = pid // N_TILES
     tile = pid % N_TILES
     t0, lt, ct = _box(box // (NBH * NBW), T, OT, WT)
@@ -322,12 +322,11 @@ def _htwa_bwd_dkdv_kernel(
 ):
     """One (box, key tile) x one (batch, head): dK, dV of the tile, looping over the box's query tiles in the
     transposed orientation (S^T = K Q^T), so no atomics. DOUT, DK, DV use strides so*; LSE, DELTA (from the dQ
-    kernel) strides sl*; the rest as in the forward. Grid: (boxes * N_TILES, B * HEADS), N_TILES key tiles.
+    kernel) strides sl*; the rest as in the forward. Grid: (boxes * N_TILES, HEADS, B), N_TILES key tiles.
     """
     pid = tl.program_id(0)
-    bh_id = tl.program_id(1)
-    b = bh_id // HEADS
-    head = bh_id % HEADS
+    head = tl.program_id(1)
+    b = tl.program_id(2)
     box = pid // N_TILES
     tile = pid % N_TILES
     t0, lt, ct = _box(box // (NBH * NBW), T, OT, WT)
@@ -448,13 +447,15 @@ def _settings(q, window):
     nwin = window[0] * window[1] * window[2]
     D = q.shape[-1]
     upcast = _interpreted()
-    # GPU: 64 x 64 tiles (at D <= 128 the fp32 accumulators fit in registers with 4 warps); the interpreter
-    # runs programs one by one in Python, so it takes one tile per box (<= 256) to run fewer, larger programs
-    block = min(256 if upcast else 64, max(16, triton.next_power_of_2(nwin)))
-    if BLOCK_OVERRIDE is not None:
-        block = BLOCK_OVERRIDE
     block_d = max(16, triton.next_power_of_2(D))
     dot_fp32 = upcast or q.dtype in (torch.float32, torch.float64)
+    # GPU, 4 warps: 64 x 64 tiles for 16-bit inputs up to D = 64 (LF-VILA: D = 32); 32 x 32 where the fp32
+    # (BLOCK, D) accumulators (dK and dV together) or exact fp32 products (FMA units, fp32 operands in registers)
+    # would spill. The interpreter runs programs one by one in Python: one tile per box (<= 256), fewer programs.
+    cap = 256 if upcast else (32 if dot_fp32 or block_d > 64 else 64)
+    block = min(cap, max(16, triton.next_power_of_2(nwin)))
+    if BLOCK_OVERRIDE is not None:
+        block = BLOCK_OVERRIDE
     # fp32 inputs: exact fp32 products (no TF32), the contract's accuracy; 16-bit: tensor cores
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, UPCAST=upcast,
                 DOT_PREC="ieee" if dot_fp32 else "tf32")
@@ -490,7 +491,7 @@ def htwa_fwd_triton(q, k, v, bias: Optional[torch.Tensor], window, shift, bias_w
     nwin = window[0] * window[1] * window[2]
     n_tiles = triton.cdiv(nwin, cfg["BLOCK_M"])
     has_bias = bias is not None
-    grid = (nbt * nbh * nbw * n_tiles, B * heads)
+    grid = (nbt * nbh * nbw * n_tiles, heads, B)
     _htwa_fwd_kernel[grid](
         q, k, v, bias if has_bias else q, out, lse,
         *_strides5(q), *_strides5(k), *_strides5(v), *_strides5(out), *lse.stride(),
@@ -606,7 +607,7 @@ def htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, s
         q, k, v, bias_arg, out, dout, lse, delta, dq, part, units, chunk_ptr, *strides,
         *geo, nbt * nbh * nbw, nbh, nbw, float(scale), float(scale) * _LOG2E, **consts,
     )
-    _htwa_bwd_dkdv_kernel[(nbt * nbh * nbw * n_tiles, B * heads)](
+    _htwa_bwd_dkdv_kernel[(nbt * nbh * nbw * n_tiles, heads, B)](
         q, k, v, bias_arg, dout, lse, delta, dk, dv, *strides,
         *geo, nbh, nbw, n_tiles, float(scale), float(scale) * _LOG2E, **consts,
     )
