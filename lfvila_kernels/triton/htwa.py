@@ -299,7 +299,7 @@ def _htwa_bwd_dq_kernel(
                     # read-modify-write of this program's own workspace slice: in-window indices are unique
                     # inside a box, so no two elements of the tile share an address
                     pp = part + n_q[:, None] * NWIN + n_k[None, :]
-                    cur = tl.load(pp, mask=mn, other=0.0)
+                    cur = tl.load(pp, mask=mn, other=0.0, cache_modifier=".cg")  # L2: coherent across threads
                     tl.store(pp, cur + ds.to(PART.dtype.element_ty), mask=mn)
             tl.store(DQ + o_base, (dq * scale).to(DQ.dtype.element_ty), mask=md)
         # the next unit may read a workspace element that another thread of this program just wrote
@@ -443,16 +443,17 @@ def _num_boxes(grid, window, origin):
     return tuple(-(-(L - o) // w) for L, w, o in zip(grid, window, origin))
 
 
-def _settings(q, window):
+def _settings(q, window, backward=False):
     nwin = window[0] * window[1] * window[2]
     D = q.shape[-1]
     upcast = _interpreted()
     block_d = max(16, triton.next_power_of_2(D))
     dot_fp32 = upcast or q.dtype in (torch.float32, torch.float64)
-    # GPU, 4 warps: 64 x 64 tiles for 16-bit inputs up to D = 64 (LF-VILA: D = 32); 32 x 32 where the fp32
-    # (BLOCK, D) accumulators (dK and dV together) or exact fp32 products (FMA units, fp32 operands in registers)
-    # would spill. The interpreter runs programs one by one in Python: one tile per box (<= 256), fewer programs.
-    cap = 256 if upcast else (32 if dot_fp32 or block_d > 64 else 64)
+    # GPU, 4 warps: 64 x 64 forward tiles for 16-bit inputs up to D = 64 (LF-VILA: D = 32); 32 x 32 for the
+    # backward kernels (three products and two accumulators per tile: at 64 x 64 ptxas spills, sm_90, D = 32) and
+    # wherever exact fp32 products (FMA units, fp32 operands in registers) or D > 64 would spill. The interpreter
+    # runs programs one by one in Python: one tile per box (<= 256), so fewer, larger programs.
+    cap = 256 if upcast else (32 if dot_fp32 or block_d > 64 or backward else 64)
     block = min(cap, max(16, triton.next_power_of_2(nwin)))
     if BLOCK_OVERRIDE is not None:
         block = BLOCK_OVERRIDE
@@ -592,7 +593,7 @@ def htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, s
     dv = torch.empty_like(dq)
     delta = torch.empty(q.shape[:5], dtype=acc, device=q.device)
     geo, (nbt, nbh, nbw) = _geometry_args(q, window, shift)
-    cfg = _settings(q, window)
+    cfg = _settings(q, window, backward=True)
     nwin = window[0] * window[1] * window[2]
     n_tiles = triton.cdiv(nwin, cfg["BLOCK_M"])
     has_bias = bias is not None
