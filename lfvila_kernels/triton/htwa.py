@@ -1,6 +1,8 @@
 """Triton kernels of `htwa_attention` (the default CUDA backend): fused forward and backward, with a
 deterministic relative-position-bias gradient. Tested on the CPU through the Triton interpreter
-(`TRITON_INTERPRET=1`). Contract: csrc/HTWA_CONTRACT.md.
+(`TRITON_INTERPRET=1`). Contract: csrc/HTWA_CONTRACT.md. fp16/bf16/fp32 on the GPU (fp32 accumulation; fp32
+inputs use exact fp32 products, not TF32); fp64 only under the interpreter, where the kernels' float scalars
+(scale, log2 e) are fp32, so fp64 results are good to ~1e-7 relative, not fp64 precision.
 
 Geometry (per axis with length L, window Wn, shift s). Query x attends key x' iff floor((x - s) / Wn) is the same
 for both on all three axes, so the grid splits into disjoint BOXES. With the window ORIGIN offset
@@ -462,6 +464,11 @@ def _settings(q, window, backward=False):
                 DOT_PREC="ieee" if dot_fp32 else "tf32")
 
 
+def _launch_kw(cfg):
+    """4 warps; 8 for D > 64, where the (BLOCK, D) fp32 accumulators spill at 4 (ptxas, sm_90, D = 128)."""
+    return {} if _interpreted() else dict(num_warps=8 if cfg["BLOCK_D"] > 64 else 4)
+
+
 def _strides5(x):
     return tuple(x.stride())[:5]
 
@@ -475,10 +482,6 @@ def _geometry_args(q, window, shift):
     origin = _origin(window, shift)
     nbt, nbh, nbw = _num_boxes((T, H, W), window, origin)
     return (T, H, W, heads, D, *origin), (nbt, nbh, nbw)
-
-
-def _launch_kw(cfg):
-    return dict(num_warps=4) if not _interpreted() else {}
 
 
 def htwa_fwd_triton(q, k, v, bias: Optional[torch.Tensor], window, shift, bias_window, scale):
