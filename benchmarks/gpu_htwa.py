@@ -214,7 +214,8 @@ def run_htwa_suite(device, dry_run: bool, budget_s: float = 170.0, cases=None) -
         return _finish(rows)
 
     bf16 = torch.bfloat16
-    # 1. bf16 checks of ours and the cheap baselines, all cases (Triton compiles once per window here)
+    # 1. bf16 checks of ours and the cheap baselines, all cases (the Triton kernels compile here: one set for
+    #    the 30-token windows of layer 0 and one for the rest, whose windows differ only in time)
     for case in sel:
         check(case, ("reference", "sdpa", "triton"), bf16)
     # 2. their bf16 timings

@@ -71,7 +71,7 @@ def _interpreted() -> bool:
 
 
 @triton.jit
-def _box(j, L, O, WN: tl.constexpr):
+def _box(j, L, O, WN):
     """Box j along one axis: (start, length, c0), c0 = in-window coordinate of its first token."""
     o = j * WN + O
     start = tl.maximum(o, 0)
@@ -106,10 +106,10 @@ def _off(tt, hh, ww, st, sh, sw):
 
 
 @triton.jit
-def _bias_q(r_q, head, HEADS, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+def _bias_q(r_q, head, HEADS, BT, BH: tl.constexpr, BW: tl.constexpr):
     """Query side of the bias offset: (row, head) -> row * HEADS + head = bq - bk with bq = (R_q + R0) * HEADS
     + head and bk = R_k * HEADS, so a tile costs one 2D subtraction (module docstring)."""
-    R0: tl.constexpr = ((BT - 1) * (2 * BH - 1) + (BH - 1)) * (2 * BW - 1) + (BW - 1)
+    R0 = ((BT - 1) * (2 * BH - 1) + (BH - 1)) * (2 * BW - 1) + (BW - 1)
     return (r_q + R0) * HEADS + head
 
 
@@ -126,8 +126,8 @@ def _htwa_fwd_kernel(
     sob, sot, soh, sow, son,
     slb, slt, slh, slw, sln,
     T, H, W, HEADS, D, OT, OH, OW, NBH, NBW, N_TILES, qk_scale,
-    WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    WT, WH: tl.constexpr, WW: tl.constexpr,
+    BT, BH: tl.constexpr, BW: tl.constexpr,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -138,7 +138,8 @@ def _htwa_fwd_kernel(
     HAS_BIAS is False); OUT (strides so*), LSE (B, T, H, W, heads) accumulator dtype (strides sl*).
     Runtime: T, H, W grid; HEADS; D head dim; OT/OH/OW window origin offsets (module docstring); NBH, NBW boxes
     along h, w; N_TILES query tiles per box; qk_scale = scale * log2(e).
-    Constexprs: window WT/WH/WW, bias window BT/BH/BW, HAS_BIAS, UPCAST (load 16-bit as fp32: interpreter),
+    WT, BT: temporal window and bias window (runtime: LF-VILA's layers differ only there, so they share one
+    compiled kernel per dtype). Constexprs: WH/WW, BH/BW, HAS_BIAS, UPCAST (load 16-bit as fp32: interpreter),
     DOT_PREC ("ieee" for fp32 dots), tile sizes BLOCK_M (queries), BLOCK_N (keys), BLOCK_D (>= D, power of 2).
     Grid: (boxes * N_TILES, HEADS, B) (the y and z grid dims allow 65535 each).
     """
@@ -220,8 +221,8 @@ def _htwa_bwd_dq_kernel(
     sob, sot, soh, sow, son,
     slb, slt, slh, slw, sln,
     T, H, W, HEADS, D, OT, OH, OW, NBOX, NBH, NBW, scale, qk_scale,
-    WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    WT, WH: tl.constexpr, WW: tl.constexpr,
+    BT, BH: tl.constexpr, BW: tl.constexpr,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -238,7 +239,7 @@ def _htwa_bwd_dq_kernel(
     tile = tl.program_id(1)
     head = tl.program_id(2)
     ACC = LSE.dtype.element_ty
-    NWIN: tl.constexpr = WT * WH * WW
+    NWIN = WT * WH * WW
     u_lo = tl.load(CHUNK_PTR + chunk)
     u_hi = tl.load(CHUNK_PTR + chunk + 1)
     offs_d = tl.arange(0, BLOCK_D)
@@ -317,8 +318,8 @@ def _htwa_bwd_dkdv_kernel(
     sob, sot, soh, sow, son,
     slb, slt, slh, slw, sln,
     T, H, W, HEADS, D, OT, OH, OW, NBH, NBW, N_TILES, scale, qk_scale,
-    WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    WT, WH: tl.constexpr, WW: tl.constexpr,
+    BT, BH: tl.constexpr, BW: tl.constexpr,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
