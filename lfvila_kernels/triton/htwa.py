@@ -1,0 +1,629 @@
+"""Triton kernels of `htwa_attention` (the default CUDA backend): fused forward and backward, with a
+deterministic relative-position-bias gradient. Tested on the CPU through the Triton interpreter
+(`TRITON_INTERPRET=1`). Contract: csrc/HTWA_CONTRACT.md. fp16/bf16/fp32 on the GPU (fp32 accumulation; fp32
+inputs use exact fp32 products, not TF32); fp64 only under the interpreter, where the kernels' float scalars
+(scale, log2 e) are fp32, so fp64 results are good to ~1e-7 relative, not fp64 precision.
+
+Geometry (per axis with length L, window Wn, shift s). Query x attends key x' iff floor((x - s) / Wn) is the same
+for both on all three axes, so the grid splits into disjoint BOXES. With the window ORIGIN offset
+O = s - Wn if s > 0 else 0 (so O is congruent to s mod Wn and -Wn < O <= 0), box j of the axis is the window
+[O + j*Wn, O + (j+1)*Wn) clipped to [0, L):
+
+    start = max(O + j*Wn, 0),   len = min(O + (j+1)*Wn, L) - start,   boxes = ceil((L - O) / Wn)
+
+and the in-window coordinate (x - s) mod Wn of a token x of the box is x - (O + j*Wn), i.e. (x - start) + c0 with
+c0 = start - (O + j*Wn). Inside a box every query sees every key, so there is no mask but the tile padding.
+Tokens of a box are flattened frame-major (i = (it*lh + ih)*lw + iw) and cut into tiles of BLOCK_M / BLOCK_N.
+
+Bias row (spec 1.3): n = (c_t*Wh + c_h)*Ww + c_w in the WINDOW geometry, read back in BIAS_WINDOW geometry
+(bt, bh, bw) = (n // (Bh*Bw), (n // Bw) % Bh, n % Bw), and
+    row = ((bt_q - bt_k + Bt-1)*(2Bh-1) + (bh_q - bh_k + Bh-1))*(2Bw-1) + (bw_q - bw_k + Bw-1)
+        = R(q) - R(k) + R0,   R(x) = (bt*(2Bh-1) + bh)*(2Bw-1) + bw,  R0 = R(Bt-1, Bh-1, Bw-1),
+so each tile needs one R vector per side and the bias tile is a gather at (R_q + R0)[:, None] - R_k[None, :].
+
+Softmax in base 2 (FlashAttention-2): s2 = log2(e) * (scale <q,k> + bias); m = running max, l = running sum of
+2^(s2 - m); lse (natural log, stored) = ln(2) * (m + log2(l)). Backward: P = 2^(s2 - log2(e) * lse),
+delta = <dO, O>, dS = P * (dO V^T - delta), dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO, dbias[row] += dS.
+
+Offsets: a token's element offset b*stride_b + t*stride_t + ... can pass 2^31 (q/k/v are views of a qkv tensor
+with token stride 3*heads*D: B=256 at LF-VILA layer 0 is 256*30720*384 = 3.0e9 elements), so batch and token
+offsets are computed in int64; head/feature offsets stay int32 (< heads*D <= 2^31 by far).
+
+dbias without float atomics: the dQ kernel owns, per (chunk, head, query tile), a slice of a dense fp32
+workspace PART[chunk, head, n_q, n_k] over in-window indices (N = Wt*Wh*Ww). A chunk is a fixed list of
+(batch, box) units that all have the same box CLASS (per axis: the same clipped length and c0; at most 3 per
+axis), so a query tile of any unit of the chunk maps to the same in-window rows n_q, and no two programs touch
+the same workspace element; one program adds its units' dS in a fixed order (read-modify-write, a barrier
+between units). Then the chunks are summed in order (`_chunk_sum_kernel`) and the dense (head, N, N) is
+gathered into the table rows through a cached CSR inverse index built on the host (`_dbias_gather_kernel`),
+also in a fixed order. Bitwise deterministic for a given device (the chunk plan depends on the SM count).
+Memory bound: the workspace is n_chunks * heads * N^2 * 4 bytes, with n_chunks <= max(1, 64 MiB /
+(heads * N^2 * 4)) + (number of box classes, <= 27): <= 64 MiB + 27 * heads * N^2 * 4 B, independent of B.
+For the official LF-VILA shapes at B=16 on a 132-SM H100/H200 it is 7 MiB (layer 0) to 63 MiB (layers 2-4
+shifted; layer 5: 2 chunks x 32 heads x 480^2 x 4 B = 56 MiB), plus at most 1/8 of that for the first level of
+the chunk sum tree. (The reference materialises B * boxes * heads * N^2 attention weights several times.)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["htwa_fwd_triton", "htwa_bwd_triton"]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_WORKSPACE_BYTES = 64 << 20  # dbias workspace budget (see the module docstring)
+BLOCK_OVERRIDE: Optional[int] = None  # tests only: force the tile size (a power of 2 >= 16)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# shared in-kernel helpers
+
+
+@triton.jit
+def _box(j, L, O, WN):
+    """Box j along one axis: (start, length, c0), c0 = in-window coordinate of its first token."""
+    o = j * WN + O
+    start = tl.maximum(o, 0)
+    length = tl.minimum(o + WN, L) - start
+    return start, length, start - o
+
+
+@triton.jit
+def _decode(idx, t0, h0, w0, lh, lw, ct, ch, cw,
+            WH: tl.constexpr, WW: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """Flat box indices -> (frame, row, column) as int64 (for offsets), in-window index n, bias key R."""
+    lhw = lh * lw
+    it = idx // lhw
+    ih = (idx // lw) % lh
+    iw = idx % lw
+    xt = ct + it  # in-window coordinates
+    xh = ch + ih
+    xw = cw + iw
+    n = (xt * WH + xh) * WW + xw
+    if (BH == WH) and (BW == WW):
+        # same geometry in h and w: n // (BH*BW) = xt, (n // BW) % BH = xh, n % BW = xw (no divisions)
+        r = (xt * (2 * BH - 1) + xh) * (2 * BW - 1) + xw
+    else:  # the bias_window quirk: read n back in the bias window's geometry
+        r = ((n // (BH * BW)) * (2 * BH - 1) + (n // BW) % BH) * (2 * BW - 1) + n % BW
+    return (t0 + it).to(tl.int64), (h0 + ih).to(tl.int64), (w0 + iw).to(tl.int64), n, r
+
+
+@triton.jit
+def _off(tt, hh, ww, st, sh, sw):
+    """int64 element offsets of tokens (tt, hh, ww) through the frame/row/column strides."""
+    return tt * st + hh * sh + ww * sw
+
+
+@triton.jit
+def _bias_q(r_q, head, HEADS, BT, BH: tl.constexpr, BW: tl.constexpr):
+    """Query side of the bias offset: (row, head) -> row * HEADS + head = bq - bk with bq = (R_q + R0) * HEADS
+    + head and bk = R_k * HEADS, so a tile costs one 2D subtraction (module docstring)."""
+    R0 = ((BT - 1) * (2 * BH - 1) + (BH - 1)) * (2 * BW - 1) + (BW - 1)
+    return (r_q + R0) * HEADS + head
+
+
+# --------------------------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _htwa_fwd_kernel(
+    Q, K, V, BIAS, OUT, LSE,
+    sqb, sqt, sqh, sqw, sqn,
+    skb, skt, skh, skw, skn,
+    svb, svt, svh, svw, svn,
+    sob, sot, soh, sow, son,
+    slb, slt, slh, slw, sln,
+    T, H, W, HEADS, D, OT, OH, OW, NBH, NBW, N_TILES, qk_scale,
+    WT, WH: tl.constexpr, WW: tl.constexpr,
+    BT, BH: tl.constexpr, BW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One (box, query tile) x one (batch, head): online-softmax attention over the box's key tiles.
+
+    Pointers: Q, K, V (B, T, H, W, heads, D) of any strides with unit last stride (s?b, s?t, s?h, s?w, s?n:
+    batch, frame, row, column, head strides in elements); BIAS (nbias, heads) contiguous fp32 (unused when
+    HAS_BIAS is False); OUT (strides so*), LSE (B, T, H, W, heads) accumulator dtype (strides sl*).
+    Runtime: T, H, W grid; HEADS; D head dim; OT/OH/OW window origin offsets (module docstring); NBH, NBW boxes
+    along h, w; N_TILES query tiles per box; qk_scale = scale * log2(e).
+    WT, BT: temporal window and bias window (runtime: LF-VILA's layers differ only there, so they share one
+    compiled kernel per dtype). Constexprs: WH/WW, BH/BW, HAS_BIAS, UPCAST (load 16-bit as fp32: interpreter),
+    DOT_PREC ("ieee" for fp32 dots), tile sizes BLOCK_M (queries), BLOCK_N (keys), BLOCK_D (>= D, power of 2).
+    Grid: (boxes * N_TILES, HEADS, B) (the y and z grid dims allow 65535 each).
+    """
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2)
+    box = pid // N_TILES
+    tile = pid % N_TILES
+    t0, lt, ct = _box(box // (NBH * NBW), T, OT, WT)
+    h0, lh, ch = _box((box // NBW) % NBH, H, OH, WH)
+    w0, lw, cw = _box(box % NBW, W, OW, WW)
+    nb = lt * lh * lw
+    if tile * BLOCK_M >= nb:
+        return
+    ACC = LSE.dtype.element_ty
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < nb
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+    bq = _bias_q(r_q, head, HEADS, BT, BH, BW)
+    q_off = _off(tq, hq, wq, sqt, sqh, sqw)
+    q = tl.load(Q + (b.to(tl.int64) * sqb + head * sqn) + q_off[:, None] + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + (b.to(tl.int64) * skb + head * skn)
+    v_base = V + (b.to(tl.int64) * svb + head * svn)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for start_n in range(0, nb, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < nb
+        tk, hk, wk, n_k, r_k = _decode(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+        k_off = _off(tk, hk, wk, skt, skh, skw)
+        v_off = _off(tk, hk, wk, svt, svh, svw)
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(BIAS + (bq[:, None] - (r_k * HEADS)[None, :]), mask=m_ok[:, None] & n_ok[None, :],
+                           other=0.0)
+            s += bias.to(ACC) * 1.4426950408889634
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        # every key tile holds >= 1 real key, so m_new is finite and no row ever computes inf - inf
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC).to(ACC)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    o_off = _off(tq, hq, wq, sot, soh, sow)
+    tl.store(OUT + (b.to(tl.int64) * sob + head * son) + o_off[:, None] + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    l_off = _off(tq, hq, wq, slt, slh, slw)
+    tl.store(LSE + (b.to(tl.int64) * slb + head * sln) + l_off, lse, mask=m_ok)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# backward: dQ (+ delta, + dbias workspace), then dK/dV, then the dbias reductions
+
+
+@triton.jit
+def _htwa_bwd_dq_kernel(
+    Q, K, V, BIAS, OUT, DOUT, LSE, DELTA, DQ, PART, UNITS, CHUNK_PTR,
+    sqb, sqt, sqh, sqw, sqn,
+    skb, skt, skh, skw, skn,
+    svb, svt, svh, svw, svn,
+    sob, sot, soh, sow, son,
+    slb, slt, slh, slw, sln,
+    T, H, W, HEADS, D, OT, OH, OW, NBOX, NBH, NBW, scale, qk_scale,
+    WT, WH: tl.constexpr, WW: tl.constexpr,
+    BT, BH: tl.constexpr, BW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One (chunk, query tile, head): for each unit (batch, box) of the chunk, in order, dQ of the tile,
+    delta = <dO, O> of its rows (stored for the dK/dV kernel) and, when HAS_BIAS, dS added into the dbias
+    workspace PART[chunk, head, n_q, n_k] (fp32, (n_chunks, HEADS, N, N) contiguous, N = WT*WH*WW).
+
+    Pointers: Q, K, V strided like the forward; OUT, DOUT, DQ contiguous-like with strides so*; LSE, DELTA with
+    strides sl*; UNITS int32 list of b * NBOX + box, grouped by chunk; CHUNK_PTR int32 (n_chunks + 1) offsets
+    into UNITS. All units of a chunk share one box class, hence one tile -> (n_q) map: this program is the only
+    writer of its PART rows (module docstring). Constexprs as in the forward. Grid: (n_chunks, N_TILES, HEADS).
+    """
+    chunk = tl.program_id(0)
+    tile = tl.program_id(1)
+    head = tl.program_id(2)
+    ACC = LSE.dtype.element_ty
+    NWIN = WT * WH * WW
+    u_lo = tl.load(CHUNK_PTR + chunk)
+    u_hi = tl.load(CHUNK_PTR + chunk + 1)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    part = PART + (chunk * HEADS + head).to(tl.int64) * (NWIN * NWIN)
+    for ui in range(u_lo, u_hi):
+        unit = tl.load(UNITS + ui)
+        b = unit // NBOX
+        box = unit % NBOX
+        t0, lt, ct = _box(box // (NBH * NBW), T, OT, WT)
+        h0, lh, ch = _box((box // NBW) % NBH, H, OH, WH)
+        w0, lw, cw = _box(box % NBW, W, OW, WW)
+        nb = lt * lh * lw
+        if tile * BLOCK_M < nb:
+            offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < nb
+            md = m_ok[:, None] & d_ok[None, :]
+            tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+            bq = _bias_q(r_q, head, HEADS, BT, BH, BW)
+            q_off = _off(tq, hq, wq, sqt, sqh, sqw)
+            o_off = _off(tq, hq, wq, sot, soh, sow)
+            l_off = _off(tq, hq, wq, slt, slh, slw)
+            o_base = (b.to(tl.int64) * sob + head * son) + o_off[:, None] + offs_d[None, :]
+            l_ptr = (b.to(tl.int64) * slb + head * sln) + l_off
+            q = tl.load(Q + (b.to(tl.int64) * sqb + head * sqn) + q_off[:, None] + offs_d[None, :], mask=md,
+                        other=0.0)
+            do = tl.load(DOUT + o_base, mask=md, other=0.0)
+            o = tl.load(OUT + o_base, mask=md, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            delta = tl.sum(do.to(ACC) * o.to(ACC), 1)
+            tl.store(DELTA + l_ptr, delta, mask=m_ok)
+            lse2 = tl.load(LSE + l_ptr, mask=m_ok, other=0.0) * 1.4426950408889634
+            k_base = K + (b.to(tl.int64) * skb + head * skn)
+            v_base = V + (b.to(tl.int64) * svb + head * svn)
+            dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+            for start_n in range(0, nb, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                n_ok = offs_n < nb
+                tk, hk, wk, n_k, r_k = _decode(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+                k_off = _off(tk, hk, wk, skt, skh, skw)
+                v_off = _off(tk, hk, wk, svt, svh, svw)
+                kv_mask = n_ok[:, None] & d_ok[None, :]
+                k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+                if UPCAST:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                mn = m_ok[:, None] & n_ok[None, :]
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
+                if HAS_BIAS:
+                    bias = tl.load(BIAS + (bq[:, None] - (r_k * HEADS)[None, :]), mask=mn, other=0.0)
+                    s += bias.to(ACC) * 1.4426950408889634
+                p = tl.where(mn, tl.exp2(s - lse2[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC).to(ACC)
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC).to(ACC)
+                if HAS_BIAS:
+                    # read-modify-write of this program's own workspace slice: in-window indices are unique
+                    # inside a box, so no two elements of the tile share an address
+                    pp = part + n_q[:, None] * NWIN + n_k[None, :]
+                    cur = tl.load(pp, mask=mn, other=0.0, cache_modifier=".cg")  # L2: coherent across threads
+                    tl.store(pp, cur + ds.to(PART.dtype.element_ty), mask=mn)
+            tl.store(DQ + o_base, (dq * scale).to(DQ.dtype.element_ty), mask=md)
+        # the next unit may read a workspace element that another thread of this program just wrote
+        tl.debug_barrier()
+
+
+@triton.jit
+def _htwa_bwd_dkdv_kernel(
+    Q, K, V, BIAS, DOUT, LSE, DELTA, DK, DV,
+    sqb, sqt, sqh, sqw, sqn,
+    skb, skt, skh, skw, skn,
+    svb, svt, svh, svw, svn,
+    sob, sot, soh, sow, son,
+    slb, slt, slh, slw, sln,
+    T, H, W, HEADS, D, OT, OH, OW, NBH, NBW, N_TILES, scale, qk_scale,
+    WT, WH: tl.constexpr, WW: tl.constexpr,
+    BT, BH: tl.constexpr, BW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One (box, key tile) x one (batch, head): dK, dV of the tile, looping over the box's query tiles in the
+    transposed orientation (S^T = K Q^T), so no atomics. DOUT, DK, DV use strides so*; LSE, DELTA (from the dQ
+    kernel) strides sl*; the rest as in the forward. Grid: (boxes * N_TILES, HEADS, B), N_TILES key tiles.
+    """
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2)
+    box = pid // N_TILES
+    tile = pid % N_TILES
+    t0, lt, ct = _box(box // (NBH * NBW), T, OT, WT)
+    h0, lh, ch = _box((box // NBW) % NBH, H, OH, WH)
+    w0, lw, cw = _box(box % NBW, W, OW, WW)
+    nb = lt * lh * lw
+    if tile * BLOCK_N >= nb:
+        return
+    ACC = LSE.dtype.element_ty
+
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < nb
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    nd = n_ok[:, None] & d_ok[None, :]
+    tk, hk, wk, n_k, r_k = _decode(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+    bk = r_k * HEADS
+    k_off = _off(tk, hk, wk, skt, skh, skw)
+    v_off = _off(tk, hk, wk, svt, svh, svw)
+    k = tl.load(K + (b.to(tl.int64) * skb + head * skn) + k_off[:, None] + offs_d[None, :], mask=nd, other=0.0)
+    v = tl.load(V + (b.to(tl.int64) * svb + head * svn) + v_off[:, None] + offs_d[None, :], mask=nd, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    q_base = Q + (b.to(tl.int64) * sqb + head * sqn)
+    o_base = b.to(tl.int64) * sob + head * son
+    l_base = b.to(tl.int64) * slb + head * sln
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    for start_m in range(0, nb, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < nb
+        md = m_ok[:, None] & d_ok[None, :]
+        tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+        bq = _bias_q(r_q, head, HEADS, BT, BH, BW)
+        q_off = _off(tq, hq, wq, sqt, sqh, sqw)
+        o_off = _off(tq, hq, wq, sot, soh, sow)
+        l_off = _off(tq, hq, wq, slt, slh, slw)
+        q = tl.load(q_base + q_off[:, None] + offs_d[None, :], mask=md, other=0.0)
+        do = tl.load(DOUT + o_base + o_off[:, None] + offs_d[None, :], mask=md, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse2 = tl.load(LSE + l_base + l_off, mask=m_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + l_base + l_off, mask=m_ok, other=0.0)
+        nm = n_ok[:, None] & m_ok[None, :]
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC).to(ACC) * qk_scale  # (keys, queries)
+        if HAS_BIAS:
+            bias_t = tl.load(BIAS + (bq[None, :] - bk[:, None]), mask=nm, other=0.0)
+            st += bias_t.to(ACC) * 1.4426950408889634
+        pt = tl.where(nm, tl.exp2(st - lse2[None, :]), 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC).to(ACC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC).to(ACC)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC).to(ACC)
+
+    kd_off = _off(tk, hk, wk, sot, soh, sow)
+    ptrs = o_base + kd_off[:, None] + offs_d[None, :]
+    tl.store(DK + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=nd)
+    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=nd)
+
+
+@triton.jit
+def _chunk_sum_kernel(PART, OUT, NCHUNK, M, G, BLOCK: tl.constexpr):
+    """One level of the ordered chunk reduction: OUT[g, i] = sum of PART[c, i] for c = g*G, g*G + 1, ...,
+    min((g+1)*G, NCHUNK) - 1, in that order. PART (NCHUNK, M), OUT (cdiv(NCHUNK, G), M), both contiguous fp32.
+    The host repeats it until one row is left: a fixed tree, so the sum is the same bits every run.
+    Grid: (cdiv(M, BLOCK), cdiv(NCHUNK, G))."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    g = tl.program_id(1)
+    ok = offs < M
+    acc = tl.zeros([BLOCK], dtype=OUT.dtype.element_ty)
+    c_lo = g * G
+    c_hi = tl.minimum(c_lo + G, NCHUNK)
+    ptrs = PART + c_lo.to(tl.int64) * M + offs  # int64: NCHUNK * M may pass 2^31 for large budgets
+    for _ in range(c_lo, c_hi):
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += M
+    tl.store(OUT + g.to(tl.int64) * M + offs, acc, mask=ok)
+
+
+@triton.jit
+def _dbias_gather_kernel(DENSE, ROW_PTR, PAIRS, DBIAS, NBIAS, HEADS, NN, MAXCNT,
+                         BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+    """DBIAS[r, head] = sum over the pairs p of row r (CSR: PAIRS[ROW_PTR[r]:ROW_PTR[r+1]], ascending) of
+    DENSE[head, p], BLOCK_J pairs at a time (a fixed summation order). DENSE (HEADS, NN) fp32, ROW_PTR int32
+    (NBIAS + 1), PAIRS int32 flat n_q * N + n_k, DBIAS (NBIAS, HEADS). Grid: (cdiv(NBIAS, BLOCK_R), HEADS)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    head = tl.program_id(1)
+    r_ok = rows < NBIAS
+    p0 = tl.load(ROW_PTR + rows, mask=r_ok, other=0)
+    cnt = tl.load(ROW_PTR + rows + 1, mask=r_ok, other=0) - p0
+    acc = tl.zeros([BLOCK_R], dtype=DENSE.dtype.element_ty)
+    dense = DENSE + head * NN
+    for j0 in range(0, MAXCNT, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        ok = r_ok[:, None] & (j[None, :] < cnt[:, None])
+        pair = tl.load(PAIRS + p0[:, None] + j[None, :], mask=ok, other=0)
+        acc += tl.sum(tl.load(dense + pair, mask=ok, other=0.0), 1)
+    tl.store(DBIAS + rows * HEADS + head, acc.to(DBIAS.dtype.element_ty), mask=r_ok)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# launch helpers
+
+
+def _origin(window, shift):
+    """Window origin offset O per axis: s - Wn when shifted, else 0."""
+    return tuple(s - w if s > 0 else 0 for w, s in zip(window, shift))
+
+
+def _num_boxes(grid, window, origin):
+    return tuple(-(-(L - o) // w) for L, w, o in zip(grid, window, origin))
+
+
+def _settings(q, window, backward=False):
+    nwin = window[0] * window[1] * window[2]
+    D = q.shape[-1]
+    upcast = _interpreted()
+    block_d = max(16, triton.next_power_of_2(D))
+    dot_fp32 = upcast or q.dtype in (torch.float32, torch.float64)
+    # GPU, 4 warps: 64 x 64 forward tiles for 16-bit inputs up to D = 64 (LF-VILA: D = 32); 32 x 32 for the
+    # backward kernels (three products and two accumulators per tile: at 64 x 64 ptxas spills, sm_90, D = 32) and
+    # wherever exact fp32 products (FMA units, fp32 operands in registers) or D > 64 would spill. The interpreter
+    # runs programs one by one in Python: one tile per box (<= 256), so fewer, larger programs.
+    cap = 256 if upcast else (32 if dot_fp32 or block_d > 64 or backward else 64)
+    block = min(cap, max(16, triton.next_power_of_2(nwin)))
+    if BLOCK_OVERRIDE is not None:
+        block = BLOCK_OVERRIDE
+    # fp32 inputs: exact fp32 products (no TF32), the contract's accuracy; 16-bit: tensor cores
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, UPCAST=upcast,
+                DOT_PREC="ieee" if dot_fp32 else "tf32")
+
+
+def _launch_kw(cfg):
+    """4 warps; 8 for D > 64, where the (BLOCK, D) fp32 accumulators spill at 4 (ptxas, sm_90, D = 128)."""
+    return {} if _interpreted() else dict(num_warps=8 if cfg["BLOCK_D"] > 64 else 4)
+
+
+def _strides5(x):
+    return tuple(x.stride())[:5]
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _geometry_args(q, window, shift):
+    B, T, H, W, heads, D = q.shape
+    origin = _origin(window, shift)
+    nbt, nbh, nbw = _num_boxes((T, H, W), window, origin)
+    return (T, H, W, heads, D, *origin), (nbt, nbh, nbw)
+
+
+def htwa_fwd_triton(q, k, v, bias: Optional[torch.Tensor], window, shift, bias_window, scale):
+    """Contract: csrc/HTWA_CONTRACT.md. Returns (out, lse)."""
+    window, shift, bias_window = tuple(window), tuple(shift), tuple(bias_window)
+    B, T, H, W, heads, D = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:5], dtype=_acc_dtype(q.dtype), device=q.device)
+    geo, (nbt, nbh, nbw) = _geometry_args(q, window, shift)
+    cfg = _settings(q, window)
+    nwin = window[0] * window[1] * window[2]
+    n_tiles = triton.cdiv(nwin, cfg["BLOCK_M"])
+    has_bias = bias is not None
+    grid = (nbt * nbh * nbw * n_tiles, heads, B)
+    _htwa_fwd_kernel[grid](
+        q, k, v, bias if has_bias else q, out, lse,
+        *_strides5(q), *_strides5(k), *_strides5(v), *_strides5(out), *lse.stride(),
+        *geo, nbh, nbw, n_tiles, float(scale) * _LOG2E,
+        *window, *bias_window, HAS_BIAS=has_bias, **cfg, **_launch_kw(cfg),
+    )
+    return out, lse
+
+
+def _box_classes(L, window, origin):
+    """Per box along one axis: a class id; boxes with the same (clipped length, c0) share it."""
+    ids, seen = [], {}
+    for j in range(-(-(L - origin) // window)):
+        o = j * window + origin
+        start = max(o, 0)
+        key = (min(o + window, L) - start, start - o)
+        ids.append(seen.setdefault(key, len(seen)))
+    return ids
+
+
+def _target_programs(device) -> int:
+    if device.type == "cuda":
+        return 16 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter: small, so that tests see several chunks of several units
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_plan(B, grid, window, shift, heads, n_tiles, with_bias, device):
+    """(units int32, chunk_ptr int32, n_chunks): units b * nbox + box grouped by box class, cut into chunks of
+    at most `per` units of one class. `per` is set so the chunk count gives about `_target_programs` dQ programs
+    and, with a bias, the fp32 workspace n_chunks * heads * N^2 stays within _WORKSPACE_BYTES plus one chunk per
+    class (module docstring)."""
+    origin = _origin(window, shift)
+    cls = [_box_classes(L, w, o) for L, w, o in zip(grid, window, origin)]
+    n_cls = [max(c) + 1 for c in cls]
+    nbt, nbh, nbw = (len(c) for c in cls)
+    nbox = nbt * nbh * nbw
+    box = torch.arange(nbox)
+    ct = torch.tensor(cls[0])[box // (nbh * nbw)]
+    ch = torch.tensor(cls[1])[(box // nbw) % nbh]
+    cw = torch.tensor(cls[2])[box % nbw]
+    box_cls = (ct * n_cls[1] + ch) * n_cls[2] + cw
+    total = B * nbox
+    want = max(1, -(-_target_programs(device) // (heads * n_tiles)))
+    if with_bias:
+        nwin = window[0] * window[1] * window[2]
+        want = min(want, max(1, _WORKSPACE_BYTES // (heads * nwin * nwin * 4)))
+    per = max(1, -(-total // want)) if with_bias else 1  # no bias, no workspace: one unit per program
+    units, ptr = [], [0]
+    for c in torch.unique(box_cls).tolist():
+        boxes = torch.nonzero(box_cls == c).flatten()
+        u = (torch.arange(B)[:, None] * nbox + boxes[None, :]).flatten()
+        units.append(u)
+        for lo in range(0, u.numel(), per):
+            ptr.append(ptr[-1] + min(per, u.numel() - lo))
+    units = torch.cat(units).to(torch.int32).to(device)
+    return units, torch.tensor(ptr, dtype=torch.int32, device=device), len(ptr) - 1
+
+
+@functools.lru_cache(maxsize=32)
+def _bias_csr(window, bias_window, device):
+    """Inverse bias index: for each table row, the in-window pairs n_q * N + n_k (ascending) that read it.
+    Returns (row_ptr int32 (nbias + 1), pairs int32 (N^2), max count)."""
+    wt, wh, ww = window
+    bt, bh, bw = bias_window
+    n = torch.arange(wt * wh * ww)
+    r = ((n // (bh * bw)) * (2 * bh - 1) + (n // bw) % bh) * (2 * bw - 1) + n % bw
+    r0 = ((bt - 1) * (2 * bh - 1) + (bh - 1)) * (2 * bw - 1) + (bw - 1)
+    rows = (r[:, None] - r[None, :] + r0).flatten()
+    nbias = (2 * bt - 1) * (2 * bh - 1) * (2 * bw - 1)
+    order = torch.sort(rows, stable=True).indices
+    counts = torch.bincount(rows, minlength=nbias)
+    ptr = torch.zeros(nbias + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(counts, 0)
+    return (ptr.to(torch.int32).to(device), order.to(torch.int32).to(device), int(counts.max()))
+
+
+def _sum_chunks(part):
+    """(C, M) -> (M,): ordered tree of `_chunk_sum_kernel` levels, G chunks per program and level."""
+    G, block = (4, 16384) if _interpreted() else (8, 512)
+    while part.shape[0] > 1:
+        C, M = part.shape
+        nxt = torch.empty((triton.cdiv(C, G), M), dtype=part.dtype, device=part.device)
+        _chunk_sum_kernel[(triton.cdiv(M, block), nxt.shape[0])](part, nxt, C, M, G, BLOCK=block)
+        part = nxt
+    return part[0]
+
+
+def htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale):
+    """Contract: csrc/HTWA_CONTRACT.md. Returns (dq, dk, dv, dbias); dbias is empty when bias is None."""
+    window, shift, bias_window = tuple(window), tuple(shift), tuple(bias_window)
+    B, T, H, W, heads, D = q.shape
+    acc = _acc_dtype(q.dtype)
+    # dout, out, dq, dk, dv share one (contiguous) stride set, lse and delta another; no-ops per the contract
+    dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    delta = torch.empty(q.shape[:5], dtype=acc, device=q.device)
+    geo, (nbt, nbh, nbw) = _geometry_args(q, window, shift)
+    cfg = _settings(q, window, backward=True)
+    nwin = window[0] * window[1] * window[2]
+    n_tiles = triton.cdiv(nwin, cfg["BLOCK_M"])
+    has_bias = bias is not None
+    units, chunk_ptr, n_chunks = _chunk_plan(B, (T, H, W), window, shift, heads, n_tiles, has_bias, q.device)
+    part = (torch.zeros((n_chunks, heads, nwin, nwin), dtype=acc, device=q.device) if has_bias
+            else torch.empty(0, dtype=acc, device=q.device))
+    strides = (*_strides5(q), *_strides5(k), *_strides5(v), *_strides5(out), *lse.stride())
+    consts = dict(WT=window[0], WH=window[1], WW=window[2], BT=bias_window[0], BH=bias_window[1],
+                  BW=bias_window[2], HAS_BIAS=has_bias, **cfg, **_launch_kw(cfg))
+    bias_arg = bias if has_bias else q
+    _htwa_bwd_dq_kernel[(n_chunks, n_tiles, heads)](
+        q, k, v, bias_arg, out, dout, lse, delta, dq, part, units, chunk_ptr, *strides,
+        *geo, nbt * nbh * nbw, nbh, nbw, float(scale), float(scale) * _LOG2E, **consts,
+    )
+    _htwa_bwd_dkdv_kernel[(nbt * nbh * nbw * n_tiles, heads, B)](
+        q, k, v, bias_arg, dout, lse, delta, dk, dv, *strides,
+        *geo, nbh, nbw, n_tiles, float(scale), float(scale) * _LOG2E, **consts,
+    )
+    if not has_bias:
+        return dq, dk, dv, torch.empty(0, dtype=acc, device=q.device)
+    dense = _sum_chunks(part.view(n_chunks, heads * nwin * nwin))
+    row_ptr, pairs, maxcnt = _bias_csr(window, bias_window, q.device)
+    nbias = bias.shape[0]
+    dbias = torch.empty((nbias, heads), dtype=bias.dtype, device=q.device)
+    block_r, block_j = (1024, 64) if _interpreted() else (32, 32)
+    _dbias_gather_kernel[(triton.cdiv(nbias, block_r), heads)](
+        dense, row_ptr, pairs, dbias, nbias, heads, nwin * nwin, maxcnt, BLOCK_R=block_r, BLOCK_J=block_j,
+    )
+    return dq, dk, dv, dbias

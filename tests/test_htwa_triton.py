@@ -1,0 +1,199 @@
+"""The Triton HTWA kernels on the CPU through the Triton interpreter, against `htwa_reference` (fp64 autograd).
+
+The interpreter runs one program at a time in Python, so shapes are small (B=1, 1-2 heads) but every official
+(layer, shifted) geometry, ragged grid, the bias_window quirk, bias None, strided views and multi-tile loops are
+kept. Errors are max |x - ref| / max |ref| per tensor.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (here or through lfvila_kernels)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from lfvila_kernels import htwa_attention  # noqa: E402
+from lfvila_kernels._backends import triton_interpreted  # noqa: E402
+from lfvila_kernels.reference import htwa_reference  # noqa: E402
+from lfvila_kernels.shapes import official_cases  # noqa: E402
+from lfvila_kernels.triton import htwa as tk  # noqa: E402
+
+if not triton_interpreted():  # triton was imported before this module set the variable
+    pytest.skip("TRITON_INTERPRET=1 must be set before triton is imported", allow_module_level=True)
+
+
+def _nbias(bw):
+    return (2 * bw[0] - 1) * (2 * bw[1] - 1) * (2 * bw[2] - 1)
+
+
+def _inputs(B, grid, heads, D, bias_window, dtype, bias=True, layout="qkv", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T, H, W = grid
+    if layout == "qkv":  # views of a qkv projection: token stride 3 * heads * D
+        qkv = torch.randn(B, T, H, W, 3, heads, D, generator=g).to(dtype)
+        q, k, v = qkv.unbind(4)
+    else:  # head-major storage permuted into (B, T, H, W, heads, D): unrelated strides for each tensor
+        q, k, v = (torch.randn(B, heads, T, H, W, D, generator=g).to(dtype).permute(0, 2, 3, 4, 1, 5)
+                   for _ in range(3))
+    table = torch.randn(_nbias(bias_window), heads, generator=g) if bias else None
+    dout = torch.randn(B, T, H, W, heads, D, generator=g).to(dtype)  # non-unit upstream gradient
+    return q, k, v, table, dout
+
+
+def _reference(q, k, v, table, dout, **kw):
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    tab = None if table is None else table.detach().double().requires_grad_()
+    out = htwa_reference(*leaves, tab, **kw)
+    out.backward(dout.double())
+    return out.detach(), [x.grad for x in leaves], (None if tab is None else tab.grad)
+
+
+def _triton(q, k, v, table, dout, **kw):
+    """Through the public op (custom op + register_autograd), so the op layer is covered too."""
+    # keep the views: the kernels read q/k/v through their strides
+    leaves = [x.detach() for x in (q, k, v)]
+    for x in leaves:
+        x.requires_grad_()
+    tab = None if table is None else table.detach().clone().requires_grad_()
+    out = htwa_attention(*leaves, tab, backend="triton", **kw)
+    out.backward(dout)
+    return out.detach(), [x.grad for x in leaves], (None if tab is None else tab.grad)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _check(q, k, v, table, dout, tol, **kw):
+    ref_out, ref_g, ref_db = _reference(q, k, v, table, dout, **kw)
+    out, g, db = _triton(q, k, v, table, dout, **kw)
+    assert out.dtype == q.dtype and out.is_contiguous()
+    errs = {"out": _rel(out, ref_out)}
+    errs.update({n: _rel(a, b) for n, a, b in zip(("dq", "dk", "dv"), g, ref_g)})
+    if table is not None:
+        assert db.dtype == table.dtype and db.shape == table.shape
+        errs["dbias"] = _rel(db, ref_db)
+    bad = {n: e for n, e in errs.items() if not e <= tol}
+    assert not bad, f"rel err above {tol}: {bad} (all: {errs})"
+
+
+def _distinct(cases):
+    """Layers 3 and 4 share one shape (grid, window, shift, heads): the interpreter runs it once."""
+    seen, out = set(), []
+    for c in cases:
+        key = (c.grid, c.window, c.shift, c.bias_window, c.heads)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+_CASES = _distinct(official_cases(reduced=True))
+
+
+@pytest.mark.parametrize("case", _CASES, ids=[c.name for c in _CASES])
+def test_official_cases_fp32(case):
+    heads = 2 if case.name == "layer0" else 1  # one case with several heads covers the head offsets
+    q, k, v, table, dout = _inputs(1, case.grid, heads, case.head_dim, case.bias_window, torch.float32)
+    _check(q, k, v, table, dout, 1e-4, window=case.window, shift=case.shift, bias_window=case.bias_window)
+
+
+@pytest.mark.parametrize(
+    "grid,window,shift,bias_window,D",
+    [
+        ((5, 7, 9), (2, 3, 4), (1, 1, 2), None, 20),  # ragged at both ends of every axis, D padded to 32
+        ((3, 5, 4), (3, 2, 3), (0, 1, 2), (4, 3, 5), 16),  # bias_window quirk with a ragged, shifted grid
+        ((2, 3, 5), (2, 3, 5), (0, 0, 0), (4, 3, 5), 8),  # the official quirk: grid smaller than the config
+    ],
+)
+def test_ragged_and_quirk(grid, window, shift, bias_window, D):
+    q, k, v, table, dout = _inputs(1, grid, 1, D, bias_window or window, torch.float32, seed=1)
+    _check(q, k, v, table, dout, 1e-4, window=window, shift=shift, bias_window=bias_window)
+
+
+def test_no_bias_and_head_major_strides():
+    q, k, v, _, dout = _inputs(2, (2, 3, 4), 2, 16, (2, 2, 3), torch.float32, bias=False, layout="permuted",
+                               seed=2)
+    assert not q.is_contiguous()
+    _check(q, k, v, None, dout, 1e-4, window=(2, 2, 3), shift=(0, 1, 2))
+
+
+def test_multi_tile_loops(monkeypatch):
+    """16-token tiles: several query and key tiles per box (online-softmax rescaling, partial last tiles)."""
+    monkeypatch.setattr(tk, "BLOCK_OVERRIDE", 16)
+    q, k, v, table, dout = _inputs(1, (4, 6, 5), 1, 16, (4, 3, 5), torch.float32, seed=3)
+    _check(q, k, v, table, dout, 1e-4, window=(4, 3, 5), shift=(0, 1, 2))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+def test_half_precision(dtype, tol):
+    q, k, v, table, dout = _inputs(1, (2, 6, 5), 1, 32, (2, 3, 5), dtype, seed=4)
+    _check(q, k, v, table, dout, tol, window=(2, 3, 5), shift=(0, 1, 2))
+
+
+def test_dbias_deterministic():
+    q, k, v, table, dout = _inputs(1, (2, 4, 6), 1, 16, (2, 2, 3), torch.float32, seed=5)
+    window, shift = [2, 2, 3], [0, 1, 2]
+    out, lse = tk.htwa_fwd_triton(q, k, v, table, window, shift, window, 0.25)
+    runs = [tk.htwa_bwd_triton(dout, q, k, v, table, out, lse, window, shift, window, 0.25)[3] for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    _, _, n_chunks = tk._chunk_plan(1, (2, 4, 6), tuple(window), tuple(shift), 1, 1, True, q.device)
+    assert n_chunks > 1  # the ordered chunk reduction is exercised
+
+
+def test_no_bias_returns_empty_dbias():
+    q, k, v, _, dout = _inputs(1, (2, 3, 5), 1, 16, (2, 3, 5), torch.float32, bias=False)
+    out, lse = tk.htwa_fwd_triton(q, k, v, None, [2, 3, 5], [0, 0, 0], [2, 3, 5], 0.25)
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:5]
+    dbias = tk.htwa_bwd_triton(dout, q, k, v, None, out, lse, [2, 3, 5], [0, 0, 0], [2, 3, 5], 0.25)[3]
+    assert dbias.numel() == 0 and dbias.dtype == torch.float32
+
+
+def test_chunk_plan_is_a_single_class_partition(monkeypatch):
+    """The dbias workspace ownership argument on GPU-sized plans: every (batch, box) unit exactly once, each chunk
+    of one box class (so a query tile maps to the same in-window rows for all its units), workspace bounded."""
+    monkeypatch.setattr(tk, "_target_programs", lambda device: 16 * 132)
+    for case in official_cases():
+        B, nwin = 16, case.window[0] * case.window[1] * case.window[2]
+        units, ptr, n_chunks = tk._chunk_plan.__wrapped__(B, case.grid, case.window, case.shift, case.heads, 1,
+                                                          True, torch.device("cpu"))
+        origin = tk._origin(case.window, case.shift)
+        cls = [torch.tensor(tk._box_classes(L, w, o)) for L, w, o in zip(case.grid, case.window, origin)]
+        nbh, nbw = len(cls[1]), len(cls[2])
+        nbox = len(cls[0]) * nbh * nbw
+        assert torch.equal(torch.sort(units.long()).values, torch.arange(B * nbox))
+        box = units.long() % nbox
+        key = (cls[0][box // (nbh * nbw)] * 9 + cls[1][(box // nbw) % nbh] * 3 + cls[2][box % nbw])
+        chunk_of = torch.repeat_interleave(torch.arange(n_chunks), (ptr[1:] - ptr[:-1]).long())
+        for c in range(n_chunks):
+            assert key[chunk_of == c].unique().numel() == 1, (case.name, c)
+        assert n_chunks * case.heads * nwin * nwin * 4 <= 64 * 2**20, case.name
+
+
+def test_gpu_suite_dry_run():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_htwa.py"
+    spec = importlib.util.spec_from_file_location("gpu_htwa_dry", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.run_htwa_suite("cpu", True, cases=["layer5"])
+    assert [r["case"] for r in rows] == ["layer5"]
+    assert rows[0]["max_err"] < 1e-4 and rows[0]["dbias_deterministic"], rows
+
+
+@pytest.mark.skipif(os.environ.get("LFVILA_TRITON_AOT") != "1",
+                    reason="opt-in (LFVILA_TRITON_AOT=1): compiles every kernel for sm_90, minutes on a small CPU")
+def test_kernels_compile_for_sm90():
+    """GPU-only compile errors on a CPU machine: the full Triton pipeline plus ptxas, in a subprocess without
+    TRITON_INTERPRET (tests/triton_aot.py)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_aot.py")
+    res = subprocess.run([sys.executable, script, "90"], env=env, capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0 and "all kernels compiled" in res.stdout, res.stdout + res.stderr

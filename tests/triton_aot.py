@@ -1,0 +1,73 @@
+"""Compile the HTWA Triton kernels for a GPU target without a GPU: `python tests/triton_aot.py [sm]`.
+
+Runs Triton's whole pipeline (AST -> TTIR -> TTGIR -> LLVM -> PTX) and the bundled ptxas for each kernel as the
+launchers configure it (bf16 and fp32, with and without a bias, D = 32 and 128), so GPU-only compile errors show
+up on a CPU machine, and prints ptxas's register and spill report. Must run WITHOUT TRITON_INTERPRET (the
+interpreter replaces the compiled kernels). Used by the opt-in test `test_kernels_compile_for_sm90`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(sm: int = 90) -> int:
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lfvila_kernels.triton import htwa as tk
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the compiled kernels")
+    target = GPUTarget("cuda", sm, 32)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+    def build(fn, ptrs, consts, floats, num_warps):
+        sig = {n: "constexpr" if n in consts else "*" + ptrs[n] if n in ptrs else "fp32" if n in floats else "i32"
+               for n in fn.arg_names}
+        k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target, options=dict(num_warps=num_warps))
+        report = ""
+        if os.path.exists(ptxas):
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(k.asm["ptx"])
+            res = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{sm}a" if sm >= 90 else f"--gpu-name=sm_{sm}",
+                                  f.name, "-o", os.devnull], capture_output=True, text=True)
+            os.unlink(f.name)
+            report = "; ".join(x.split(":", 1)[-1].strip() for x in res.stderr.splitlines() if "Used" in x or "spill" in x)
+        print(f"  {fn.__name__}: {report}", flush=True)
+
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    for dt, window, bias_window, D, has_bias in [("bf16", (32, 3, 5), (32, 3, 5), 32, True),
+                                                 ("bf16", (2, 3, 5), (2, 3, 5), 32, False),
+                                                 ("fp32", (2, 3, 5), (4, 3, 5), 32, True),
+                                                 ("bf16", (4, 3, 5), (4, 3, 5), 128, True)]:
+        print(dt, "window", window, "bias_window", bias_window, "D", D, "bias", has_bias, flush=True)
+        q = torch.empty(1, 1, 1, 1, 1, D, dtype=dtypes[dt])
+        for backward in (False, True):
+            cfg = tk._settings(q, window, backward=backward)
+            nw = tk._launch_kw(cfg)["num_warps"]
+            consts = dict(WH=window[1], WW=window[2], BH=bias_window[1], BW=bias_window[2], HAS_BIAS=has_bias, **cfg)
+            common = dict(Q=dt, K=dt, V=dt, BIAS="fp32", LSE="fp32")
+            if not backward:
+                build(tk._htwa_fwd_kernel, dict(common, OUT=dt), consts, ("qk_scale",), nw)
+            else:
+                build(tk._htwa_bwd_dq_kernel, dict(common, OUT=dt, DOUT=dt, DELTA="fp32", DQ=dt, PART="fp32",
+                                                   UNITS="i32", CHUNK_PTR="i32"), consts, ("scale", "qk_scale"), nw)
+                build(tk._htwa_bwd_dkdv_kernel, dict(common, DOUT=dt, DELTA="fp32", DK=dt, DV=dt), consts,
+                      ("scale", "qk_scale"), nw)
+    build(tk._chunk_sum_kernel, dict(PART="fp32", OUT="fp32"), dict(BLOCK=512), (), 4)
+    build(tk._dbias_gather_kernel, dict(DENSE="fp32", ROW_PTR="i32", PAIRS="i32", DBIAS="fp32"),
+          dict(BLOCK_R=32, BLOCK_J=32), (), 4)
+    print("all kernels compiled")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 90))
