@@ -185,8 +185,6 @@ def test_gpu_suite_dry_run():
     assert rows[0]["max_err"] < 1e-4 and rows[0]["dbias_deterministic"], rows
 
 
-@pytest.mark.skipif(os.environ.get("LFVILA_TRITON_AOT") != "1",
-                    reason="opt-in (LFVILA_TRITON_AOT=1): compiles every kernel for sm_90, minutes on a small CPU")
 def test_kernels_compile_for_sm90():
     """GPU-only compile errors on a CPU machine: the full Triton pipeline plus ptxas, in a subprocess without
     TRITON_INTERPRET (tests/triton_aot.py)."""
