@@ -1,0 +1,76 @@
+"""GPU suite part: one stage-1 training step of `lfvila-official` (batch 8, bf16 autocast) with the fused ops
+(attention backend "auto" = Triton on CUDA, fused losses) against `attention_backend="reference"`: median step
+time (CUDA events) and peak allocated memory. With dry_run, a 4-frame tiny model runs one step per backend on
+the CPU, to exercise the code path."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def _setup(backend: str, device: str, dry_run: bool):
+    from lfvila_model import create_model
+
+    torch.manual_seed(0)
+    if dry_run:
+        name, batch, frames, size = "lfvila-tiny", 2, 4, (96, 160)
+    else:
+        name, batch, frames, size = "lfvila-official", 8, 32, (192, 320)
+    model = create_model(name, video={"num_frames": frames, "attention_backend": backend}).to(device).train()
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(batch, 3, frames, *size, generator=g).to(device)
+    ids = torch.randint(1000, 20000, (batch, cfg.num_sentences, cfg.max_sentence_len), generator=g).to(device)
+    return model, video, ids, torch.ones_like(ids)
+
+
+def _time_step(model, video, ids, mask, device: str, rounds: int) -> list[float]:
+    use_amp = device == "cuda"
+    times = []
+    for i in range(rounds + 1):  # the first step warms up (Triton compiles, cuDNN picks algorithms)
+        model.zero_grad(set_to_none=True)
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=use_amp):
+            loss = model(video, ids, mask, generator=torch.Generator().manual_seed(0))["loss"]
+        loss.backward()
+        if device == "cuda":
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            ms = (time.perf_counter() - t0) * 1e3
+        if i:
+            times.append(ms)
+    return times
+
+
+def run_model_suite(device: str, dry_run: bool) -> list[dict]:
+    rows = []
+    rounds = 1 if dry_run else 5
+    for backend in ("auto", "reference"):
+        model, video, ids, mask = _setup(backend, device, dry_run)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        times = _time_step(model, video, ids, mask, device, rounds)
+        row = {"part": "model", "preset": "lfvila-tiny" if dry_run else "lfvila-official",
+               "batch": video.shape[0], "frames": video.shape[2], "backend": backend,
+               "step_ms": statistics.median(times)}
+        if device == "cuda":
+            row["peak_extra_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        rows.append(row)
+        del model, video, ids, mask
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    fused, ref = rows
+    fused["speedup_vs_reference"] = ref["step_ms"] / fused["step_ms"]
+    if "peak_extra_gb" in fused:
+        fused["memory_vs_reference"] = fused["peak_extra_gb"] / ref["peak_extra_gb"]
+    return rows
