@@ -43,12 +43,19 @@ demo: build
 	$(BIN)/python benchmarks/report.py benchmarks/demo.json
 
 CUDA_VENV ?= .venv-cuda
+CUDA_LIB := build/cuda-check-lib
+# Compiles every csrc/*.cpp and csrc/*.cu (sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise) into a throwaway
+# build dir; nothing is installed and no GPU is needed. Fails on any compile error; prints the cubins it made.
 cuda-check:
 	test -x $(CUDA_VENV)/bin/python || ($(PYTHON) -m venv $(CUDA_VENV) && \
 		$(CUDA_VENV)/bin/pip install -q --upgrade pip setuptools wheel ninja && \
 		$(CUDA_VENV)/bin/pip install -q torch==2.14.1 numpy)
+	rm -rf $(CUDA_LIB)
 	LFVILA_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} \
-		$(CUDA_VENV)/bin/python setup.py build_ext --build-temp build/cuda-check-tmp --build-lib build/cuda-check-lib
+		$(CUDA_VENV)/bin/python setup.py build_ext --build-temp build/cuda-check-tmp --build-lib $(CUDA_LIB)
+	@so=$$(ls $(CUDA_LIB)/lfvila_kernels/_C*.so) && \
+		echo "cuda-check: built $$so from $$(ls csrc/*.cpp csrc/*.cu | tr '\n' ' ')" && \
+		(! command -v cuobjdump >/dev/null || cuobjdump --list-elf $$so) && echo "cuda-check: OK"
 
 clean:
 	rm -rf build dist *.egg-info lfvila_kernels/_C*.so benchmarks/last.json benchmarks/demo.json
