@@ -50,6 +50,18 @@ def _cxx_std() -> str:
     return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
 
 
+def _cudart_library_dirs() -> list[str]:
+    """Where libcudart.so is, when not in CUDA_HOME/lib64 (torch's default). torch derives CUDA_HOME from the nvcc
+    on PATH, which may be a wrapper script (e.g. /usr/local/bin/nvcc -> CUDA_HOME=/usr/local)."""
+    roots = [CUDA_HOME or "", os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    for root in filter(None, roots):
+        for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+            d = os.path.join(root, sub)
+            if os.path.exists(os.path.join(d, "libcudart.so")):
+                return [] if d == os.path.join(CUDA_HOME or "", "lib64") else [d]
+    return []
+
+
 def _extensions():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
@@ -74,6 +86,7 @@ def _extensions():
                 "lfvila_kernels._C",
                 cpp_sources + cu_sources,
                 include_dirs=include,
+                library_dirs=_cudart_library_dirs(),
                 extra_compile_args={"cxx": cxx + ["-DLFVILA_WITH_CUDA"], "nvcc": nvcc + ["-DLFVILA_WITH_CUDA"]},
                 extra_link_args=link,
             )

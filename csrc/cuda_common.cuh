@@ -11,6 +11,14 @@
 
 #include "htwa_index.h"  // LFVILA_HD
 
+// The dynamic shared-memory buffer of a kernel file. tests/cuda_emu compiles the kernels as plain C++ (one block at
+// a time, its threads as host threads); there the buffer is an ordinary array, shared by the threads of the block.
+#ifndef LFVILA_CUDA_EMULATION
+#define LFVILA_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#else
+#define LFVILA_DYNAMIC_SMEM(name) alignas(16) inline unsigned char name[LFVILA_CUDA_EMULATION_SMEM]
+#endif
+
 namespace lfvila {
 namespace cuda_common {
 

@@ -34,7 +34,7 @@ using cuda_common::to_float;
 using htwa::Box;
 using htwa::Geometry;
 
-extern __shared__ __align__(16) unsigned char htwa_smem[];
+LFVILA_DYNAMIC_SMEM(htwa_smem);
 
 // Everything a kernel needs. Inputs q/k/v are read through their strides (B, T, H, W, heads); every other
 // (B, T, H, W, heads[, D]) tensor is contiguous and addressed by its row = (((b*T + t)*H + h)*W + w)*heads + head.
