@@ -117,7 +117,9 @@ void bwd_impl(const at::Tensor& a, const at::Tensor& b, const at::Tensor& dloss,
   const int64_t N = a.size(0), M = b.size(0);
   const int D = static_cast<int>(a.size(1));
   // stripe width: a multiple of 64, within the budget, at least 64, at most M rounded up
-  const int64_t width = std::clamp<int64_t>(kStripeBudget / (N * 4) / kTile * kTile, kTile, cdiv(M, kTile) * kTile);
+  // (and at most 65535 tiles: the grid's y limit)
+  const int64_t width = std::clamp<int64_t>(kStripeBudget / (N * 4) / kTile * kTile, kTile,
+                                            std::min<int64_t>(cdiv(M, kTile), 65535) * kTile);
   at::Tensor G = at::empty({N, width}, a.options().dtype(at::kFloat));
   const scalar_t* A = a.data_ptr<scalar_t>();
   const scalar_t* B = b.data_ptr<scalar_t>();
