@@ -27,7 +27,7 @@ def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for gpu_suite.json")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU via the Triton interpreter")
-    p.add_argument("--only", default="htwa,losses,model", help="comma-separated parts to run")
+    p.add_argument("--only", default="htwa,losses,cuda,model", help="comma-separated parts to run")
     return p.parse_args(argv)
 
 
@@ -65,6 +65,7 @@ def main(argv=None):
     runners = {
         "htwa": ("benchmarks.gpu_htwa", "run_htwa_suite"),
         "losses": ("benchmarks.gpu_losses", "run_loss_suite"),
+        "cuda": ("benchmarks.gpu_cuda", "run_cuda_suite"),
         "model": ("benchmarks.gpu_model", "run_model_suite"),
     }
     failures = 0

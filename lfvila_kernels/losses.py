@@ -27,10 +27,10 @@ from ._checks import check_info_nce_args, check_mtc_args
 
 __all__ = ["info_nce_loss", "temporal_contrastive_loss", "sample_mtc_indices", "gather_with_grad"]
 
-LOSS_BACKENDS = ("auto", "cpp", "triton", "reference")
+LOSS_BACKENDS = ("auto", "cpp", "cuda", "triton", "reference")
 MTC_BACKENDS = ("auto", "torch", "reference")
 _CPU_ORDER = ("cpp",)
-_CUDA_ORDER = ("triton",)
+_CUDA_ORDER = ("triton", "cuda")
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -241,7 +241,8 @@ def info_nce_loss(
             the full loss on every rank). All ranks must use the same n. Without an initialised process group
             this is the local loss.
         group: process group for `distributed` (default: the world).
-        backend: "auto" (C++ on CPU, Triton on CUDA), "cpp", "triton" (CUDA, or CPU with TRITON_INTERPRET=1) or
+        backend: "auto" (C++ on CPU, Triton on CUDA), "cpp", "cuda" (csrc CUDA kernel), "triton" (CUDA, or CPU
+            with TRITON_INTERPRET=1) or
             "reference" (plain PyTorch, materialises the logits: the naive baseline).
 
     Returns:
