@@ -1,15 +1,20 @@
 // HTWA on the CPU: fused forward and backward (contract: csrc/HTWA_CONTRACT.md).
 //
 // The token grid splits into disjoint boxes (one interval per axis); inside a box every query attends every key.
-// One work item is one (head, batch, box). It gathers the box's q/k/v (one head) through their strides into
-// contiguous fp32 (fp64) scratch, then runs small register-blocked GEMMs (htwa_cpu_gemm.h) over blocks of query
-// rows: S = (scale q) k^T + bias, an exact softmax over the whole box row (a box has at most prod(window) keys),
-// out = P v. The backward recomputes P from lse (FlashAttention-2 math) and accumulates dk/dv for the box in
+// A work item is one (head group, batch, box): it gathers the box's q/k/v rows of hg heads through their strides
+// into contiguous fp32 (fp64) scratch (a token's heads are adjacent in a qkv projection, so this is a few long
+// reads), then per head runs small register-blocked GEMMs (htwa_cpu_gemm.h) over blocks of query rows:
+// S = (scale q) k^T + bias, an exact softmax over the whole box row (a box has at most prod(window) keys),
+// out = P v. The backward recomputes P from lse (FlashAttention-2 math) and accumulates dk/dv of the box in
 // scratch. Nothing of size L x L, and no rolled or partitioned copy of q/k/v, is ever made.
 //
-// Bias row of (query, key) = C + A(query) - A(key), with A linear in the bias_window coordinates (see BoxGeom).
-// dbias is deterministic: work is split into a fixed number of chunks (independent of the thread count), each
-// one head wide with its own partial sum buffer; the partials are summed in chunk order afterwards.
+// Bias row of (query, key) = C + A(query) - A(key), with A linear in the bias_window coordinates (BoxTokens).
+// Boxes come in at most 27 shapes ("classes": per axis a front partial box, full boxes, a ragged end box) and
+// the bias of a box depends on its class only, so boxes are visited class by class: for small boxes the class's
+// dense bias block is built once and added with vector loads, and dbias is accumulated densely per class and
+// scattered into the table once per class run.
+// dbias is deterministic: the work is split into a fixed number of chunks (independent of the thread count),
+// each one head group wide with its own partial sums; the partials are summed in chunk order afterwards.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -57,6 +62,13 @@ struct Axis {
     n = std::min(start + win, len) - start;
     c0 = 0;
   }
+  // 0: front partial box, 1: full box, 2: ragged end box
+  int cls(int64 j) const {
+    if (shift > 0 && j == 0) return 0;
+    int64 st, n, c0;
+    box(j, st, n, c0);
+    return n == win ? 1 : 2;
+  }
 };
 
 inline Axis make_axis(int64 len, int64 win, int64 shift) {
@@ -73,13 +85,16 @@ struct Geom {
   int64 nmax;       // largest box (tokens)
   int64 win[3], bwin[3];
   int64 bias_c;     // C of the bias row formula
+  // Visiting order: boxes sorted by class (stable); item bb -> box order[bb / B], batch bb % B.
+  std::vector<int64> order;
+  std::vector<int32_t> cls;  // class id of order[i]
 };
 
 // Tokens of one box: grid coordinates and bias key A.
 struct BoxTokens {
   int64 n = 0;
   std::vector<int32_t> t, h, w;
-  std::vector<int64> A;
+  std::vector<int32_t> A;
   void reserve(int64 nmax) {
     t.resize(nmax);
     h.resize(nmax);
@@ -103,7 +118,7 @@ struct BoxTokens {
           w[i] = static_cast<int32_t>(st[2] + c);
           const int64 nn = ((c0[0] + a) * Wh + (c0[1] + b)) * Ww + (c0[2] + c);
           const int64 bt = nn / (Bh * Bw), bh = (nn / Bw) % Bh, bw = nn % Bw;
-          A[i] = bt * sb_t + bh * sb_h + bw;
+          A[i] = static_cast<int32_t>(bt * sb_t + bh * sb_h + bw);
         }
       }
     }
@@ -122,6 +137,8 @@ struct View {
   T* at(int64 b, int64 t, int64 h, int64 w, int64 hd) const {
     return p + b * s[0] + t * s[1] + h * s[2] + w * s[3] + hd * s[4];
   }
+  // Prefetch the D-element rows of heads [hd0, hd0 + hg) of one token.
+  void prefetch(int64 b, int64 t, int64 h, int64 w, int64 hd0, int64 hg, int64 D, bool write) const;
 };
 
 template <typename T>
@@ -138,9 +155,103 @@ struct Scratch {
   }
 };
 
+// dst[0..Dp) = mul * src[0..D), zero padded.
+template <typename scalar_t, typename acc_t>
+inline void load_row(acc_t* __restrict dst, const scalar_t* __restrict src, int64 D, int64 Dp, acc_t mul) {
+  for (int64 d = 0; d < D; ++d) dst[d] = mul * static_cast<acc_t>(src[d]);
+  for (int64 d = D; d < Dp; ++d) dst[d] = 0;
+}
+template <typename scalar_t, typename acc_t>
+inline void load_row(acc_t* __restrict dst, const scalar_t* __restrict src, int64 D, int64 Dp) {
+  for (int64 d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]);
+  for (int64 d = D; d < Dp; ++d) dst[d] = 0;
+}
+template <typename acc_t>
+inline void zero_rows(acc_t* dst, int64 ld, int64 r0, int64 r1) {
+  if (r1 > r0) std::fill(dst + r0 * ld, dst + r1 * ld, acc_t(0));
+}
+// dst[0..D) = (mul *) src[0..D), converted to scalar_t.
+template <typename scalar_t, typename acc_t>
+inline void store_row(scalar_t* __restrict dst, const acc_t* __restrict src, int64 D, acc_t mul) {
+  for (int64 d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(mul * src[d]);
+}
+template <typename scalar_t, typename acc_t>
+inline void store_row(scalar_t* __restrict dst, const acc_t* __restrict src, int64 D) {
+  for (int64 d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(src[d]);
+}
+// <x, y> over Dp (a multiple of the vector width) entries.
+template <typename acc_t>
+inline acc_t dot_row(const acc_t* x, const acc_t* y, int64 Dp) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int VL = VecOf<acc_t>::L;
+  V acc = htwa_simd::splat<V>(acc_t(0));
+  for (int64 d = 0; d < Dp; d += VL) acc += htwa_simd::load<V>(x + d) * htwa_simd::load<V>(y + d);
+  return htwa_simd::hsum(acc);
+}
+// dst[0..np) += src[0..np)
+template <typename acc_t>
+inline void add_row(acc_t* __restrict dst, const acc_t* __restrict src, int64 np) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int VL = VecOf<acc_t>::L;
+  for (int64 j = 0; j < np; j += VL)
+    htwa_simd::store(dst + j, htwa_simd::load<V>(dst + j) + htwa_simd::load<V>(src + j));
+}
+// Prefetch `bytes` bytes from p.
+inline void prefetch_span(const void* p, int64 bytes, bool write) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63);
+  const uintptr_t last = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes);
+  for (uintptr_t a = first; a < last; a += 64) {
+    if (write)
+      __builtin_prefetch(reinterpret_cast<const void*>(a), 1, 3);
+    else
+      __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
+  }
+}
+
+template <typename T>
+void View<T>::prefetch(int64 b, int64 t, int64 h, int64 w, int64 hd0, int64 hg, int64 D, bool write) const {
+  const T* r = at(b, t, h, w, hd0);
+  if (s[4] == D || hg == 1) {
+    prefetch_span(r, hg * D * static_cast<int64>(sizeof(T)), write);
+  } else {
+    for (int64 hh = 0; hh < hg; ++hh) prefetch_span(r + hh * s[4], D * static_cast<int64>(sizeof(T)), write);
+  }
+}
+
+// Keeps the tokens of the current box and of the next item's box (built early so it can be prefetched).
+struct BoxPair {
+  BoxTokens cur, nxt;
+  int64 cur_box = -1, nxt_box = -1;
+  void reserve(int64 nmax) {
+    cur.reserve(nmax);
+    nxt.reserve(nmax);
+  }
+  const BoxTokens& get(const Geom& g, int64 box) {
+    if (box != cur_box) {
+      if (box == nxt_box) {
+        std::swap(cur, nxt);
+        std::swap(cur_box, nxt_box);
+      } else {
+        cur.build(g, box);
+        cur_box = box;
+      }
+    }
+    return cur;
+  }
+  const BoxTokens& peek(const Geom& g, int64 box) {
+    if (box == cur_box) return cur;
+    if (box != nxt_box) {
+      nxt.build(g, box);
+      nxt_box = box;
+    }
+    return nxt;
+  }
+};
+
 // Softmax helpers over one row of length np (a multiple of the vector width); entries >= n are padding.
 template <typename acc_t>
-inline void add_bias_row(acc_t* s, const acc_t* bias_row /* bias_h + C + A[q] */, const int64* A, int64 n) {
+inline void add_bias_row(acc_t* __restrict s, const acc_t* __restrict bias_row /* bias_h + C + A[q] */,
+                         const int32_t* __restrict A, int64 n) {
   for (int64 j = 0; j < n; ++j) s[j] += bias_row[-A[j]];
 }
 
@@ -150,8 +261,23 @@ inline void softmax_row_fwd(acc_t* s, int64 n, int64 np, acc_t& m_out, acc_t& l_
   using V = typename VecOf<acc_t>::type;
   constexpr int VL = VecOf<acc_t>::L;
   for (int64 j = n; j < np; ++j) s[j] = -std::numeric_limits<acc_t>::infinity();
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  for (int64 j = 0; j < n; ++j) m = std::max(m, s[j]);
+  acc_t m;
+  {
+    V m0 = htwa_simd::load<V>(s), m1 = m0;
+    int64 j = VL;
+    for (; j + 2 * VL <= np; j += 2 * VL) {
+      const V x0 = htwa_simd::load<V>(s + j), x1 = htwa_simd::load<V>(s + j + VL);
+      m0 = m0 > x0 ? m0 : x0;
+      m1 = m1 > x1 ? m1 : x1;
+    }
+    for (; j < np; j += VL) {
+      const V x0 = htwa_simd::load<V>(s + j);
+      m0 = m0 > x0 ? m0 : x0;
+    }
+    m0 = m0 > m1 ? m0 : m1;
+    m = m0[0];
+    for (int k = 1; k < VL; ++k) m = std::max(m, static_cast<acc_t>(m0[k]));
+  }
   if constexpr (std::is_same_v<acc_t, float>) {
     V vsum = htwa_simd::splat<V>(0.f);
     const V vm = htwa_simd::splat<V>(m);
@@ -214,7 +340,21 @@ inline Geom make_geom(const at::Tensor& q, at::IntArrayRef window, at::IntArrayR
     g.nmax *= window[a];
   }
   TORCH_CHECK(g.nmax <= (int64(1) << 24), "htwa: window too large for the CPU kernel");
+  TORCH_CHECK((2 * bias_window[0] - 1) * (2 * bias_window[1] - 1) * (2 * bias_window[2] - 1) < (int64(1) << 31),
+              "htwa: bias_window too large for the CPU kernel");
   g.nbox = g.ax[0].nbox * g.ax[1].nbox * g.ax[2].nbox;
+  {
+    std::vector<int32_t> cls_of(g.nbox);
+    const int64 nbh = g.ax[1].nbox, nbw = g.ax[2].nbox;
+    for (int64 box = 0; box < g.nbox; ++box)
+      cls_of[box] = static_cast<int32_t>(g.ax[0].cls(box / (nbh * nbw)) * 9 + g.ax[1].cls((box / nbw) % nbh) * 3 +
+                                         g.ax[2].cls(box % nbw));
+    g.order.resize(g.nbox);
+    for (int64 box = 0; box < g.nbox; ++box) g.order[box] = box;
+    std::stable_sort(g.order.begin(), g.order.end(), [&](int64 x, int64 y) { return cls_of[x] < cls_of[y]; });
+    g.cls.resize(g.nbox);
+    for (int64 i = 0; i < g.nbox; ++i) g.cls[i] = cls_of[g.order[i]];
+  }
   const int64 Bt = g.bwin[0], Bh = g.bwin[1], Bw = g.bwin[2];
   g.bias_c = ((Bt - 1) * (2 * Bh - 1) + (Bh - 1)) * (2 * Bw - 1) + (Bw - 1);
   return g;
@@ -247,8 +387,62 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
+// Heads handled together by one work item: the largest divisor hg of heads whose per-head scratch fits the
+// budget while leaving at least kMinItems work items. Several heads per item turn the gather of a small box into
+// long contiguous reads (a token's heads are adjacent in a qkv projection). Depends on shapes only.
+constexpr int64 kGroupScratchBytes = 192 * 1024;
+constexpr int64 kMinItems = 32;
+// Dense per-class bias (and dbias accumulator) blocks are used while one head's block is at most this large.
+constexpr int64 kDenseBytes = 64 * 1024;
+
+inline int64 choose_group(int64 heads, int64 per_head_bytes, int64 items_per_group) {
+  int64 best = 1;
+  for (int64 hg = 2; hg <= heads; ++hg) {
+    if (heads % hg) continue;
+    if (hg * per_head_bytes > kGroupScratchBytes || (heads / hg) * items_per_group < kMinItems) break;
+    best = hg;
+  }
+  return best;
+}
+
+// Per-thread state shared by forward and backward: the boxes, the dense bias blocks of the current class.
+template <typename acc_t>
+struct ClassBias {
+  bool enabled = false;
+  int64 key = -1;  // class * heads + first head of the group the blocks were built for
+  acc_t* dense = nullptr;  // hg blocks of nm x NP
+  int64 block = 0;         // nm * NP
+  // Builds (if needed) the dense bias of `cls` for heads [hd0, hd0 + hg); row i of head hh at
+  // dense + hh * block + i * np.
+  void prepare(const Geom& g, const BoxTokens& bt, int64 cls, int64 hd0, int64 hg, const acc_t* biasT,
+               int64 nbias) {
+    const int64 k = cls * g.heads + hd0;
+    if (k == key) return;
+    key = k;
+    const int64 n = bt.n, np = round_up(n, VecOf<acc_t>::L);
+    const int32_t* A = bt.A.data();
+    for (int64 hh = 0; hh < hg; ++hh) {
+      const acc_t* bias_h = biasT + (hd0 + hh) * nbias + g.bias_c;
+      acc_t* blk = dense + hh * block;
+      for (int64 i = 0; i < n; ++i) {
+        acc_t* row = blk + i * np;
+        const acc_t* br = bias_h + A[i];
+        for (int64 j = 0; j < n; ++j) row[j] = br[-A[j]];
+        for (int64 j = n; j < np; ++j) row[j] = 0;
+      }
+    }
+  }
+};
+
 // ----------------------------------------------------------------------------------------------------------------
 // forward
+
+template <typename acc_t>
+int64 fwd_per_head(const Geom& g) {
+  constexpr int VL = VecOf<acc_t>::L;
+  const int64 Dp = round_up(g.D, VL), NP = round_up(g.nmax, VL);
+  return 3 * NP * Dp + Dp * NP;  // Qs, K rows, Vs, Kt
+}
 
 template <typename scalar_t, typename acc_t>
 void fwd_impl(const Geom& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const acc_t* biasT,
@@ -256,68 +450,87 @@ void fwd_impl(const Geom& g, const at::Tensor& q, const at::Tensor& k, const at:
   constexpr int VL = VecOf<acc_t>::L;
   const View<scalar_t> Q(q), K(k), Vv(v), O(out);
   const View<acc_t> LSE(lse);
-  const int64 D = g.D, Dp = round_up(D, VL), NP = round_up(g.nmax, VL);
-  const int64 R = std::min(kRowBlock, g.nmax);
-  const int64 items_per_head = g.B * g.nbox;
-  const int64 nitems = g.heads * items_per_head;
+  const int64 D = g.D, Dp = round_up(D, VL), NP = round_up(g.nmax, VL), nm = g.nmax;
+  const int64 R = std::min(kRowBlock, nm);
+  const int64 per_head = fwd_per_head<acc_t>(g);
+  const int64 ipg = g.B * g.nbox;
+  const int64 hg = choose_group(g.heads, per_head * static_cast<int64>(sizeof(acc_t)), ipg);
+  const int64 nitems = (g.heads / hg) * ipg;
+  const bool dense = biasT && nm * NP * static_cast<int64>(sizeof(acc_t)) <= kDenseBytes;
 
   at::parallel_for(0, nitems, 1, [&](int64 begin, int64 end) {
-    BoxTokens bt;
-    bt.reserve(g.nmax);
+    BoxPair boxes;
+    boxes.reserve(nm);
     Scratch<acc_t> mem;
-    acc_t* base = mem.get(g.nmax * Dp /*Qs*/ + Dp * NP /*Kt*/ + g.nmax * Dp /*V*/ + R * NP /*S*/ + R * Dp /*O*/ +
-                          2 * R /*m, inv*/);
-    acc_t* Qs = base;
-    acc_t* Kt = Qs + g.nmax * Dp;
-    acc_t* Vs = Kt + Dp * NP;
-    acc_t* S = Vs + g.nmax * Dp;
+    ClassBias<acc_t> cb;
+    cb.enabled = dense;
+    cb.block = nm * NP;
+    acc_t* heads_mem = mem.get(hg * per_head + R * NP /*S*/ + R * Dp /*O*/ + R /*1/l*/ + (dense ? hg * cb.block : 0));
+    acc_t* S = heads_mem + hg * per_head;
     acc_t* Ob = S + R * NP;
     acc_t* inv = Ob + R * Dp;
-    int64 last_box = -1;
-    for (int64 it = begin; it < end; ++it) {
-      const int64 hd = it / items_per_head, bb = it % items_per_head;
-      const int64 b = bb / g.nbox, box = bb % g.nbox;
-      if (box != last_box) {
-        bt.build(g, box);
-        last_box = box;
-      }
-      const int64 n = bt.n, np = round_up(n, VL);
-      // gather
-      for (int64 i = 0; i < n; ++i) {
-        const scalar_t* qp = Q.at(b, bt.t[i], bt.h[i], bt.w[i], hd);
-        const scalar_t* kp = K.at(b, bt.t[i], bt.h[i], bt.w[i], hd);
-        const scalar_t* vp = Vv.at(b, bt.t[i], bt.h[i], bt.w[i], hd);
-        acc_t* qs = Qs + i * Dp;
-        acc_t* vs = Vs + i * Dp;
-        for (int64 d = 0; d < D; ++d) {
-          qs[d] = scale * static_cast<acc_t>(qp[d]);
-          vs[d] = static_cast<acc_t>(vp[d]);
-          Kt[d * np + i] = static_cast<acc_t>(kp[d]);
-        }
-        for (int64 d = D; d < Dp; ++d) qs[d] = vs[d] = 0;
-      }
-      for (int64 d = 0; d < D; ++d)
-        for (int64 i = n; i < np; ++i) Kt[d * np + i] = 0;
-      const acc_t* bias_h = biasT ? biasT + hd * nbias + g.bias_c : nullptr;
+    cb.dense = inv + R;
+    auto Qs_of = [&](int64 hh) { return heads_mem + hh * per_head; };
+    auto Ks_of = [&](int64 hh) { return Qs_of(hh) + NP * Dp; };
+    auto Vs_of = [&](int64 hh) { return Qs_of(hh) + 2 * NP * Dp; };
+    auto Kt_of = [&](int64 hh) { return Qs_of(hh) + 3 * NP * Dp; };
 
-      for (int64 r0 = 0; r0 < n; r0 += R) {
-        const int64 rb = std::min(R, n - r0);
-        htwa_simd::gemm<acc_t, false>(rb, np, D, Qs + r0 * Dp, Dp, 1, Kt, np, S, np);
-        for (int64 i = 0; i < rb; ++i) {
-          acc_t* s = S + i * np;
-          if (bias_h) add_bias_row(s, bias_h + bt.A[r0 + i], bt.A.data(), n);
-          acc_t m, l;
-          softmax_row_fwd(s, n, np, m, l);
-          inv[i] = acc_t(1) / l;
-          *LSE.at(b, bt.t[r0 + i], bt.h[r0 + i], bt.w[r0 + i], hd) = m + std::log(l);
+    for (int64 it = begin; it < end; ++it) {
+      const int64 hd0 = (it / ipg) * hg, bb = it % ipg;
+      const int64 pos = bb / g.B, b = bb % g.B, box = g.order[pos];
+      const BoxTokens& bt = boxes.get(g, box);
+      const int64 n = bt.n, np = round_up(n, VL);
+      // gather the box's rows of every head of the group
+      for (int64 i = 0; i < n; ++i) {
+        const int64 t = bt.t[i], h = bt.h[i], w = bt.w[i];
+        const scalar_t *qr = Q.at(b, t, h, w, hd0), *kr = K.at(b, t, h, w, hd0), *vr = Vv.at(b, t, h, w, hd0);
+        for (int64 hh = 0; hh < hg; ++hh) {
+          load_row(Qs_of(hh) + i * Dp, qr + hh * Q.s[4], D, Dp, scale);
+          load_row(Ks_of(hh) + i * Dp, kr + hh * K.s[4], D, Dp);
+          load_row(Vs_of(hh) + i * Dp, vr + hh * Vv.s[4], D, Dp);
         }
-        htwa_simd::gemm<acc_t, false>(rb, Dp, n, S, np, 1, Vs, Dp, Ob, Dp);
-        for (int64 i = 0; i < rb; ++i) {
-          const int64 r = r0 + i;
-          scalar_t* op = O.at(b, bt.t[r], bt.h[r], bt.w[r], hd);
-          const acc_t* o = Ob + i * Dp;
-          const acc_t c = inv[i];
-          for (int64 d = 0; d < D; ++d) op[d] = static_cast<scalar_t>(o[d] * c);
+      }
+      // prefetch the next item's rows while this one computes
+      if (it + 1 < end) {
+        const int64 hd2 = ((it + 1) / ipg) * hg, bb2 = (it + 1) % ipg;
+        const int64 b2 = bb2 % g.B;
+        const BoxTokens& nt = boxes.peek(g, g.order[bb2 / g.B]);
+        for (int64 i = 0; i < nt.n; ++i) {
+          const int64 t = nt.t[i], h = nt.h[i], w = nt.w[i];
+          Q.prefetch(b2, t, h, w, hd2, hg, D, false);
+          K.prefetch(b2, t, h, w, hd2, hg, D, false);
+          Vv.prefetch(b2, t, h, w, hd2, hg, D, false);
+          O.prefetch(b2, t, h, w, hd2, hg, D, true);
+        }
+      }
+      if (dense) cb.prepare(g, bt, g.cls[pos], hd0, hg, biasT, nbias);
+
+      for (int64 hh = 0; hh < hg; ++hh) {
+        const int64 hd = hd0 + hh;
+        acc_t *Qs = Qs_of(hh), *Ks = Ks_of(hh), *Vs = Vs_of(hh), *Kt = Kt_of(hh);
+        zero_rows(Ks, Dp, n, np);
+        htwa_simd::transpose(Kt, np, Ks, Dp, np, Dp);
+        const acc_t* bias_h = biasT ? biasT + hd * nbias + g.bias_c : nullptr;
+        const acc_t* dense_h = dense ? cb.dense + hh * cb.block : nullptr;
+        for (int64 r0 = 0; r0 < n; r0 += R) {
+          const int64 rb = std::min(R, n - r0);
+          htwa_simd::gemm<acc_t, false>(rb, np, D, Qs + r0 * Dp, Dp, 1, Kt, np, S, np);
+          for (int64 i = 0; i < rb; ++i) {
+            acc_t* s = S + i * np;
+            if (dense_h)
+              add_row(s, dense_h + (r0 + i) * np, np);
+            else if (bias_h)
+              add_bias_row(s, bias_h + bt.A[r0 + i], bt.A.data(), n);
+            acc_t m, l;
+            softmax_row_fwd(s, n, np, m, l);
+            inv[i] = acc_t(1) / l;
+            *LSE.at(b, bt.t[r0 + i], bt.h[r0 + i], bt.w[r0 + i], hd) = m + std::log(l);
+          }
+          htwa_simd::gemm<acc_t, false>(rb, Dp, n, S, np, 1, Vs, Dp, Ob, Dp);
+          for (int64 i = 0; i < rb; ++i) {
+            const int64 r = r0 + i;
+            store_row(O.at(b, bt.t[r], bt.h[r], bt.w[r], hd), Ob + i * Dp, D, inv[i]);
+          }
         }
       }
     }
@@ -349,129 +562,204 @@ std::tuple<at::Tensor, at::Tensor> htwa_fwd_cpu(const at::Tensor& q_in, const at
 // ----------------------------------------------------------------------------------------------------------------
 // backward
 
+// Work split of the backward: head groups of hg heads; each group's B * nbox boxes in `parts` fixed chunks.
+struct BwdSplit {
+  int64 hg, groups, parts, items_per_group;
+  int64 chunks() const { return groups * parts; }
+};
+
+template <typename acc_t>
+int64 bwd_per_head(const Geom& g) {
+  constexpr int VL = VecOf<acc_t>::L;
+  const int64 Dp = round_up(g.D, VL), NP = round_up(g.nmax, VL);
+  return 5 * NP * Dp /*Qs K dO dK dV*/ + 2 * Dp * NP /*Kt Vt*/ + 2 * NP /*lse delta*/;
+}
+
+template <typename acc_t>
+BwdSplit bwd_split(const Geom& g) {
+  BwdSplit sp;
+  sp.items_per_group = g.B * g.nbox;
+  sp.hg = choose_group(g.heads, bwd_per_head<acc_t>(g) * static_cast<int64>(sizeof(acc_t)), sp.items_per_group);
+  sp.groups = g.heads / sp.hg;
+  sp.parts = std::max<int64>(1, std::min<int64>(sp.items_per_group, (kBiasChunks + sp.groups - 1) / sp.groups));
+  return sp;
+}
+
 template <typename scalar_t, typename acc_t>
-void bwd_impl(const Geom& g, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-              const acc_t* biasT, int64 nbias, const at::Tensor& out, const at::Tensor& lse, acc_t scale,
-              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, acc_t* partials, int64 parts_per_head) {
+void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+              const at::Tensor& v, const acc_t* biasT, int64 nbias, const at::Tensor& out, const at::Tensor& lse,
+              acc_t scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, acc_t* partials) {
   constexpr int VL = VecOf<acc_t>::L;
   const View<scalar_t> Q(q), K(k), Vv(v), dO(dout), O(out), dQ(dq), dK(dk), dV(dv);
   const View<acc_t> LSE(lse);
-  const int64 D = g.D, Dp = round_up(D, VL), NP = round_up(g.nmax, VL);
-  const int64 R = std::min(kRowBlock, g.nmax);
-  const int64 items_per_head = g.B * g.nbox;
-  const int64 nchunks = g.heads * parts_per_head;
+  const int64 D = g.D, Dp = round_up(D, VL), NP = round_up(g.nmax, VL), nm = g.nmax;
+  const int64 R = std::min(kRowBlock, nm);
+  const int64 per_head = bwd_per_head<acc_t>(g);
+  const int64 hg = sp.hg, parts = sp.parts, ipg = sp.items_per_group;
+  const bool dense = biasT && nm * NP * static_cast<int64>(sizeof(acc_t)) <= kDenseBytes && ipg >= 2 * parts;
 
-  at::parallel_for(0, nchunks, 1, [&](int64 cbegin, int64 cend) {
-    BoxTokens bt;
-    bt.reserve(g.nmax);
+  at::parallel_for(0, sp.chunks(), 1, [&](int64 cbegin, int64 cend) {
+    BoxPair boxes;
+    boxes.reserve(nm);
     Scratch<acc_t> mem;
-    const int64 nm = g.nmax;
-    acc_t* base = mem.get(5 * nm * Dp /*Qs K dO dK dV*/ + 2 * Dp * NP /*Kt Vt*/ + 2 * nm /*lse delta*/ +
-                          2 * R * NP /*S dP*/ + R * Dp /*dQ*/);
-    acc_t* Qs = base;
-    acc_t* Ks = Qs + nm * Dp;
-    acc_t* dOs = Ks + nm * Dp;
-    acc_t* dKs = dOs + nm * Dp;
-    acc_t* dVs = dKs + nm * Dp;
-    acc_t* Kt = dVs + nm * Dp;
-    acc_t* Vt = Kt + Dp * NP;
-    acc_t* lses = Vt + Dp * NP;
-    acc_t* delta = lses + nm;
-    acc_t* S = delta + nm;
+    ClassBias<acc_t> cb;
+    cb.enabled = dense;
+    cb.block = nm * NP;
+    acc_t* heads_mem =
+        mem.get(hg * per_head + 2 * R * NP /*S dP*/ + R * Dp /*dQ*/ + (dense ? 2 * hg * cb.block : 0));
+    acc_t* S = heads_mem + hg * per_head;
     acc_t* dP = S + R * NP;
     acc_t* dQb = dP + R * NP;
-    int64 last_box = -1;
+    cb.dense = dQb + R * Dp;
+    acc_t* dS_acc = cb.dense + hg * cb.block;  // per class sums of dS (dense path)
+    std::vector<int32_t> acc_A(dense ? nm : 0);
+    int64 acc_n = 0;  // tokens of the class held in dS_acc (0: empty)
+    // per-head scratch layout
+    auto Qs_of = [&](int64 hh) { return heads_mem + hh * per_head; };
+    auto Ks_of = [&](int64 hh) { return Qs_of(hh) + NP * Dp; };
+    auto dOs_of = [&](int64 hh) { return Qs_of(hh) + 2 * NP * Dp; };
+    auto dKs_of = [&](int64 hh) { return Qs_of(hh) + 3 * NP * Dp; };
+    auto dVs_of = [&](int64 hh) { return Qs_of(hh) + 4 * NP * Dp; };
+    auto Kt_of = [&](int64 hh) { return Qs_of(hh) + 5 * NP * Dp; };
+    auto Vt_of = [&](int64 hh) { return Kt_of(hh) + Dp * NP; };
+    auto lse_of = [&](int64 hh) { return Vt_of(hh) + Dp * NP; };
+    auto delta_of = [&](int64 hh) { return lse_of(hh) + NP; };
+
+    // scatter the dense dS sums into the chunk's partial table
+    auto flush = [&](acc_t* pbias) {
+      if (acc_n == 0) return;
+      const int64 n = acc_n, np = round_up(n, VL);
+      for (int64 hh = 0; hh < hg; ++hh) {
+        const acc_t* blk = dS_acc + hh * cb.block;
+        acc_t* pb = pbias + hh * nbias + g.bias_c;
+        for (int64 i = 0; i < n; ++i) {
+          acc_t* prow = pb + acc_A[i];
+          const acc_t* x = blk + i * np;
+          for (int64 j = 0; j < n; ++j) prow[-acc_A[j]] += x[j];
+        }
+      }
+      acc_n = 0;
+    };
 
     for (int64 c = cbegin; c < cend; ++c) {
-      const int64 hd = c / parts_per_head, part = c % parts_per_head;
-      const int64 ib = part * items_per_head / parts_per_head;
-      const int64 ie = (part + 1) * items_per_head / parts_per_head;
-      acc_t* pbias = nullptr;
-      if (biasT) {
-        pbias = partials + c * nbias;
-        std::fill(pbias, pbias + nbias, acc_t(0));
-      }
-      const acc_t* bias_h = biasT ? biasT + hd * nbias + g.bias_c : nullptr;
-      acc_t* pbias_c = pbias ? pbias + g.bias_c : nullptr;
+      const int64 grp = c / parts, part = c % parts;
+      const int64 hd0 = grp * hg;
+      const int64 ib = part * ipg / parts, ie = (part + 1) * ipg / parts;
+      acc_t* pbias = biasT ? partials + c * hg * nbias : nullptr;
+      if (pbias) std::fill(pbias, pbias + hg * nbias, acc_t(0));
+      int64 acc_cls = -1;
 
       for (int64 bb = ib; bb < ie; ++bb) {
-        const int64 b = bb / g.nbox, box = bb % g.nbox;
-        if (box != last_box) {
-          bt.build(g, box);
-          last_box = box;
-        }
+        const int64 pos = bb / g.B, b = bb % g.B, box = g.order[pos];
+        const BoxTokens& bt = boxes.get(g, box);
         const int64 n = bt.n, np = round_up(n, VL);
+        // gather (dKs / dVs hold the v and out rows until they are used)
         for (int64 i = 0; i < n; ++i) {
           const int64 t = bt.t[i], h = bt.h[i], w = bt.w[i];
-          const scalar_t* qp = Q.at(b, t, h, w, hd);
-          const scalar_t* kp = K.at(b, t, h, w, hd);
-          const scalar_t* vp = Vv.at(b, t, h, w, hd);
-          const scalar_t* dop = dO.at(b, t, h, w, hd);
-          const scalar_t* op = O.at(b, t, h, w, hd);
-          acc_t* qs = Qs + i * Dp;
-          acc_t* ks = Ks + i * Dp;
-          acc_t* dos = dOs + i * Dp;
-          acc_t dl = 0;
-          for (int64 d = 0; d < D; ++d) {
-            const acc_t kd = static_cast<acc_t>(kp[d]);
-            const acc_t dod = static_cast<acc_t>(dop[d]);
-            qs[d] = scale * static_cast<acc_t>(qp[d]);
-            ks[d] = kd;
-            dos[d] = dod;
-            Kt[d * np + i] = kd;
-            Vt[d * np + i] = static_cast<acc_t>(vp[d]);
-            dl += dod * static_cast<acc_t>(op[d]);
+          const scalar_t *qr = Q.at(b, t, h, w, hd0), *kr = K.at(b, t, h, w, hd0), *vr = Vv.at(b, t, h, w, hd0);
+          const scalar_t *dor = dO.at(b, t, h, w, hd0), *orr = O.at(b, t, h, w, hd0);
+          const acc_t* lr = LSE.at(b, t, h, w, hd0);
+          for (int64 hh = 0; hh < hg; ++hh) {
+            load_row(Qs_of(hh) + i * Dp, qr + hh * Q.s[4], D, Dp, scale);
+            load_row(Ks_of(hh) + i * Dp, kr + hh * K.s[4], D, Dp);
+            load_row(dOs_of(hh) + i * Dp, dor + hh * dO.s[4], D, Dp);
+            load_row(dKs_of(hh) + i * Dp, vr + hh * Vv.s[4], D, Dp);
+            load_row(dVs_of(hh) + i * Dp, orr + hh * O.s[4], D, Dp);
+            lse_of(hh)[i] = lr[hh * LSE.s[4]];
           }
-          for (int64 d = D; d < Dp; ++d) qs[d] = ks[d] = dos[d] = 0;
-          delta[i] = dl;
-          lses[i] = *LSE.at(b, t, h, w, hd);
         }
-        for (int64 d = 0; d < D; ++d) {
-          for (int64 i = n; i < np; ++i) Kt[d * np + i] = Vt[d * np + i] = 0;
-        }
-        std::fill(dKs, dKs + n * Dp, acc_t(0));
-        std::fill(dVs, dVs + n * Dp, acc_t(0));
-
-        for (int64 r0 = 0; r0 < n; r0 += R) {
-          const int64 rb = std::min(R, n - r0);
-          htwa_simd::gemm<acc_t, false>(rb, np, D, Qs + r0 * Dp, Dp, 1, Kt, np, S, np);
-          htwa_simd::gemm<acc_t, false>(rb, np, D, dOs + r0 * Dp, Dp, 1, Vt, np, dP, np);
-          for (int64 i = 0; i < rb; ++i) {
-            const int64 r = r0 + i;
-            acc_t* s = S + i * np;
-            acc_t* dp = dP + i * np;
-            if (bias_h) add_bias_row(s, bias_h + bt.A[r], bt.A.data(), n);
-            prob_row_bwd(s, n, np, lses[r]);
-            const acc_t dr = delta[r];
-            for (int64 j = 0; j < np; ++j) dp[j] = s[j] * (dp[j] - dr);
-            if (pbias_c) {
-              acc_t* prow = pbias_c + bt.A[r];
-              const int64* A = bt.A.data();
-              for (int64 j = 0; j < n; ++j) prow[-A[j]] += dp[j];
+        // prefetch the next item's rows while this one computes
+        {
+          int64 hd2 = hd0, bb2 = bb + 1;
+          bool more = bb2 < ie;
+          if (!more && c + 1 < cend) {
+            hd2 = ((c + 1) / parts) * hg;
+            bb2 = ((c + 1) % parts) * ipg / parts;
+            more = true;
+          }
+          if (more) {
+            const int64 b2 = bb2 % g.B;
+            const BoxTokens& nt = boxes.peek(g, g.order[bb2 / g.B]);
+            for (int64 i = 0; i < nt.n; ++i) {
+              const int64 t = nt.t[i], h = nt.h[i], w = nt.w[i];
+              Q.prefetch(b2, t, h, w, hd2, hg, D, false);
+              K.prefetch(b2, t, h, w, hd2, hg, D, false);
+              Vv.prefetch(b2, t, h, w, hd2, hg, D, false);
+              dO.prefetch(b2, t, h, w, hd2, hg, D, false);
+              O.prefetch(b2, t, h, w, hd2, hg, D, false);
+              dQ.prefetch(b2, t, h, w, hd2, hg, D, true);
+              dK.prefetch(b2, t, h, w, hd2, hg, D, true);
+              dV.prefetch(b2, t, h, w, hd2, hg, D, true);
             }
           }
-          // dQ = dS K ; dV += P^T dO ; dK += dS^T (scale q)
-          htwa_simd::gemm<acc_t, false>(rb, Dp, n, dP, np, 1, Ks, Dp, dQb, Dp);
-          htwa_simd::gemm<acc_t, true>(n, Dp, rb, S, 1, np, dOs + r0 * Dp, Dp, dVs, Dp);
-          htwa_simd::gemm<acc_t, true>(n, Dp, rb, dP, 1, np, Qs + r0 * Dp, Dp, dKs, Dp);
-          for (int64 i = 0; i < rb; ++i) {
-            const int64 r = r0 + i;
-            scalar_t* p = dQ.at(b, bt.t[r], bt.h[r], bt.w[r], hd);
-            const acc_t* x = dQb + i * Dp;
-            for (int64 d = 0; d < D; ++d) p[d] = static_cast<scalar_t>(scale * x[d]);
+        }
+        if (dense) {
+          const int64 cls = g.cls[pos];
+          cb.prepare(g, bt, cls, hd0, hg, biasT, nbias);
+          if (cls != acc_cls) {
+            flush(pbias);
+            acc_cls = cls;
+            acc_n = n;
+            std::copy(bt.A.begin(), bt.A.begin() + n, acc_A.begin());
+            std::fill(dS_acc, dS_acc + hg * cb.block, acc_t(0));
           }
         }
-        for (int64 i = 0; i < n; ++i) {
-          scalar_t* pk = dK.at(b, bt.t[i], bt.h[i], bt.w[i], hd);
-          scalar_t* pv = dV.at(b, bt.t[i], bt.h[i], bt.w[i], hd);
-          const acc_t* xk = dKs + i * Dp;
-          const acc_t* xv = dVs + i * Dp;
-          for (int64 d = 0; d < D; ++d) {
-            pk[d] = static_cast<scalar_t>(xk[d]);
-            pv[d] = static_cast<scalar_t>(xv[d]);
+
+        for (int64 hh = 0; hh < hg; ++hh) {
+          const int64 hd = hd0 + hh;
+          acc_t *Qs = Qs_of(hh), *Ks = Ks_of(hh), *dOs = dOs_of(hh), *dKs = dKs_of(hh), *dVs = dVs_of(hh);
+          acc_t *Kt = Kt_of(hh), *Vt = Vt_of(hh), *lses = lse_of(hh), *delta = delta_of(hh);
+          for (int64 i = 0; i < n; ++i) delta[i] = dot_row(dOs + i * Dp, dVs + i * Dp, Dp);
+          zero_rows(Ks, Dp, n, np);
+          zero_rows(dKs, Dp, n, np);
+          htwa_simd::transpose(Kt, np, Ks, Dp, np, Dp);
+          htwa_simd::transpose(Vt, np, dKs, Dp, np, Dp);
+          zero_rows(dKs, Dp, 0, n);
+          zero_rows(dVs, Dp, 0, n);
+          const acc_t* bias_h = biasT ? biasT + hd * nbias + g.bias_c : nullptr;
+          const acc_t* dense_h = dense ? cb.dense + hh * cb.block : nullptr;
+          acc_t* dsacc_h = dense ? dS_acc + hh * cb.block : nullptr;
+          acc_t* pbias_c = pbias ? pbias + hh * nbias + g.bias_c : nullptr;
+
+          for (int64 r0 = 0; r0 < n; r0 += R) {
+            const int64 rb = std::min(R, n - r0);
+            htwa_simd::gemm<acc_t, false>(rb, np, D, Qs + r0 * Dp, Dp, 1, Kt, np, S, np);
+            htwa_simd::gemm<acc_t, false>(rb, np, D, dOs + r0 * Dp, Dp, 1, Vt, np, dP, np);
+            for (int64 i = 0; i < rb; ++i) {
+              const int64 r = r0 + i;
+              acc_t* s = S + i * np;
+              acc_t* dp = dP + i * np;
+              if (dense_h)
+                add_row(s, dense_h + r * np, np);
+              else if (bias_h)
+                add_bias_row(s, bias_h + bt.A[r], bt.A.data(), n);
+              prob_row_bwd(s, n, np, lses[r]);
+              const acc_t dr = delta[r];
+              for (int64 j = 0; j < np; ++j) dp[j] = s[j] * (dp[j] - dr);
+              if (dsacc_h) {
+                add_row(dsacc_h + r * np, dp, np);
+              } else if (pbias_c) {
+                acc_t* prow = pbias_c + bt.A[r];
+                const int32_t* A = bt.A.data();
+                for (int64 j = 0; j < n; ++j) prow[-A[j]] += dp[j];
+              }
+            }
+            // dQ = dS K ; dV += P^T dO ; dK += dS^T (scale q)
+            htwa_simd::gemm<acc_t, false>(rb, Dp, n, dP, np, 1, Ks, Dp, dQb, Dp);
+            htwa_simd::gemm<acc_t, true>(n, Dp, rb, S, 1, np, dOs + r0 * Dp, Dp, dVs, Dp);
+            htwa_simd::gemm<acc_t, true>(n, Dp, rb, dP, 1, np, Qs + r0 * Dp, Dp, dKs, Dp);
+            for (int64 i = 0; i < rb; ++i) {
+              const int64 r = r0 + i;
+              store_row(dQ.at(b, bt.t[r], bt.h[r], bt.w[r], hd), dQb + i * Dp, D, scale);
+            }
+          }
+          for (int64 i = 0; i < n; ++i) {
+            store_row(dK.at(b, bt.t[i], bt.h[i], bt.w[i], hd), dKs + i * Dp, D);
+            store_row(dV.at(b, bt.t[i], bt.h[i], bt.w[i], hd), dVs + i * Dp, D);
           }
         }
       }
+      if (dense) flush(pbias);
     }
   });
 }
@@ -503,29 +791,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> htwa_bwd_cpu(
     return {dq, dk, dv, dbias};
   }
   at::Tensor biasT, partials;
-  const int64 items_per_head = g.B * g.nbox;
-  const int64 parts_per_head =
-      std::max<int64>(1, std::min<int64>(items_per_head, (kBiasChunks + g.heads - 1) / g.heads));
-  if (bias.has_value()) {
-    biasT = bias->to(acc).t().contiguous();
-    partials = at::empty({g.heads * parts_per_head, nbias}, q.options().dtype(acc));
-  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "htwa_bwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    bwd_impl<scalar_t, acc_t>(g, dout, q, k, v, biasT.defined() ? biasT.data_ptr<acc_t>() : nullptr, nbias, out,
-                              lse, static_cast<acc_t>(scale), dq, dk, dv,
-                              partials.defined() ? partials.data_ptr<acc_t>() : nullptr, parts_per_head);
+    const BwdSplit sp = bwd_split<acc_t>(g);
+    if (bias.has_value()) {
+      biasT = bias->to(acc).t().contiguous();  // (heads, nbias)
+      partials = at::empty({sp.chunks() * sp.hg, nbias}, q.options().dtype(acc));
+    }
+    bwd_impl<scalar_t, acc_t>(g, sp, dout, q, k, v, biasT.defined() ? biasT.data_ptr<acc_t>() : nullptr, nbias,
+                              out, lse, static_cast<acc_t>(scale), dq, dk, dv,
+                              partials.defined() ? partials.data_ptr<acc_t>() : nullptr);
     if (partials.defined()) {
-      // ordered reduction: dbias[r, h] = sum_p partials[h * parts + p, r], p ascending
+      // ordered reduction: dbias[r, hd] = sum over parts p (ascending) of the chunk partials of head hd
       const acc_t* P = partials.data_ptr<acc_t>();
       acc_t* db = dbias.data_ptr<acc_t>();
       const int64 heads = g.heads;
       at::parallel_for(0, heads, 1, [&](int64 hb, int64 he) {
-        for (int64 h = hb; h < he; ++h) {
+        for (int64 hd = hb; hd < he; ++hd) {
+          const int64 grp = hd / sp.hg, hh = hd % sp.hg;
           for (int64 r = 0; r < nbias; ++r) {
             acc_t s = 0;
-            for (int64 p = 0; p < parts_per_head; ++p) s += P[(h * parts_per_head + p) * nbias + r];
-            db[r * heads + h] = s;
+            for (int64 p = 0; p < sp.parts; ++p) s += P[((grp * sp.parts + p) * sp.hg + hh) * nbias + r];
+            db[r * heads + hd] = s;
           }
         }
       });

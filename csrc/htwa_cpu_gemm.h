@@ -5,6 +5,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace lfvila {
 namespace htwa_simd {
 
@@ -139,6 +143,45 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks,
   for (; j + 2 <= nvec; j += 2) panel<T, 2, ACC>(M, K, A, ars, aks, B + j * L, ldb, C + j * L, ldc);
   if (j < nvec) panel<T, 1, ACC>(M, K, A, ars, aks, B + j * L, ldb, C + j * L, ldc);
 }
+
+// dst[d * ldd + i] = src[i * lds + d] for i < n, d < m; n and m multiples of the vector width (8 floats /
+// 4 doubles), rows of src and dst must not overlap.
+template <typename T>
+inline void transpose(T* __restrict dst, int64_t ldd, const T* __restrict src, int64_t lds, int64_t n, int64_t m) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < m; ++d) dst[d * ldd + i] = src[i * lds + d];
+}
+
+#if defined(__AVX__)
+LFVILA_INLINE void transpose8x8(float* __restrict dst, int64_t ldd, const float* __restrict src, int64_t lds) {
+  const __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + lds), r2 = _mm256_loadu_ps(src + 2 * lds),
+               r3 = _mm256_loadu_ps(src + 3 * lds), r4 = _mm256_loadu_ps(src + 4 * lds),
+               r5 = _mm256_loadu_ps(src + 5 * lds), r6 = _mm256_loadu_ps(src + 6 * lds),
+               r7 = _mm256_loadu_ps(src + 7 * lds);
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+               t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+               t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+               u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+               u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+               u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(dst + ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(dst + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(dst + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(dst + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(dst + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(dst + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(dst + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+template <>
+inline void transpose<float>(float* __restrict dst, int64_t ldd, const float* __restrict src, int64_t lds, int64_t n,
+                             int64_t m) {
+  for (int64_t i = 0; i < n; i += 8)
+    for (int64_t d = 0; d < m; d += 8) transpose8x8(dst + d * ldd + i, ldd, src + i * lds + d, lds);
+}
+#endif
 
 }  // namespace htwa_simd
 }  // namespace lfvila
