@@ -29,6 +29,9 @@
 #include <type_traits>
 #include <vector>
 
+// Copy loops stay inline: the default turns short row copies into memmove calls.
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
+
 #include "htwa_cpu_gemm.h"
 
 namespace lfvila {
@@ -155,29 +158,56 @@ struct Scratch {
   }
 };
 
-// dst[0..Dp) = mul * src[0..D), zero padded.
-template <typename scalar_t, typename acc_t>
-inline void load_row(acc_t* __restrict dst, const scalar_t* __restrict src, int64 D, int64 Dp, acc_t mul) {
-  for (int64 d = 0; d < D; ++d) dst[d] = mul * static_cast<acc_t>(src[d]);
-  for (int64 d = D; d < Dp; ++d) dst[d] = 0;
+// dst[0..Dp) = (mul *) src[0..D) in acc_t, zero padded.
+template <typename scalar_t, typename acc_t, bool MUL>
+inline void load_row_impl(acc_t* __restrict dst, const scalar_t* __restrict src, int64 D, int64 Dp, acc_t mul) {
+  int64 d = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    using V = typename VecOf<acc_t>::type;
+    constexpr int VL = VecOf<acc_t>::L;
+    for (; d + VL <= D; d += VL) {
+      V x = htwa_simd::load<V>(src + d);
+      if constexpr (MUL) x = x * mul;
+      htwa_simd::store(dst + d, x);
+    }
+  }
+  for (; d < D; ++d) dst[d] = MUL ? mul * static_cast<acc_t>(src[d]) : static_cast<acc_t>(src[d]);
+  for (; d < Dp; ++d) dst[d] = 0;
 }
 template <typename scalar_t, typename acc_t>
-inline void load_row(acc_t* __restrict dst, const scalar_t* __restrict src, int64 D, int64 Dp) {
-  for (int64 d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]);
-  for (int64 d = D; d < Dp; ++d) dst[d] = 0;
+inline void load_row(acc_t* dst, const scalar_t* src, int64 D, int64 Dp, acc_t mul) {
+  load_row_impl<scalar_t, acc_t, true>(dst, src, D, Dp, mul);
+}
+template <typename scalar_t, typename acc_t>
+inline void load_row(acc_t* dst, const scalar_t* src, int64 D, int64 Dp) {
+  load_row_impl<scalar_t, acc_t, false>(dst, src, D, Dp, acc_t(1));
+}
+// dst[0..D) = (mul *) src[0..D), converted to scalar_t.
+template <typename scalar_t, typename acc_t, bool MUL>
+inline void store_row_impl(scalar_t* __restrict dst, const acc_t* __restrict src, int64 D, acc_t mul) {
+  int64 d = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    using V = typename VecOf<acc_t>::type;
+    constexpr int VL = VecOf<acc_t>::L;
+    for (; d + VL <= D; d += VL) {
+      V x = htwa_simd::load<V>(src + d);
+      if constexpr (MUL) x = x * mul;
+      htwa_simd::store(dst + d, x);
+    }
+  }
+  for (; d < D; ++d) dst[d] = static_cast<scalar_t>(MUL ? mul * src[d] : src[d]);
+}
+template <typename scalar_t, typename acc_t>
+inline void store_row(scalar_t* dst, const acc_t* src, int64 D, acc_t mul) {
+  store_row_impl<scalar_t, acc_t, true>(dst, src, D, mul);
+}
+template <typename scalar_t, typename acc_t>
+inline void store_row(scalar_t* dst, const acc_t* src, int64 D) {
+  store_row_impl<scalar_t, acc_t, false>(dst, src, D, acc_t(1));
 }
 template <typename acc_t>
 inline void zero_rows(acc_t* dst, int64 ld, int64 r0, int64 r1) {
   if (r1 > r0) std::fill(dst + r0 * ld, dst + r1 * ld, acc_t(0));
-}
-// dst[0..D) = (mul *) src[0..D), converted to scalar_t.
-template <typename scalar_t, typename acc_t>
-inline void store_row(scalar_t* __restrict dst, const acc_t* __restrict src, int64 D, acc_t mul) {
-  for (int64 d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(mul * src[d]);
-}
-template <typename scalar_t, typename acc_t>
-inline void store_row(scalar_t* __restrict dst, const acc_t* __restrict src, int64 D) {
-  for (int64 d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(src[d]);
 }
 // <x, y> over Dp (a multiple of the vector width) entries.
 template <typename acc_t>
@@ -275,8 +305,7 @@ inline void softmax_row_fwd(acc_t* s, int64 n, int64 np, acc_t& m_out, acc_t& l_
       m0 = m0 > x0 ? m0 : x0;
     }
     m0 = m0 > m1 ? m0 : m1;
-    m = m0[0];
-    for (int k = 1; k < VL; ++k) m = std::max(m, static_cast<acc_t>(m0[k]));
+    m = htwa_simd::hmax(m0);
   }
   if constexpr (std::is_same_v<acc_t, float>) {
     V vsum = htwa_simd::splat<V>(0.f);

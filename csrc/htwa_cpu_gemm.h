@@ -50,6 +50,28 @@ LFVILA_INLINE auto hsum(V v) {
   for (unsigned i = 1; i < sizeof(V) / sizeof(s); ++i) s += v[i];
   return s;
 }
+template <typename V>
+LFVILA_INLINE auto hmax(V v) {
+  auto s = v[0];
+  for (unsigned i = 1; i < sizeof(V) / sizeof(s); ++i) s = s > v[i] ? s : v[i];
+  return s;
+}
+#if defined(__AVX__)
+LFVILA_INLINE float hsum(VecOf<float>::type v) {
+  const __m256 x = (__m256)v;
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+LFVILA_INLINE float hmax(VecOf<float>::type v) {
+  const __m256 x = (__m256)v;
+  __m128 a = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_max_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+#endif
 
 // exp for 8 floats (Cephes-style: 2^n * poly(r), |r| <= ln2/2), about 1-2 ulp; exactly 0 below -87.33
 // (where expf would be subnormal), and x is clamped above at 88.
