@@ -421,8 +421,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // long contiguous reads (a token's heads are adjacent in a qkv projection). Depends on shapes only.
 constexpr int64 kGroupScratchBytes = 192 * 1024;
 constexpr int64 kMinItems = 32;
-// Dense per-class bias (and dbias accumulator) blocks are used while one head's block is at most this large.
-constexpr int64 kDenseBytes = 64 * 1024;
+// Dense per-class bias blocks are used while one head's block is at most this large (the backward also keeps a
+// dS accumulator block of the same size, so it uses a smaller limit).
+constexpr int64 kDenseBytesFwd = 256 * 1024;
+constexpr int64 kDenseBytesBwd = 64 * 1024;
 
 inline int64 choose_group(int64 heads, int64 per_head_bytes, int64 items_per_group) {
   int64 best = 1;
@@ -485,7 +487,7 @@ void fwd_impl(const Geom& g, const at::Tensor& q, const at::Tensor& k, const at:
   const int64 ipg = g.B * g.nbox;
   const int64 hg = choose_group(g.heads, per_head * static_cast<int64>(sizeof(acc_t)), ipg);
   const int64 nitems = (g.heads / hg) * ipg;
-  const bool dense = biasT && nm * NP * static_cast<int64>(sizeof(acc_t)) <= kDenseBytes;
+  const bool dense = biasT && nm * NP * static_cast<int64>(sizeof(acc_t)) <= kDenseBytesFwd && ipg >= 2;
 
   at::parallel_for(0, nitems, 1, [&](int64 begin, int64 end) {
     BoxPair boxes;
@@ -625,7 +627,7 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
   const int64 R = std::min(kRowBlock, nm);
   const int64 per_head = bwd_per_head<acc_t>(g);
   const int64 hg = sp.hg, parts = sp.parts, ipg = sp.items_per_group;
-  const bool dense = biasT && nm * NP * static_cast<int64>(sizeof(acc_t)) <= kDenseBytes && ipg >= 2 * parts;
+  const bool dense = biasT && nm * NP * static_cast<int64>(sizeof(acc_t)) <= kDenseBytesBwd && ipg >= 2 * parts;
 
   at::parallel_for(0, sp.chunks(), 1, [&](int64 cbegin, int64 cend) {
     BoxPair boxes;
