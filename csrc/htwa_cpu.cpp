@@ -1,0 +1,863 @@
+// HTWA on the CPU: fused forward and backward (contract: csrc/HTWA_CONTRACT.md).
+//
+// The token grid splits into disjoint boxes (one interval per axis); inside a box every query attends every key.
+// A work item is one (head group, batch, box): it gathers the box's q/k/v rows of hg heads through their strides
+// into contiguous fp32 (fp64) scratch (a token's heads are adjacent in a qkv projection, so this is a few long
+// reads), then per head runs small register-blocked GEMMs (htwa_cpu_gemm.h) over blocks of query rows:
+// S = (scale q) k^T + bias, an exact softmax over the whole box row (a box has at most prod(window) keys),
+// out = P v. The backward recomputes P from lse (FlashAttention-2 math) and accumulates dk/dv of the box in
+// scratch. Nothing of size L x L, and no rolled or partitioned copy of q/k/v, is ever made.
+//
+// Bias row of (query, key) = C + A(query) - A(key), with A linear in the bias_window coordinates (BoxTokens).
+// Boxes come in at most 27 shapes ("classes": per axis a front partial box, full boxes, a ragged end box) and
+// the bias of a box depends on its class only, so boxes are visited class by class: for small boxes the class's
+// dense bias block is built once and added with vector loads, and dbias is accumulated densely per class and
+// scattered into the table once per class run.
+// dbias is deterministic: the work is split into a fixed number of chunks (independent of the thread count),
+// each one head group wide with its own partial sums; the partials are summed in chunk order afterwards.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+// Copy loops stay inline: the default turns short row copies into memmove calls.
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
+
+#include "htwa_cpu_gemm.h"
+
+namespace lfvila {
+namespace {
+
+using htwa_simd::VecOf;
+using int64 = int64_t;
+
+// Row-block size (query rows handled at once); a multiple of the micro-kernel height.
+constexpr int64 kRowBlock = 48;
+// Target number of dbias chunks per call (fixed, so the reduction order does not depend on the thread count).
+constexpr int64 kBiasChunks = 64;
+
+inline int64 round_up(int64 x, int64 m) { return (x + m - 1) / m * m; }
+
+struct Axis {
+  int64 len, win, shift, nbox;
+  // Box j along this axis: [start, start + n), in-window coordinate of start = c0.
+  void box(int64 j, int64& start, int64& n, int64& c0) const {
+    if (shift > 0) {
+      if (j == 0) {
+        start = 0;
+        n = shift;
+        c0 = win - shift;
+        return;
+      }
+      start = shift + (j - 1) * win;
+    } else {
+      start = j * win;
+    }
+    n = std::min(start + win, len) - start;
+    c0 = 0;
+  }
+  // 0: front partial box, 1: full box, 2: ragged end box
+  int cls(int64 j) const {
+    if (shift > 0 && j == 0) return 0;
+    int64 st, n, c0;
+    box(j, st, n, c0);
+    return n == win ? 1 : 2;
+  }
+};
+
+inline Axis make_axis(int64 len, int64 win, int64 shift) {
+  Axis a{len, win, shift, 0};
+  a.nbox = (shift > 0 ? 1 : 0) + (len - shift + win - 1) / win;
+  return a;
+}
+
+// Geometry shared by every work item of a call.
+struct Geom {
+  int64 B, T, H, W, heads, D;
+  Axis ax[3];
+  int64 nbox;       // boxes per batch element
+  int64 nmax;       // largest box (tokens)
+  int64 win[3], bwin[3];
+  int64 bias_c;     // C of the bias row formula
+  // Visiting order: boxes sorted by class (stable); item bb -> box order[bb / B], batch bb % B.
+  std::vector<int64> order;
+  std::vector<int32_t> cls;  // class id of order[i]
+};
+
+// Tokens of one box: grid coordinates and bias key A.
+struct BoxTokens {
+  int64 n = 0;
+  std::vector<int32_t> t, h, w;
+  std::vector<int32_t> A;
+  void reserve(int64 nmax) {
+    t.resize(nmax);
+    h.resize(nmax);
+    w.resize(nmax);
+    A.resize(nmax);
+  }
+  void build(const Geom& g, int64 box) {
+    const int64 nbh = g.ax[1].nbox, nbw = g.ax[2].nbox;
+    const int64 j[3] = {box / (nbh * nbw), (box / nbw) % nbh, box % nbw};
+    int64 st[3], len[3], c0[3];
+    for (int a = 0; a < 3; ++a) g.ax[a].box(j[a], st[a], len[a], c0[a]);
+    const int64 Wh = g.win[1], Ww = g.win[2];
+    const int64 Bh = g.bwin[1], Bw = g.bwin[2];
+    const int64 sb_t = (2 * Bh - 1) * (2 * Bw - 1), sb_h = 2 * Bw - 1;
+    int64 i = 0;
+    for (int64 a = 0; a < len[0]; ++a) {
+      for (int64 b = 0; b < len[1]; ++b) {
+        for (int64 c = 0; c < len[2]; ++c, ++i) {
+          t[i] = static_cast<int32_t>(st[0] + a);
+          h[i] = static_cast<int32_t>(st[1] + b);
+          w[i] = static_cast<int32_t>(st[2] + c);
+          const int64 nn = ((c0[0] + a) * Wh + (c0[1] + b)) * Ww + (c0[2] + c);
+          const int64 bt = nn / (Bh * Bw), bh = (nn / Bw) % Bh, bw = nn % Bw;
+          A[i] = static_cast<int32_t>(bt * sb_t + bh * sb_h + bw);
+        }
+      }
+    }
+    n = i;
+  }
+};
+
+// A strided view of a (B, T, H, W, heads, D) tensor (or (B, T, H, W, heads) for lse).
+template <typename T>
+struct View {
+  T* p;
+  int64 s[6];
+  View(const at::Tensor& x) : p(const_cast<T*>(x.data_ptr<T>())) {
+    for (int i = 0; i < 6; ++i) s[i] = i < x.dim() ? x.stride(i) : 0;
+  }
+  T* at(int64 b, int64 t, int64 h, int64 w, int64 hd) const {
+    return p + b * s[0] + t * s[1] + h * s[2] + w * s[3] + hd * s[4];
+  }
+  // Prefetch the D-element rows of heads [hd0, hd0 + hg) of one token.
+  void prefetch(int64 b, int64 t, int64 h, int64 w, int64 hd0, int64 hg, int64 D, bool write) const;
+};
+
+template <typename T>
+struct Scratch {
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> mem;
+  T* get(int64 n) {
+    const size_t bytes = static_cast<size_t>(round_up(std::max<int64>(n, 1) * sizeof(T), 64));
+    mem.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+    TORCH_CHECK(mem, "htwa_cpu: out of memory for scratch (", bytes, " bytes)");
+    return mem.get();
+  }
+};
+
+// dst[0..Dp) = (mul *) src[0..D) in acc_t, zero padded.
+template <typename scalar_t, typename acc_t, bool MUL>
+inline void load_row_impl(acc_t* __restrict dst, const scalar_t* __restrict src, int64 D, int64 Dp, acc_t mul) {
+  int64 d = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    using V = typename VecOf<acc_t>::type;
+    constexpr int VL = VecOf<acc_t>::L;
+    for (; d + VL <= D; d += VL) {
+      V x = htwa_simd::load<V>(src + d);
+      if constexpr (MUL) x = x * mul;
+      htwa_simd::store(dst + d, x);
+    }
+  }
+  for (; d < D; ++d) dst[d] = MUL ? mul * static_cast<acc_t>(src[d]) : static_cast<acc_t>(src[d]);
+  for (; d < Dp; ++d) dst[d] = 0;
+}
+template <typename scalar_t, typename acc_t>
+inline void load_row(acc_t* dst, const scalar_t* src, int64 D, int64 Dp, acc_t mul) {
+  load_row_impl<scalar_t, acc_t, true>(dst, src, D, Dp, mul);
+}
+template <typename scalar_t, typename acc_t>
+inline void load_row(acc_t* dst, const scalar_t* src, int64 D, int64 Dp) {
+  load_row_impl<scalar_t, acc_t, false>(dst, src, D, Dp, acc_t(1));
+}
+// dst[0..D) = (mul *) src[0..D), converted to scalar_t.
+template <typename scalar_t, typename acc_t, bool MUL>
+inline void store_row_impl(scalar_t* __restrict dst, const acc_t* __restrict src, int64 D, acc_t mul) {
+  int64 d = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    using V = typename VecOf<acc_t>::type;
+    constexpr int VL = VecOf<acc_t>::L;
+    for (; d + VL <= D; d += VL) {
+      V x = htwa_simd::load<V>(src + d);
+      if constexpr (MUL) x = x * mul;
+      htwa_simd::store(dst + d, x);
+    }
+  }
+  for (; d < D; ++d) dst[d] = static_cast<scalar_t>(MUL ? mul * src[d] : src[d]);
+}
+template <typename scalar_t, typename acc_t>
+inline void store_row(scalar_t* dst, const acc_t* src, int64 D, acc_t mul) {
+  store_row_impl<scalar_t, acc_t, true>(dst, src, D, mul);
+}
+template <typename scalar_t, typename acc_t>
+inline void store_row(scalar_t* dst, const acc_t* src, int64 D) {
+  store_row_impl<scalar_t, acc_t, false>(dst, src, D, acc_t(1));
+}
+template <typename acc_t>
+inline void zero_rows(acc_t* dst, int64 ld, int64 r0, int64 r1) {
+  if (r1 > r0) std::fill(dst + r0 * ld, dst + r1 * ld, acc_t(0));
+}
+// <x, y> over Dp (a multiple of the vector width) entries.
+template <typename acc_t>
+inline acc_t dot_row(const acc_t* x, const acc_t* y, int64 Dp) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int VL = VecOf<acc_t>::L;
+  V acc = htwa_simd::splat<V>(acc_t(0));
+  for (int64 d = 0; d < Dp; d += VL) acc += htwa_simd::load<V>(x + d) * htwa_simd::load<V>(y + d);
+  return htwa_simd::hsum(acc);
+}
+// dst[0..np) += src[0..np)
+template <typename acc_t>
+inline void add_row(acc_t* __restrict dst, const acc_t* __restrict src, int64 np) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int VL = VecOf<acc_t>::L;
+  for (int64 j = 0; j < np; j += VL)
+    htwa_simd::store(dst + j, htwa_simd::load<V>(dst + j) + htwa_simd::load<V>(src + j));
+}
+// Prefetch `bytes` bytes from p.
+inline void prefetch_span(const void* p, int64 bytes, bool write) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63);
+  const uintptr_t last = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes);
+  for (uintptr_t a = first; a < last; a += 64) {
+    if (write)
+      __builtin_prefetch(reinterpret_cast<const void*>(a), 1, 3);
+    else
+      __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
+  }
+}
+
+template <typename T>
+void View<T>::prefetch(int64 b, int64 t, int64 h, int64 w, int64 hd0, int64 hg, int64 D, bool write) const {
+  const T* r = at(b, t, h, w, hd0);
+  if (s[4] == D || hg == 1) {
+    prefetch_span(r, hg * D * static_cast<int64>(sizeof(T)), write);
+  } else {
+    for (int64 hh = 0; hh < hg; ++hh) prefetch_span(r + hh * s[4], D * static_cast<int64>(sizeof(T)), write);
+  }
+}
+
+// Keeps the tokens of the current box and of the next item's box (built early so it can be prefetched).
+struct BoxPair {
+  BoxTokens cur, nxt;
+  int64 cur_box = -1, nxt_box = -1;
+  void reserve(int64 nmax) {
+    cur.reserve(nmax);
+    nxt.reserve(nmax);
+  }
+  const BoxTokens& get(const Geom& g, int64 box) {
+    if (box != cur_box) {
+      if (box == nxt_box) {
+        std::swap(cur, nxt);
+        std::swap(cur_box, nxt_box);
+      } else {
+        cur.build(g, box);
+        cur_box = box;
+      }
+    }
+    return cur;
+  }
+  const BoxTokens& peek(const Geom& g, int64 box) {
+    if (box == cur_box) return cur;
+    if (box != nxt_box) {
+      nxt.build(g, box);
+      nxt_box = box;
+    }
+    return nxt;
+  }
+};
+
+// Softmax helpers over one row of length np (a multiple of the vector width); entries >= n are padding.
+template <typename acc_t>
+inline void add_bias_row(acc_t* __restrict s, const acc_t* __restrict bias_row /* bias_h + C + A[q] */,
+                         const int32_t* __restrict A, int64 n) {
+  for (int64 j = 0; j < n; ++j) s[j] += bias_row[-A[j]];
+}
+
+// Forward row: s -> exp(s - max) in place; returns (max, sum).
+template <typename acc_t>
+inline void softmax_row_fwd(acc_t* s, int64 n, int64 np, acc_t& m_out, acc_t& l_out) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int VL = VecOf<acc_t>::L;
+  for (int64 j = n; j < np; ++j) s[j] = -std::numeric_limits<acc_t>::infinity();
+  acc_t m;
+  {
+    V m0 = htwa_simd::load<V>(s), m1 = m0;
+    int64 j = VL;
+    for (; j + 2 * VL <= np; j += 2 * VL) {
+      const V x0 = htwa_simd::load<V>(s + j), x1 = htwa_simd::load<V>(s + j + VL);
+      m0 = m0 > x0 ? m0 : x0;
+      m1 = m1 > x1 ? m1 : x1;
+    }
+    for (; j < np; j += VL) {
+      const V x0 = htwa_simd::load<V>(s + j);
+      m0 = m0 > x0 ? m0 : x0;
+    }
+    m0 = m0 > m1 ? m0 : m1;
+    m = htwa_simd::hmax(m0);
+  }
+  if constexpr (std::is_same_v<acc_t, float>) {
+    V vsum = htwa_simd::splat<V>(0.f);
+    const V vm = htwa_simd::splat<V>(m);
+    for (int64 j = 0; j < np; j += VL) {
+      V x = htwa_simd::load<V>(s + j);
+      V e = htwa_simd::exp_f8(x - vm);
+      htwa_simd::store(s + j, e);
+      vsum += e;
+    }
+    l_out = htwa_simd::hsum(vsum);
+  } else {
+    acc_t l = 0;
+    for (int64 j = 0; j < n; ++j) {
+      s[j] = std::exp(s[j] - m);
+      l += s[j];
+    }
+    for (int64 j = n; j < np; ++j) s[j] = 0;
+    l_out = l;
+  }
+  m_out = m;
+}
+
+// Backward row: p = exp(s - lse) in place (padding -> 0).
+template <typename acc_t>
+inline void prob_row_bwd(acc_t* s, int64 n, int64 np, acc_t lse) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int VL = VecOf<acc_t>::L;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    for (int64 j = n; j < np; ++j) s[j] = -std::numeric_limits<float>::infinity();
+    const V vl = htwa_simd::splat<V>(lse);
+    for (int64 j = 0; j < np; j += VL) htwa_simd::store(s + j, htwa_simd::exp_f8(htwa_simd::load<V>(s + j) - vl));
+  } else {
+    for (int64 j = 0; j < n; ++j) s[j] = std::exp(s[j] - lse);
+    for (int64 j = n; j < np; ++j) s[j] = 0;
+  }
+}
+
+inline Geom make_geom(const at::Tensor& q, at::IntArrayRef window, at::IntArrayRef shift,
+                      at::IntArrayRef bias_window) {
+  TORCH_CHECK(q.dim() == 6, "htwa: q must be (B, T, H, W, heads, D), got ", q.sizes());
+  TORCH_CHECK(window.size() == 3 && shift.size() == 3 && bias_window.size() == 3,
+              "htwa: window, shift and bias_window must have 3 entries");
+  Geom g;
+  g.B = q.size(0);
+  g.T = q.size(1);
+  g.H = q.size(2);
+  g.W = q.size(3);
+  g.heads = q.size(4);
+  g.D = q.size(5);
+  const int64 grid[3] = {g.T, g.H, g.W};
+  g.nmax = 1;
+  for (int a = 0; a < 3; ++a) {
+    TORCH_CHECK(window[a] >= 1 && window[a] <= grid[a], "htwa: window must be in [1, grid], got window=", window,
+                " grid=", at::IntArrayRef(grid, 3));
+    TORCH_CHECK(shift[a] >= 0 && shift[a] < window[a], "htwa: shift must be in [0, window), got shift=", shift);
+    TORCH_CHECK(bias_window[a] >= window[a], "htwa: bias_window must be >= window, got ", bias_window);
+    g.ax[a] = make_axis(grid[a], window[a], shift[a]);
+    g.win[a] = window[a];
+    g.bwin[a] = bias_window[a];
+    g.nmax *= window[a];
+  }
+  TORCH_CHECK(g.nmax <= (int64(1) << 24), "htwa: window too large for the CPU kernel");
+  TORCH_CHECK((2 * bias_window[0] - 1) * (2 * bias_window[1] - 1) * (2 * bias_window[2] - 1) < (int64(1) << 31),
+              "htwa: bias_window too large for the CPU kernel");
+  g.nbox = g.ax[0].nbox * g.ax[1].nbox * g.ax[2].nbox;
+  {
+    std::vector<int32_t> cls_of(g.nbox);
+    const int64 nbh = g.ax[1].nbox, nbw = g.ax[2].nbox;
+    for (int64 box = 0; box < g.nbox; ++box)
+      cls_of[box] = static_cast<int32_t>(g.ax[0].cls(box / (nbh * nbw)) * 9 + g.ax[1].cls((box / nbw) % nbh) * 3 +
+                                         g.ax[2].cls(box % nbw));
+    g.order.resize(g.nbox);
+    for (int64 box = 0; box < g.nbox; ++box) g.order[box] = box;
+    std::stable_sort(g.order.begin(), g.order.end(), [&](int64 x, int64 y) { return cls_of[x] < cls_of[y]; });
+    g.cls.resize(g.nbox);
+    for (int64 i = 0; i < g.nbox; ++i) g.cls[i] = cls_of[g.order[i]];
+  }
+  const int64 Bt = g.bwin[0], Bh = g.bwin[1], Bw = g.bwin[2];
+  g.bias_c = ((Bt - 1) * (2 * Bh - 1) + (Bh - 1)) * (2 * Bw - 1) + (Bw - 1);
+  return g;
+}
+
+inline int64 num_bias_rows(const Geom& g) {
+  return (2 * g.bwin[0] - 1) * (2 * g.bwin[1] - 1) * (2 * g.bwin[2] - 1);
+}
+
+inline at::ScalarType acc_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline at::Tensor last_dim_contig(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& bias, const Geom& g) {
+  for (const at::Tensor* x : {&q, &k, &v}) {
+    TORCH_CHECK(x->device().is_cpu(), "htwa_cpu: tensors must be on the CPU");
+    TORCH_CHECK(x->sizes() == q.sizes(), "htwa: q, k, v must have the same shape");
+    TORCH_CHECK(x->scalar_type() == q.scalar_type(), "htwa: q, k, v must have the same dtype");
+  }
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "htwa: q must be floating point, got ", q.scalar_type());
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.device().is_cpu(), "htwa_cpu: bias must be on the CPU");
+    TORCH_CHECK(b.dim() == 2 && b.size(0) == num_bias_rows(g) && b.size(1) == g.heads, "htwa: bias must be (",
+                num_bias_rows(g), ", ", g.heads, "), got ", b.sizes());
+    TORCH_CHECK(at::isFloatingType(b.scalar_type()), "htwa: bias must be floating point");
+  }
+}
+
+// Heads handled together by one work item: the largest divisor hg of heads whose per-head scratch fits the
+// budget while leaving at least kMinItems work items. Several heads per item turn the gather of a small box into
+// long contiguous reads (a token's heads are adjacent in a qkv projection). Depends on shapes only.
+constexpr int64 kGroupScratchBytes = 192 * 1024;
+constexpr int64 kMinItems = 32;
+// Dense per-class bias blocks are used while one head's block is at most this large (the backward also keeps a
+// dS accumulator block of the same size, so it uses a smaller limit).
+constexpr int64 kDenseBytesFwd = 256 * 1024;
+constexpr int64 kDenseBytesBwd = 64 * 1024;
+
+inline int64 choose_group(int64 heads, int64 per_head_bytes, int64 items_per_group) {
+  int64 best = 1;
+  for (int64 hg = 2; hg <= heads; ++hg) {
+    if (heads % hg) continue;
+    if (hg * per_head_bytes > kGroupScratchBytes || (heads / hg) * items_per_group < kMinItems) break;
+    best = hg;
+  }
+  return best;
+}
+
+// Per-thread state shared by forward and backward: the boxes, the dense bias blocks of the current class.
+template <typename acc_t>
+struct ClassBias {
+  bool enabled = false;
+  int64 key = -1;  // class * heads + first head of the group the blocks were built for
+  acc_t* dense = nullptr;  // hg blocks of nm x NP
+  int64 block = 0;         // nm * NP
+  // Builds (if needed) the dense bias of `cls` for heads [hd0, hd0 + hg); row i of head hh at
+  // dense + hh * block + i * np.
+  void prepare(const Geom& g, const BoxTokens& bt, int64 cls, int64 hd0, int64 hg, const acc_t* biasT,
+               int64 nbias) {
+    const int64 k = cls * g.heads + hd0;
+    if (k == key) return;
+    key = k;
+    const int64 n = bt.n, np = round_up(n, VecOf<acc_t>::L);
+    const int32_t* A = bt.A.data();
+    for (int64 hh = 0; hh < hg; ++hh) {
+      const acc_t* bias_h = biasT + (hd0 + hh) * nbias + g.bias_c;
+      acc_t* blk = dense + hh * block;
+      for (int64 i = 0; i < n; ++i) {
+        acc_t* row = blk + i * np;
+        const acc_t* br = bias_h + A[i];
+        for (int64 j = 0; j < n; ++j) row[j] = br[-A[j]];
+        for (int64 j = n; j < np; ++j) row[j] = 0;
+      }
+    }
+  }
+};
+
+// ----------------------------------------------------------------------------------------------------------------
+// forward
+
+template <typename acc_t>
+int64 fwd_per_head(const Geom& g) {
+  constexpr int VL = VecOf<acc_t>::L;
+  const int64 Dp = round_up(g.D, VL), NP = round_up(g.nmax, VL);
+  return 3 * NP * Dp + Dp * NP;  // Qs, K rows, Vs, Kt
+}
+
+template <typename scalar_t, typename acc_t>
+void fwd_impl(const Geom& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const acc_t* biasT,
+              int64 nbias, acc_t scale, at::Tensor& out, at::Tensor& lse) {
+  constexpr int VL = VecOf<acc_t>::L;
+  const View<scalar_t> Q(q), K(k), Vv(v), O(out);
+  const View<acc_t> LSE(lse);
+  const int64 D = g.D, Dp = round_up(D, VL), NP = round_up(g.nmax, VL), nm = g.nmax;
+  const int64 R = std::min(kRowBlock, nm);
+  const int64 per_head = fwd_per_head<acc_t>(g);
+  const int64 ipg = g.B * g.nbox;
+  const int64 hg = choose_group(g.heads, per_head * static_cast<int64>(sizeof(acc_t)), ipg);
+  const int64 nitems = (g.heads / hg) * ipg;
+  const bool dense = biasT && nm * NP * static_cast<int64>(sizeof(acc_t)) <= kDenseBytesFwd && ipg >= 2;
+
+  at::parallel_for(0, nitems, 1, [&](int64 begin, int64 end) {
+    BoxPair boxes;
+    boxes.reserve(nm);
+    Scratch<acc_t> mem;
+    ClassBias<acc_t> cb;
+    cb.enabled = dense;
+    cb.block = nm * NP;
+    acc_t* heads_mem = mem.get(hg * per_head + R * NP /*S*/ + R * Dp /*O*/ + R /*1/l*/ + (dense ? hg * cb.block : 0));
+    acc_t* S = heads_mem + hg * per_head;
+    acc_t* Ob = S + R * NP;
+    acc_t* inv = Ob + R * Dp;
+    cb.dense = inv + R;
+    auto Qs_of = [&](int64 hh) { return heads_mem + hh * per_head; };
+    auto Ks_of = [&](int64 hh) { return Qs_of(hh) + NP * Dp; };
+    auto Vs_of = [&](int64 hh) { return Qs_of(hh) + 2 * NP * Dp; };
+    auto Kt_of = [&](int64 hh) { return Qs_of(hh) + 3 * NP * Dp; };
+
+    for (int64 it = begin; it < end; ++it) {
+      const int64 hd0 = (it / ipg) * hg, bb = it % ipg;
+      const int64 pos = bb / g.B, b = bb % g.B, box = g.order[pos];
+      const BoxTokens& bt = boxes.get(g, box);
+      const int64 n = bt.n, np = round_up(n, VL);
+      // gather the box's rows of every head of the group
+      for (int64 i = 0; i < n; ++i) {
+        const int64 t = bt.t[i], h = bt.h[i], w = bt.w[i];
+        const scalar_t *qr = Q.at(b, t, h, w, hd0), *kr = K.at(b, t, h, w, hd0), *vr = Vv.at(b, t, h, w, hd0);
+        for (int64 hh = 0; hh < hg; ++hh) {
+          load_row(Qs_of(hh) + i * Dp, qr + hh * Q.s[4], D, Dp, scale);
+          load_row(Ks_of(hh) + i * Dp, kr + hh * K.s[4], D, Dp);
+          load_row(Vs_of(hh) + i * Dp, vr + hh * Vv.s[4], D, Dp);
+        }
+      }
+      // prefetch the next item's rows while this one computes
+      if (it + 1 < end) {
+        const int64 hd2 = ((it + 1) / ipg) * hg, bb2 = (it + 1) % ipg;
+        const int64 b2 = bb2 % g.B;
+        const BoxTokens& nt = boxes.peek(g, g.order[bb2 / g.B]);
+        for (int64 i = 0; i < nt.n; ++i) {
+          const int64 t = nt.t[i], h = nt.h[i], w = nt.w[i];
+          Q.prefetch(b2, t, h, w, hd2, hg, D, false);
+          K.prefetch(b2, t, h, w, hd2, hg, D, false);
+          Vv.prefetch(b2, t, h, w, hd2, hg, D, false);
+          O.prefetch(b2, t, h, w, hd2, hg, D, true);
+        }
+      }
+      if (dense) cb.prepare(g, bt, g.cls[pos], hd0, hg, biasT, nbias);
+
+      for (int64 hh = 0; hh < hg; ++hh) {
+        const int64 hd = hd0 + hh;
+        acc_t *Qs = Qs_of(hh), *Ks = Ks_of(hh), *Vs = Vs_of(hh), *Kt = Kt_of(hh);
+        zero_rows(Ks, Dp, n, np);
+        htwa_simd::transpose(Kt, np, Ks, Dp, np, Dp);
+        const acc_t* bias_h = biasT ? biasT + hd * nbias + g.bias_c : nullptr;
+        const acc_t* dense_h = dense ? cb.dense + hh * cb.block : nullptr;
+        for (int64 r0 = 0; r0 < n; r0 += R) {
+          const int64 rb = std::min(R, n - r0);
+          htwa_simd::gemm<acc_t, false>(rb, np, D, Qs + r0 * Dp, Dp, 1, Kt, np, S, np);
+          for (int64 i = 0; i < rb; ++i) {
+            acc_t* s = S + i * np;
+            if (dense_h)
+              add_row(s, dense_h + (r0 + i) * np, np);
+            else if (bias_h)
+              add_bias_row(s, bias_h + bt.A[r0 + i], bt.A.data(), n);
+            acc_t m, l;
+            softmax_row_fwd(s, n, np, m, l);
+            inv[i] = acc_t(1) / l;
+            *LSE.at(b, bt.t[r0 + i], bt.h[r0 + i], bt.w[r0 + i], hd) = m + std::log(l);
+          }
+          htwa_simd::gemm<acc_t, false>(rb, Dp, n, S, np, 1, Vs, Dp, Ob, Dp);
+          for (int64 i = 0; i < rb; ++i) {
+            const int64 r = r0 + i;
+            store_row(O.at(b, bt.t[r], bt.h[r], bt.w[r], hd), Ob + i * Dp, D, inv[i]);
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> htwa_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                const at::Tensor& v_in, const std::optional<at::Tensor>& bias,
+                                                at::IntArrayRef window, at::IntArrayRef shift,
+                                                at::IntArrayRef bias_window, double scale) {
+  const Geom g = make_geom(q_in, window, shift, bias_window);
+  check_inputs(q_in, k_in, v_in, bias, g);
+  const at::Tensor q = last_dim_contig(q_in), k = last_dim_contig(k_in), v = last_dim_contig(v_in);
+  const auto acc = acc_type_of(q.scalar_type());
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({g.B, g.T, g.H, g.W, g.heads}, q.options().dtype(acc));
+  if (q.numel() == 0) return {out, lse};
+  const int64 nbias = num_bias_rows(g);
+  at::Tensor biasT;
+  if (bias.has_value()) biasT = bias->to(acc).t().contiguous();  // (heads, nbias)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "htwa_fwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    fwd_impl<scalar_t, acc_t>(g, q, k, v, biasT.defined() ? biasT.data_ptr<acc_t>() : nullptr, nbias,
+                              static_cast<acc_t>(scale), out, lse);
+  });
+  return {out, lse};
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// backward
+
+// Work split of the backward: head groups of hg heads; each group's B * nbox boxes in `parts` fixed chunks.
+struct BwdSplit {
+  int64 hg, groups, parts, items_per_group;
+  int64 chunks() const { return groups * parts; }
+};
+
+template <typename acc_t>
+int64 bwd_per_head(const Geom& g) {
+  constexpr int VL = VecOf<acc_t>::L;
+  const int64 Dp = round_up(g.D, VL), NP = round_up(g.nmax, VL);
+  return 5 * NP * Dp /*Qs K dO dK dV*/ + 2 * Dp * NP /*Kt Vt*/ + 2 * NP /*lse delta*/;
+}
+
+template <typename acc_t>
+BwdSplit bwd_split(const Geom& g) {
+  BwdSplit sp;
+  sp.items_per_group = g.B * g.nbox;
+  sp.hg = choose_group(g.heads, bwd_per_head<acc_t>(g) * static_cast<int64>(sizeof(acc_t)), sp.items_per_group);
+  sp.groups = g.heads / sp.hg;
+  sp.parts = std::max<int64>(1, std::min<int64>(sp.items_per_group, (kBiasChunks + sp.groups - 1) / sp.groups));
+  return sp;
+}
+
+template <typename scalar_t, typename acc_t>
+void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+              const at::Tensor& v, const acc_t* biasT, int64 nbias, const at::Tensor& out, const at::Tensor& lse,
+              acc_t scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, acc_t* partials) {
+  constexpr int VL = VecOf<acc_t>::L;
+  const View<scalar_t> Q(q), K(k), Vv(v), dO(dout), O(out), dQ(dq), dK(dk), dV(dv);
+  const View<acc_t> LSE(lse);
+  const int64 D = g.D, Dp = round_up(D, VL), NP = round_up(g.nmax, VL), nm = g.nmax;
+  const int64 R = std::min(kRowBlock, nm);
+  const int64 per_head = bwd_per_head<acc_t>(g);
+  const int64 hg = sp.hg, parts = sp.parts, ipg = sp.items_per_group;
+  const bool dense = biasT && nm * NP * static_cast<int64>(sizeof(acc_t)) <= kDenseBytesBwd && ipg >= 2 * parts;
+
+  at::parallel_for(0, sp.chunks(), 1, [&](int64 cbegin, int64 cend) {
+    BoxPair boxes;
+    boxes.reserve(nm);
+    Scratch<acc_t> mem;
+    ClassBias<acc_t> cb;
+    cb.enabled = dense;
+    cb.block = nm * NP;
+    acc_t* heads_mem =
+        mem.get(hg * per_head + 2 * R * NP /*S dP*/ + R * Dp /*dQ*/ + (dense ? 2 * hg * cb.block : 0));
+    acc_t* S = heads_mem + hg * per_head;
+    acc_t* dP = S + R * NP;
+    acc_t* dQb = dP + R * NP;
+    cb.dense = dQb + R * Dp;
+    acc_t* dS_acc = cb.dense + hg * cb.block;  // per class sums of dS (dense path)
+    std::vector<int32_t> acc_A(dense ? nm : 0);
+    int64 acc_n = 0;  // tokens of the class held in dS_acc (0: empty)
+    // per-head scratch layout
+    auto Qs_of = [&](int64 hh) { return heads_mem + hh * per_head; };
+    auto Ks_of = [&](int64 hh) { return Qs_of(hh) + NP * Dp; };
+    auto dOs_of = [&](int64 hh) { return Qs_of(hh) + 2 * NP * Dp; };
+    auto dKs_of = [&](int64 hh) { return Qs_of(hh) + 3 * NP * Dp; };
+    auto dVs_of = [&](int64 hh) { return Qs_of(hh) + 4 * NP * Dp; };
+    auto Kt_of = [&](int64 hh) { return Qs_of(hh) + 5 * NP * Dp; };
+    auto Vt_of = [&](int64 hh) { return Kt_of(hh) + Dp * NP; };
+    auto lse_of = [&](int64 hh) { return Vt_of(hh) + Dp * NP; };
+    auto delta_of = [&](int64 hh) { return lse_of(hh) + NP; };
+
+    // scatter the dense dS sums into the chunk's partial table
+    auto flush = [&](acc_t* pbias) {
+      if (acc_n == 0) return;
+      const int64 n = acc_n, np = round_up(n, VL);
+      for (int64 hh = 0; hh < hg; ++hh) {
+        const acc_t* blk = dS_acc + hh * cb.block;
+        acc_t* pb = pbias + hh * nbias + g.bias_c;
+        for (int64 i = 0; i < n; ++i) {
+          acc_t* prow = pb + acc_A[i];
+          const acc_t* x = blk + i * np;
+          for (int64 j = 0; j < n; ++j) prow[-acc_A[j]] += x[j];
+        }
+      }
+      acc_n = 0;
+    };
+
+    for (int64 c = cbegin; c < cend; ++c) {
+      const int64 grp = c / parts, part = c % parts;
+      const int64 hd0 = grp * hg;
+      const int64 ib = part * ipg / parts, ie = (part + 1) * ipg / parts;
+      acc_t* pbias = biasT ? partials + c * hg * nbias : nullptr;
+      if (pbias) std::fill(pbias, pbias + hg * nbias, acc_t(0));
+      int64 acc_cls = -1;
+
+      for (int64 bb = ib; bb < ie; ++bb) {
+        const int64 pos = bb / g.B, b = bb % g.B, box = g.order[pos];
+        const BoxTokens& bt = boxes.get(g, box);
+        const int64 n = bt.n, np = round_up(n, VL);
+        // gather (dKs / dVs hold the v and out rows until they are used)
+        for (int64 i = 0; i < n; ++i) {
+          const int64 t = bt.t[i], h = bt.h[i], w = bt.w[i];
+          const scalar_t *qr = Q.at(b, t, h, w, hd0), *kr = K.at(b, t, h, w, hd0), *vr = Vv.at(b, t, h, w, hd0);
+          const scalar_t *dor = dO.at(b, t, h, w, hd0), *orr = O.at(b, t, h, w, hd0);
+          const acc_t* lr = LSE.at(b, t, h, w, hd0);
+          for (int64 hh = 0; hh < hg; ++hh) {
+            load_row(Qs_of(hh) + i * Dp, qr + hh * Q.s[4], D, Dp, scale);
+            load_row(Ks_of(hh) + i * Dp, kr + hh * K.s[4], D, Dp);
+            load_row(dOs_of(hh) + i * Dp, dor + hh * dO.s[4], D, Dp);
+            load_row(dKs_of(hh) + i * Dp, vr + hh * Vv.s[4], D, Dp);
+            load_row(dVs_of(hh) + i * Dp, orr + hh * O.s[4], D, Dp);
+            lse_of(hh)[i] = lr[hh * LSE.s[4]];
+          }
+        }
+        // prefetch the next item's rows while this one computes
+        {
+          int64 hd2 = hd0, bb2 = bb + 1;
+          bool more = bb2 < ie;
+          if (!more && c + 1 < cend) {
+            hd2 = ((c + 1) / parts) * hg;
+            bb2 = ((c + 1) % parts) * ipg / parts;
+            more = true;
+          }
+          if (more) {
+            const int64 b2 = bb2 % g.B;
+            const BoxTokens& nt = boxes.peek(g, g.order[bb2 / g.B]);
+            for (int64 i = 0; i < nt.n; ++i) {
+              const int64 t = nt.t[i], h = nt.h[i], w = nt.w[i];
+              Q.prefetch(b2, t, h, w, hd2, hg, D, false);
+              K.prefetch(b2, t, h, w, hd2, hg, D, false);
+              Vv.prefetch(b2, t, h, w, hd2, hg, D, false);
+              dO.prefetch(b2, t, h, w, hd2, hg, D, false);
+              O.prefetch(b2, t, h, w, hd2, hg, D, false);
+              dQ.prefetch(b2, t, h, w, hd2, hg, D, true);
+              dK.prefetch(b2, t, h, w, hd2, hg, D, true);
+              dV.prefetch(b2, t, h, w, hd2, hg, D, true);
+            }
+          }
+        }
+        if (dense) {
+          const int64 cls = g.cls[pos];
+          cb.prepare(g, bt, cls, hd0, hg, biasT, nbias);
+          if (cls != acc_cls) {
+            flush(pbias);
+            acc_cls = cls;
+            acc_n = n;
+            std::copy(bt.A.begin(), bt.A.begin() + n, acc_A.begin());
+            std::fill(dS_acc, dS_acc + hg * cb.block, acc_t(0));
+          }
+        }
+
+        for (int64 hh = 0; hh < hg; ++hh) {
+          const int64 hd = hd0 + hh;
+          acc_t *Qs = Qs_of(hh), *Ks = Ks_of(hh), *dOs = dOs_of(hh), *dKs = dKs_of(hh), *dVs = dVs_of(hh);
+          acc_t *Kt = Kt_of(hh), *Vt = Vt_of(hh), *lses = lse_of(hh), *delta = delta_of(hh);
+          for (int64 i = 0; i < n; ++i) delta[i] = dot_row(dOs + i * Dp, dVs + i * Dp, Dp);
+          zero_rows(Ks, Dp, n, np);
+          zero_rows(dKs, Dp, n, np);
+          htwa_simd::transpose(Kt, np, Ks, Dp, np, Dp);
+          htwa_simd::transpose(Vt, np, dKs, Dp, np, Dp);
+          zero_rows(dKs, Dp, 0, n);
+          zero_rows(dVs, Dp, 0, n);
+          const acc_t* bias_h = biasT ? biasT + hd * nbias + g.bias_c : nullptr;
+          const acc_t* dense_h = dense ? cb.dense + hh * cb.block : nullptr;
+          acc_t* dsacc_h = dense ? dS_acc + hh * cb.block : nullptr;
+          acc_t* pbias_c = pbias ? pbias + hh * nbias + g.bias_c : nullptr;
+
+          for (int64 r0 = 0; r0 < n; r0 += R) {
+            const int64 rb = std::min(R, n - r0);
+            htwa_simd::gemm<acc_t, false>(rb, np, D, Qs + r0 * Dp, Dp, 1, Kt, np, S, np);
+            htwa_simd::gemm<acc_t, false>(rb, np, D, dOs + r0 * Dp, Dp, 1, Vt, np, dP, np);
+            for (int64 i = 0; i < rb; ++i) {
+              const int64 r = r0 + i;
+              acc_t* s = S + i * np;
+              acc_t* dp = dP + i * np;
+              if (dense_h)
+                add_row(s, dense_h + r * np, np);
+              else if (bias_h)
+                add_bias_row(s, bias_h + bt.A[r], bt.A.data(), n);
+              prob_row_bwd(s, n, np, lses[r]);
+              const acc_t dr = delta[r];
+              for (int64 j = 0; j < np; ++j) dp[j] = s[j] * (dp[j] - dr);
+              if (dsacc_h) {
+                add_row(dsacc_h + r * np, dp, np);
+              } else if (pbias_c) {
+                acc_t* prow = pbias_c + bt.A[r];
+                const int32_t* A = bt.A.data();
+                for (int64 j = 0; j < n; ++j) prow[-A[j]] += dp[j];
+              }
+            }
+            // dQ = dS K ; dV += P^T dO ; dK += dS^T (scale q)
+            htwa_simd::gemm<acc_t, false>(rb, Dp, n, dP, np, 1, Ks, Dp, dQb, Dp);
+            htwa_simd::gemm<acc_t, true>(n, Dp, rb, S, 1, np, dOs + r0 * Dp, Dp, dVs, Dp);
+            htwa_simd::gemm<acc_t, true>(n, Dp, rb, dP, 1, np, Qs + r0 * Dp, Dp, dKs, Dp);
+            for (int64 i = 0; i < rb; ++i) {
+              const int64 r = r0 + i;
+              store_row(dQ.at(b, bt.t[r], bt.h[r], bt.w[r], hd), dQb + i * Dp, D, scale);
+            }
+          }
+          for (int64 i = 0; i < n; ++i) {
+            store_row(dK.at(b, bt.t[i], bt.h[i], bt.w[i], hd), dKs + i * Dp, D);
+            store_row(dV.at(b, bt.t[i], bt.h[i], bt.w[i], hd), dVs + i * Dp, D);
+          }
+        }
+      }
+      if (dense) flush(pbias);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> htwa_bwd_cpu(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const std::optional<at::Tensor>& bias, const at::Tensor& out_in, const at::Tensor& lse_in,
+    at::IntArrayRef window, at::IntArrayRef shift, at::IntArrayRef bias_window, double scale) {
+  const Geom g = make_geom(q_in, window, shift, bias_window);
+  check_inputs(q_in, k_in, v_in, bias, g);
+  for (const at::Tensor* x : {&dout_in, &out_in}) {
+    TORCH_CHECK(x->device().is_cpu(), "htwa_cpu: tensors must be on the CPU");
+    TORCH_CHECK(x->sizes() == q_in.sizes(), "htwa_bwd: dout and out must have q's shape");
+    TORCH_CHECK(x->scalar_type() == q_in.scalar_type(), "htwa_bwd: dout and out must have q's dtype");
+  }
+  const auto acc = acc_type_of(q_in.scalar_type());
+  TORCH_CHECK(lse_in.device().is_cpu() && lse_in.dim() == 5 && lse_in.sizes() == q_in.sizes().slice(0, 5),
+              "htwa_bwd: lse must be (B, T, H, W, heads), got ", lse_in.sizes());
+  const at::Tensor q = last_dim_contig(q_in), k = last_dim_contig(k_in), v = last_dim_contig(v_in);
+  const at::Tensor dout = last_dim_contig(dout_in), out = last_dim_contig(out_in);
+  const at::Tensor lse = lse_in.to(acc);
+  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dq = at::empty(q.sizes(), opts), dk = at::empty(q.sizes(), opts), dv = at::empty(q.sizes(), opts);
+  const int64 nbias = num_bias_rows(g);
+  at::Tensor dbias = bias.has_value() ? at::zeros({nbias, g.heads}, q.options().dtype(acc))
+                                      : at::empty({0}, q.options().dtype(acc));
+  if (q.numel() == 0) {
+    if (bias.has_value()) dbias = dbias.to(bias->scalar_type());
+    return {dq, dk, dv, dbias};
+  }
+  at::Tensor biasT, partials;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "htwa_bwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const BwdSplit sp = bwd_split<acc_t>(g);
+    if (bias.has_value()) {
+      biasT = bias->to(acc).t().contiguous();  // (heads, nbias)
+      partials = at::empty({sp.chunks() * sp.hg, nbias}, q.options().dtype(acc));
+    }
+    bwd_impl<scalar_t, acc_t>(g, sp, dout, q, k, v, biasT.defined() ? biasT.data_ptr<acc_t>() : nullptr, nbias,
+                              out, lse, static_cast<acc_t>(scale), dq, dk, dv,
+                              partials.defined() ? partials.data_ptr<acc_t>() : nullptr);
+    if (partials.defined()) {
+      // ordered reduction: dbias[r, hd] = sum over parts p (ascending) of the chunk partials of head hd
+      const acc_t* P = partials.data_ptr<acc_t>();
+      acc_t* db = dbias.data_ptr<acc_t>();
+      const int64 heads = g.heads;
+      at::parallel_for(0, heads, 1, [&](int64 hb, int64 he) {
+        for (int64 hd = hb; hd < he; ++hd) {
+          const int64 grp = hd / sp.hg, hh = hd % sp.hg;
+          for (int64 r = 0; r < nbias; ++r) {
+            acc_t s = 0;
+            for (int64 p = 0; p < sp.parts; ++p) s += P[((grp * sp.parts + p) * sp.hg + hh) * nbias + r];
+            db[r * heads + hd] = s;
+          }
+        }
+      });
+    }
+  });
+  if (bias.has_value() && bias->scalar_type() != acc) dbias = dbias.to(bias->scalar_type());
+  return {dq, dk, dv, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lfvila_C, CPU, m) {
+  m.impl("htwa_fwd", &htwa_fwd_cpu);
+  m.impl("htwa_bwd", &htwa_bwd_cpu);
+}
+
+}  // namespace lfvila
