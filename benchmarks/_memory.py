@@ -35,13 +35,13 @@ print(json.dumps({{"peak_extra_bytes": peak - base}}))
 """
 
 
-def peak_extra_bytes(spec: dict, threads: int | None = None) -> int | None:
+def peak_extra_bytes(spec: dict, threads: int | None = None, timeout: float = 900) -> int | None:
     """Peak extra resident memory (bytes) of `benchmarks.workloads.build(spec)()`; None where unmeasurable."""
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = _CHILD.format(root=root, spec=spec, threads=threads or os.cpu_count() or 1)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe failed for {spec}:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_bytes"]

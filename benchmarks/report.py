@@ -27,21 +27,26 @@ def load(path):
 
 
 def table(groups, ours, baseline="reference"):
+    """Rows of the comparison table. `ours` is a provider name or a tuple of names tried in order per group
+    (the fused kernel is "cpp" in the op groups, "auto" in the model group)."""
+    candidates = (ours,) if isinstance(ours, str) else tuple(ours)
     providers = []
     for g in groups.values():
         providers += [p for p in g if p not in providers]
-    head = ["group"] + [f"{p} ms" for p in providers] + [f"{baseline}/{ours}"]
-    others = [p for p in providers if p not in (ours, baseline)]
-    head += [f"{p}/{ours}" for p in others] + [f"{ours} MB", f"{baseline} MB", "mem ratio"]
+    others = [p for p in providers if p not in candidates and p != baseline]
+    head = ["group", "ours"] + [f"{p} ms" for p in [baseline] + others] + ["ours ms", f"{baseline}/ours"]
+    head += [f"{p}/ours" for p in others] + ["ours MB", f"{baseline} MB", "mem ratio"]
     rows = [head]
     for name, g in groups.items():
-        if ours not in g:
+        mine = next((c for c in candidates if c in g), None)
+        if mine is None:
             continue
-        t = g[ours]["median_ms"]
-        row = [name] + [f"{g[p]['median_ms']:.1f}" if p in g else "-" for p in providers]
+        t = g[mine]["median_ms"]
+        row = [name, mine] + [f"{g[p]['median_ms']:.1f}" if p in g else "-" for p in [baseline] + others]
+        row.append(f"{t:.1f}")
         row.append(f"{g[baseline]['median_ms'] / t:.2f}x" if baseline in g else "-")
         row += [f"{g[p]['median_ms'] / t:.2f}x" if p in g else "-" for p in others]
-        mo, mb = g[ours]["mem_mb"], g.get(baseline, {}).get("mem_mb")
+        mo, mb = g[mine]["mem_mb"], g.get(baseline, {}).get("mem_mb")
         row += [f"{mo:.1f}" if mo else "-", f"{mb:.1f}" if mb else "-", f"{mo / mb:.2f}" if mo and mb else "-"]
         rows.append(row)
     return rows
@@ -50,11 +55,13 @@ def table(groups, ours, baseline="reference"):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json_file", help="pytest-benchmark JSON output")
-    parser.add_argument("--ours", default="cpp", help="the provider whose speed-ups are reported (default: cpp)")
+    parser.add_argument("--ours", default="cpp,auto",
+                        help="the fused provider(s) whose speed-ups are reported, first present per group "
+                             "(default: cpp,auto)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
     data, groups = load(args.json_file)
-    rows = table(groups, args.ours)
+    rows = table(groups, tuple(args.ours.split(",")))
     mi = data.get("machine_info", {})
     print(f"machine: {mi.get('cpu', {}).get('brand_raw', platform.processor())}, "
           f"{mi.get('cpu', {}).get('count', '?')} cores; python {mi.get('python_version', '?')}; "

@@ -1,6 +1,6 @@
 """info_nce_loss on the CPU: naive (`reference`, materialises the N x N logits) vs fused (`cpp`), forward +
 backward, fp32, D = 256, N in {1024, 4096, 16384}. One pytest-benchmark group per N; the peak extra memory of each
-case (measured in a fresh subprocess, see loss_workloads.peak_extra_bytes) goes into extra_info.
+case (measured in a fresh subprocess, see benchmarks/_memory.py) goes into extra_info.
 Benchmarks measure; they never assert speed.
 
 Environment knobs: LFVILA_BENCH_LOSS_N=1024,4096 to run some sizes only, LFVILA_BENCH_ROUNDS (default 3; the
@@ -14,7 +14,8 @@ import os
 
 import pytest
 
-from benchmarks.loss_workloads import build_loss, loss_spec, peak_extra_bytes
+from benchmarks._memory import peak_extra_bytes
+from benchmarks.loss_workloads import build_loss, loss_spec
 
 D = 256
 SIZES = [int(x) for x in os.environ.get("LFVILA_BENCH_LOSS_N", "1024,4096,16384").split(",")]

@@ -33,7 +33,42 @@ def _build_htwa(spec):
     return run
 
 
+def model_spec(backend: str, frames: int) -> dict:
+    return {"op": "model_stage1", "backend": backend, "frames": frames}
+
+
+def setup_model_stage1(backend: str, frames: int):
+    """`lfvila-official` stage 1 (train mode, random init) with the given attention backend, and one batch-1 input
+    at `frames` frames (with fewer than 32 the late layers' temporal windows are clipped to the grid, spec 1.3)."""
+    from lfvila_model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("lfvila-official", video={"num_frames": frames, "attention_backend": backend}).train()
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(1, 3, frames, 192, 320, generator=g)
+    ids = torch.randint(1000, 20000, (1, 4, 50), generator=g)
+    return model, video, ids, torch.ones_like(ids)
+
+
+def _build_model_stage1(spec):
+    model, video, ids, mask = setup_model_stage1(spec["backend"], spec["frames"])
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = model(video, ids, mask, generator=torch.Generator().manual_seed(0))["loss"]
+        loss.backward()
+        return loss
+
+    return run
+
+
 def build(spec: dict):
     if spec["op"] == "htwa":
         return _build_htwa(spec)
+    if spec["op"] == "info_nce":
+        from benchmarks.loss_workloads import build_loss
+
+        return build_loss(spec)
+    if spec["op"] == "model_stage1":
+        return _build_model_stage1(spec)
     raise ValueError(f"unknown workload op {spec['op']!r}")

@@ -500,7 +500,8 @@ def test_info_nce_fused_never_allocates_n_by_n():
     """Forward + backward at N = 4096, D = 16 in a fresh process: one N x N fp32 matrix would be 64 MiB; the
     fused path's peak extra resident memory stays far below it (gradients: 2 x 0.25 MiB, plus thread stacks and
     allocator slack)."""
-    from benchmarks.loss_workloads import loss_spec, peak_extra_bytes
+    from benchmarks._memory import peak_extra_bytes
+    from benchmarks.loss_workloads import loss_spec
 
     peak = peak_extra_bytes(loss_spec(4096, 16, "cpp"), threads=2, timeout=300)
     assert peak < 16 * 2**20, f"peak extra memory {peak / 2**20:.1f} MiB"
