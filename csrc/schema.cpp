@@ -18,4 +18,16 @@ TORCH_LIBRARY(lfvila_C, m) {
       "htwa_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor out, Tensor lse, int[] window, "
       "int[] shift, int[] bias_window, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
   // --- contrastive losses (info_nce_*) below this line ---
+  // Fused InfoNCE (see lfvila_kernels/losses.py for the contract). logits z = scale * a @ b^T are never stored.
+  //   a: (N, D), b: (M, D), same dtype (float16, bfloat16, float32, float64); positive of row i is column
+  //   i + offset (0 <= offset, offset + N <= M); symmetric adds the column CE and needs N == M, offset == 0.
+  //   returns loss () and lse_row (N,), lse_col (M,) (empty (0,) when not symmetric), all in the accumulation
+  //   dtype (fp64 for fp64 inputs, else fp32). loss = mean_i(lse_row_i - z_i,i+offset) [+ mean_j(lse_col_j - z_jj)].
+  m.def(
+      "info_nce_fwd(Tensor a, Tensor b, float scale, int offset, bool symmetric) -> (Tensor, Tensor, Tensor)");
+  //   dloss: () the upstream gradient of loss; lse_row, lse_col as returned by info_nce_fwd.
+  //   returns da (N, D), db (M, D) contiguous, in a's dtype. Deterministic.
+  m.def(
+      "info_nce_bwd(Tensor dloss, Tensor a, Tensor b, Tensor lse_row, Tensor lse_col, float scale, int offset, "
+      "bool symmetric) -> (Tensor, Tensor)");
 }

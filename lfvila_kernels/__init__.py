@@ -6,6 +6,13 @@
 """
 
 from .htwa import htwa_attention
+from .losses import gather_with_grad, info_nce_loss, sample_mtc_indices, temporal_contrastive_loss
 
-__all__ = ["htwa_attention"]
+__all__ = [
+    "htwa_attention",
+    "info_nce_loss",
+    "temporal_contrastive_loss",
+    "sample_mtc_indices",
+    "gather_with_grad",
+]
 __version__ = "0.1.0"

@@ -108,3 +108,111 @@ def check_htwa_args(q, k, v, bias_table, window, shift, bias_window, scale):
     elif not scale > 0 or scale != scale or scale == float("inf"):
         raise ValueError(f"scale must be a finite positive float, got {scale!r}")
     return window, shift, bias_window, float(scale)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# contrastive losses
+
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_temperature(temperature, like: torch.Tensor, *, check_value: bool = True) -> None:
+    """`temperature` is a positive finite Python float/int, or a 0-dim floating tensor on `like`'s device (or
+    the CPU). `check_value=False` skips reading a tensor's value (under torch.compile, where it cannot be read)."""
+    if isinstance(temperature, torch.Tensor):
+        if temperature.dim() != 0:
+            raise ValueError(
+                f"temperature must be a float or a 0-dim tensor, got a tensor of shape {tuple(temperature.shape)}"
+            )
+        if not temperature.is_floating_point():
+            raise TypeError(f"temperature must be a floating tensor, got dtype {temperature.dtype}")
+        if temperature.device != like.device and temperature.device.type != "cpu":
+            raise ValueError(
+                f"temperature must be on the features' device ({like.device}) or the CPU, got {temperature.device}"
+            )
+        if check_value:
+            value = float(temperature.detach())
+            if not (value > 0 and value != float("inf")):
+                raise ValueError(f"temperature must be a finite positive number, got {value!r}")
+        return
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
+    if not (temperature > 0 and temperature != float("inf")):
+        raise ValueError(f"temperature must be a finite positive number, got {temperature!r}")
+
+
+def _check_pair(x, y, nx: str, ny: str) -> None:
+    if y.dtype != x.dtype:
+        raise TypeError(f"{nx} and {ny} must have the same dtype: {nx}.dtype={x.dtype}, {ny}.dtype={y.dtype}")
+    if y.device != x.device:
+        raise ValueError(f"{nx} and {ny} must be on the same device: {nx}.device={x.device}, {ny}.device={y.device}")
+
+
+def check_info_nce_args(a, b, temperature, symmetric: bool, *, check_value: bool = True) -> None:
+    """a: (N, D), b: (N, D) (row i of a and row i of b are the positive pair), same float dtype and device."""
+    check_tensor(a, "a", ndim=2)
+    check_tensor(b, "b", ndim=2)
+    _check_pair(a, b, "a", "b")
+    if a.shape[0] == 0:
+        raise ValueError(f"empty batch: a.shape={tuple(a.shape)}; info_nce_loss needs at least one row")
+    if a.shape[1] == 0:
+        raise ValueError(f"a and b must have a non-empty feature dimension, got a.shape={tuple(a.shape)}")
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(
+            f"a and b must have the same shape (N, D) (row i of each is a positive pair): "
+            f"a.shape={tuple(a.shape)}, b.shape={tuple(b.shape)}"
+        )
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+    check_temperature(temperature, a, check_value=check_value)
+
+
+def check_index(idx, name: str, shape: tuple, high: int, *, check_value: bool = True) -> None:
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer indices, got {type(idx).__name__}")
+    if idx.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must have an integer dtype (e.g. torch.int64), got {idx.dtype}")
+    if tuple(idx.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {name}.shape={tuple(idx.shape)}")
+    if check_value and idx.numel() > 0:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= high:
+            raise ValueError(f"{name} must hold clip positions in [0, {high}), got values in [{lo}, {hi}]")
+
+
+def check_mtc_args(clips, sents, key_idx, value_idx, other_idx, temperature, rolls, *, check_value: bool = True):
+    """Validate temporal_contrastive_loss's arguments; return `rolls` as a tuple of ints."""
+    check_tensor(clips, "clips", ndim=3)
+    check_tensor(sents, "sents", ndim=3)
+    _check_pair(clips, sents, "clips", "sents")
+    if tuple(clips.shape) != tuple(sents.shape):
+        raise ValueError(
+            f"clips and sents must have the same shape (B, M, C): clips.shape={tuple(clips.shape)}, "
+            f"sents.shape={tuple(sents.shape)}"
+        )
+    batch, m, c = clips.shape
+    if batch == 0 or m == 0 or c == 0:
+        raise ValueError(f"clips must have no empty dimension (B, M, C), got clips.shape={tuple(clips.shape)}")
+    for t, n in ((key_idx, "key_idx"), (value_idx, "value_idx"), (other_idx, "other_idx")):
+        if isinstance(t, torch.Tensor) and t.device != clips.device:
+            raise ValueError(f"{n} must be on the features' device {clips.device}, got {t.device}")
+    if not isinstance(key_idx, torch.Tensor) or key_idx.dim() != 2:
+        raise ValueError(f"key_idx must be a (B, K) tensor, got {getattr(key_idx, 'shape', key_idx)!r}")
+    if not isinstance(value_idx, torch.Tensor) or value_idx.dim() != 2:
+        raise ValueError(f"value_idx must be a (B, V) tensor, got {getattr(value_idx, 'shape', value_idx)!r}")
+    check_index(key_idx, "key_idx", (batch, key_idx.shape[1]), m, check_value=check_value)
+    check_index(value_idx, "value_idx", (batch, value_idx.shape[1]), m, check_value=check_value)
+    check_index(other_idx, "other_idx", (batch,), m, check_value=check_value)
+    if key_idx.shape[1] == 0 or value_idx.shape[1] == 0:
+        raise ValueError(
+            f"key_idx and value_idx need at least one column, got key_idx.shape={tuple(key_idx.shape)}, "
+            f"value_idx.shape={tuple(value_idx.shape)}"
+        )
+    try:
+        rolls_t = tuple(rolls)
+    except TypeError:
+        raise TypeError(f"rolls must be a sequence of ints, got {rolls!r}") from None
+    if not all(isinstance(r, int) and not isinstance(r, bool) for r in rolls_t):
+        raise TypeError(f"rolls must be a sequence of ints, got {rolls!r}")
+    check_temperature(temperature, clips, check_value=check_value)
+    return rolls_t

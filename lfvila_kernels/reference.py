@@ -139,3 +139,66 @@ def htwa_reference(
         attn = (attn.view(B, -1, *attn.shape[1:]) + term).view(attn.shape)
     attn = attn.softmax(dim=-1)
     return window_finish(attn @ vw, window, shift, (T, H, W), padded)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Contrastive losses (spec section 3): the naive versions. `info_nce_reference` materialises the full logit
+# matrix (the baseline the fused kernels are benchmarked against); `temporal_contrastive_reference` walks the
+# key rows one by one, spelling out spec 3.2 literally. Both are oracles for the tests of lfvila_kernels.losses.
+
+
+def info_nce_reference(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    temperature,
+    *,
+    symmetric: bool = True,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Naive InfoNCE: logits = a @ b^T / temperature ((N, M), stored), positive of row i is column i + offset.
+
+    Returns CE_rows (mean over the N rows) plus, when `symmetric`, CE_cols (mean over the columns of the N x N
+    matrix; needs N == M and offset == 0): the sum of the two directions, as LF-VILA's VPC loss (spec 3.1).
+    Same dtype arithmetic as the official code (the logits are in the inputs' dtype).
+    """
+    logits = (a @ b.transpose(0, 1)) / temperature
+    labels = torch.arange(a.shape[0], device=a.device) + offset
+    loss = F.cross_entropy(logits, labels)
+    if symmetric:
+        loss = loss + F.cross_entropy(logits.transpose(0, 1), labels)
+    return loss
+
+
+def temporal_contrastive_reference(
+    clips: torch.Tensor,
+    sents: torch.Tensor,
+    key_idx: torch.Tensor,
+    value_idx: torch.Tensor,
+    other_idx: torch.Tensor,
+    temperature,
+    *,
+    rolls=(0, 1, 2),
+) -> torch.Tensor:
+    """Naive MTC loss (spec 3.2), one key row at a time: for direction A -> B and key (i, k) the candidates are
+    B[i, v_1..v_V] followed by B[(i - r) mod batch, other_idx[(i - r) mod batch]] for r in `rolls`; the label is
+    the first value nearest in time to the key position; a row whose first and last value distances are equal
+    is ignored. Each direction is the mean CE over its kept rows (0 when none is kept); the two are summed."""
+    batch = clips.shape[0]
+    total = clips.new_zeros(())
+    for A, Bf in ((clips, sents), (sents, clips)):
+        terms = []
+        for i in range(batch):
+            for k in key_idx[i].tolist():
+                dist = [abs(v - k) for v in value_idx[i].tolist()]
+                if len(dist) >= 2 and dist[0] == dist[-1]:
+                    continue  # tie: label -100 in the official code
+                label = dist.index(min(dist))
+                cands = [Bf[i, v] for v in value_idx[i].tolist()]
+                for r in rolls:
+                    j = (i - r) % batch
+                    cands.append(Bf[j, int(other_idx[j])])
+                logits = torch.stack([A[i, k] @ c for c in cands]) / temperature
+                terms.append(torch.logsumexp(logits, 0) - logits[label])
+        if terms:
+            total = total + torch.stack(terms).mean()
+    return total
