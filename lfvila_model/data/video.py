@@ -1,0 +1,471 @@
+"""Video decoding (PyAV), frame-index sampling and the train/eval transforms of LF-VILA (spec 4.2 and 5).
+
+Layouts: decoded frames are ``uint8 (T, H, W, 3)`` RGB numpy arrays; transformed clips are
+``float32 (3, T, H, W)`` tensors, ImageNet-normalised, as the video encoder takes them (one clip per batch element).
+
+Frame indices:
+
+- downstream (spec 4.2): ``linspace(start, end, F)`` over the whole video, cast to int (floor, as numpy's
+  ``astype(int)`` does for non-negative values). Eval: start 0, end n-1. Train: ``interval = floor(n / (F-1))``,
+  start ~ U{0..interval}, end ~ U{n-1-interval..n-1} (both inclusive; for F = 32 this is the official
+  ``floor(n / 31)``).
+- pre-training (spec 5): each clip gives ``k`` frames at the segment starts ``linspace(0, n, k+1)[:k]`` (floor).
+
+Transforms (torch ops only, no torchvision), one random crop/flip shared by every frame of a video:
+
+- train: RandomResizedCrop(size, scale 0.8-1.0, ratio 3/4-4/3, torchvision's sampling with 10 tries and a
+  centre fallback) + horizontal flip with p = 0.5 (the official zero ColorJitter is a no-op and is left out).
+- eval: Resize -> CenterCrop -> Resize, with the official 192x320 recipe (240x428 -> 216x385 -> 192x320) scaled
+  proportionally for other target sizes.
+
+A missing, truncated or undecodable file raises :class:`VideoReadError` (with ``.path`` and ``.reason``), the one
+exception type the dataset layer catches to skip and count a bad video.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import threading
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "VideoReadError",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "write_video",
+    "count_frames",
+    "decode_frames",
+    "decode_all_frames",
+    "load_video",
+    "FrameCache",
+    "downstream_indices",
+    "clip_segment_indices",
+    "eval_sizes",
+    "train_transform",
+    "eval_transform",
+    "frames_to_tensor",
+    "normalize",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class VideoReadError(RuntimeError):
+    """A video that cannot be used: missing, truncated or undecodable. ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot read video {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decoding
+
+
+def _import_av():
+    try:
+        import av  # noqa: WPS433 (imported lazily: only decoding needs PyAV)
+    except ImportError:
+        raise ImportError("video decoding needs PyAV: pip install av") from None
+    return av
+
+
+def _open(path: str):
+    av = _import_av()
+    if not os.path.isfile(path):
+        raise VideoReadError(path, "file not found")
+    try:
+        container = av.open(path, mode="r")
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise VideoReadError(path, f"cannot open ({type(e).__name__}: {e})") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoReadError(path, "no video stream")
+    return container
+
+
+def _count_packets(path: str) -> int:
+    av = _import_av()
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        return sum(1 for p in container.demux(stream) if p.size > 0)
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise VideoReadError(path, f"cannot demux ({type(e).__name__}: {e})") from None
+    finally:
+        container.close()
+
+
+def count_frames(path: str | os.PathLike) -> int:
+    """Number of frames of the first video stream (from the container header, else by demuxing packets)."""
+    path = os.fspath(path)
+    container = _open(path)
+    try:
+        n = int(container.streams.video[0].frames or 0)
+    finally:
+        container.close()
+    if n <= 0:
+        n = _count_packets(path)
+    if n <= 0:
+        raise VideoReadError(path, "video stream has no frames")
+    return n
+
+
+def _decode(path: str, stop: int | None, keep: set[int] | None) -> tuple[dict[int, np.ndarray], int, int]:
+    """Decodes frames 0..stop-1 (all if stop is None) in presentation order, in one open of the file.
+
+    Returns ``(kept frames by index, frames decoded, frame count from the header or 0 when it has none)``.
+    """
+    av = _import_av()
+    container = _open(path)
+    kept: dict[int, np.ndarray] = {}
+    i = 0
+    try:
+        stream = container.streams.video[0]
+        header = int(stream.frames or 0)
+        for frame in container.decode(stream):
+            if keep is None or i in keep:
+                kept[i] = frame.to_ndarray(format="rgb24")
+            i += 1
+            if stop is not None and i >= stop:
+                break
+    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
+        raise VideoReadError(path, f"decoding failed after {i} frames ({type(e).__name__}: {e})") from None
+    finally:
+        container.close()
+    return kept, i, header
+
+
+def decode_all_frames(path: str | os.PathLike) -> np.ndarray:
+    """Decodes every frame. Returns ``uint8 (N, H, W, 3)`` RGB."""
+    path = os.fspath(path)
+    kept, n, header = _decode(path, None, None)
+    # indices elsewhere are chosen from the header count: fewer decodable frames means a truncated file
+    if n < header:
+        raise VideoReadError(path, f"truncated: header says {header} frames, only {n} decodable")
+    if n == 0:
+        raise VideoReadError(path, "video stream has no decodable frames")
+    return np.stack([kept[i] for i in range(n)])
+
+
+def decode_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray:
+    """Decodes the frames at ``indices`` (any order, repeats allowed). Returns ``uint8 (len(indices), H, W, 3)``.
+
+    Decodes sequentially up to the largest index (exact, frame-accurate; the videos LF-VILA reads are short 3 fps
+    clips, so seeking would save little and risks keyframe inaccuracy).
+    """
+    path = os.fspath(path)
+    idx = [int(i) for i in indices]
+    if not idx:
+        raise ValueError("indices must be non-empty")
+    if min(idx) < 0:
+        raise ValueError(f"indices must be >= 0, got min {min(idx)}")
+    stop = max(idx) + 1
+    kept, n, _ = _decode(path, stop, set(idx))
+    if n < stop:
+        raise VideoReadError(path, f"truncated: frame {stop - 1} requested, only {n} decodable")
+    return np.stack([kept[i] for i in idx])
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 3, codec: str = "libx264",
+                crf: int = 18) -> None:
+    """Encodes ``uint8 (T, H, W, 3)`` RGB frames as an mp4 (yuv420p; H and W must be even).
+
+    libx264 runs with the ultrafast preset, one thread and no B-frames, so the output bytes depend only on the
+    frames (deterministic files for the demo set); ``codec='mpeg4'`` is the fallback for builds without x264.
+    The file is written to a temporary name and renamed, so an interrupted run never leaves a half file.
+    """
+    av = _import_av()
+    path = os.fspath(path)
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be a uint8 (T, H, W, 3) array, got "
+                         f"{getattr(frames, 'dtype', type(frames).__name__)} {getattr(frames, 'shape', '')}")
+    t, h, w, _ = frames.shape
+    if t < 1 or h % 2 or w % 2:
+        raise ValueError(f"frames need T >= 1 and even H, W for yuv420p, got (T, H, W) = {(t, h, w)}")
+    tmp = f"{path}.{os.getpid()}.tmp.mp4"
+    container = av.open(tmp, mode="w", format="mp4")
+    try:
+        stream = container.add_stream(codec, rate=int(fps))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"preset": "ultrafast", "crf": str(int(crf)), "threads": "1", "bframes": "0"}
+        else:
+            stream.thread_count = 1
+            stream.bit_rate = 4_000_000  # high enough that small test/demo frames round-trip near-losslessly
+        for i in range(t):
+            vf = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
+            for packet in stream.encode(vf):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    finally:
+        container.close()
+    os.replace(tmp, path)
+
+
+class FrameCache:
+    """Caches whole decoded videos as ``uint8 (N, H, W, 3)``: in memory (``mode='memory'``) or as ``.npy``
+    files under ``directory`` (``mode='disk'``, memory-mapped on read, shared by DataLoader workers and runs).
+
+    Whole videos are cached (not the sampled frames) because train-time jitter picks new indices every epoch;
+    this suits short videos (3 fps clips, the demo set). Disk entries are keyed by the absolute path, size and
+    mtime of the source file, so a changed video is decoded again.
+    """
+
+    def __init__(self, mode: str = "memory", directory: str | os.PathLike | None = None):
+        if mode not in ("memory", "disk"):
+            raise ValueError(f"mode must be 'memory' or 'disk', got {mode!r}")
+        if mode == "disk":
+            if directory is None:
+                raise ValueError("directory is required when mode='disk'")
+            directory = os.fspath(directory)
+            os.makedirs(directory, exist_ok=True)
+        self.mode = mode
+        self.directory = directory
+        self._mem: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def _disk_name(self, path: str) -> str:
+        st = os.stat(path)
+        key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()
+        return os.path.join(self.directory, hashlib.sha1(key).hexdigest() + ".npy")
+
+    def get(self, path: str | os.PathLike) -> np.ndarray:
+        """All frames of ``path``, decoded once. Raises :class:`VideoReadError` for a bad video (not cached)."""
+        path = os.fspath(path)
+        if self.mode == "memory":
+            with self._lock:
+                hit = self._mem.get(path)
+            if hit is not None:
+                self.hits += 1
+                return hit
+            frames = decode_all_frames(path)
+            frames.setflags(write=False)  # shared between items: nobody may modify a cached video in place
+            with self._lock:
+                self._mem[path] = frames
+            self.misses += 1
+            return frames
+        if not os.path.isfile(path):
+            raise VideoReadError(path, "file not found")
+        name = self._disk_name(path)
+        if os.path.isfile(name):
+            self.hits += 1
+            return np.load(name, mmap_mode="r")
+        frames = decode_all_frames(path)
+        tmp = f"{name}.{os.getpid()}.{threading.get_ident()}.tmp.npy"
+        np.save(tmp, frames)
+        os.replace(tmp, name)  # atomic: a concurrent reader sees either nothing or the whole file
+        self.misses += 1
+        return frames
+
+    def __len__(self) -> int:
+        if self.mode == "memory":
+            return len(self._mem)
+        return sum(1 for f in os.listdir(self.directory) if f.endswith(".npy") and ".tmp" not in f)
+
+
+def load_video(path: str | os.PathLike, choose: Callable[[int], Sequence[int]],
+               cache: FrameCache | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Reads the frames chosen by ``choose(num_frames)`` (a function of the video length, so the sampling is
+    decided from the real frame count). Returns ``(frames uint8 (T, H, W, 3), indices int64 (T,))``."""
+    path = os.fspath(path)
+    if cache is not None:
+        allf = cache.get(path)
+        idx = np.asarray(choose(len(allf)), dtype=np.int64)
+        if idx.size == 0 or idx.min() < 0 or idx.max() >= len(allf):
+            raise ValueError(f"chosen indices {idx.tolist()} out of range for {len(allf)} frames ({path})")
+        return np.ascontiguousarray(allf[idx]), idx
+    n = count_frames(path)
+    idx = np.asarray(choose(n), dtype=np.int64)
+    if idx.size == 0 or idx.min() < 0 or idx.max() >= n:
+        raise ValueError(f"chosen indices {idx.tolist()} out of range for {n} frames ({path})")
+    return decode_frames(path, idx.tolist()), idx
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# frame-index sampling
+
+
+def _check_count(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def downstream_indices(num_video_frames: int, num_frames: int, train: bool,
+                       rng: np.random.Generator | None = None) -> np.ndarray:
+    """Downstream sampling (spec 4.2): ``int(linspace(start, end, num_frames))`` over the whole video.
+
+    Args:
+        num_video_frames: n, frames in the video (>= 1).
+        num_frames: F, frames to sample (32 officially).
+        train: jitter the ends (start ~ U{0..interval}, end ~ U{n-1-interval..n-1}, interval = n // (F-1));
+            eval uses start 0, end n-1.
+        rng: numpy Generator for the jitter (required when ``train``).
+    Returns: int64 ``(F,)``, non-decreasing, in [0, n-1] (frames repeat when n < F).
+    """
+    n = _check_count("num_video_frames", num_video_frames)
+    f = _check_count("num_frames", num_frames)
+    start, end = 0, n - 1
+    if train:
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator when train=True, got {type(rng).__name__}")
+        interval = n // max(f - 1, 1)
+        start = int(rng.integers(0, interval, endpoint=True))
+        end = int(rng.integers(max(n - 1 - interval, 0), n - 1, endpoint=True))
+        # interval <= n/(F-1) keeps start <= end for F >= 3; the clamp covers F <= 2 and tiny videos
+        start = min(start, n - 1)
+        end = max(end, start)
+    return np.linspace(start, end, f).astype(np.int64)
+
+
+def clip_segment_indices(num_video_frames: int, frames_per_clip: int) -> np.ndarray:
+    """Pre-training sampling (spec 5): ``int(linspace(0, n, k+1)[:k])``, the start of each of k equal segments.
+
+    Returns int64 ``(k,)`` in [0, n-1] (officially k = 8 for 32 frames over 4 clips).
+    """
+    n = _check_count("num_video_frames", num_video_frames)
+    k = _check_count("frames_per_clip", frames_per_clip)
+    return np.linspace(0, n, k + 1)[:k].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transforms
+
+
+def _check_size(size) -> tuple[int, int]:
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in size)):
+        raise ValueError(f"size must be (height, width) positive integers, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _as_uint8_tensor(frames) -> torch.Tensor:
+    if isinstance(frames, np.ndarray):
+        frames = torch.from_numpy(np.ascontiguousarray(frames))
+    if not isinstance(frames, torch.Tensor):
+        raise TypeError(f"frames must be a numpy array or tensor, got {type(frames).__name__}")
+    if frames.dim() != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be (T, H, W, 3), got shape {tuple(frames.shape)}")
+    if frames.dtype != torch.uint8:
+        raise TypeError(f"frames must be uint8, got {frames.dtype}")
+    if frames.shape[0] == 0:
+        raise ValueError("frames must hold at least one frame")
+    # (T, 3, H, W) view of (T, H, W, 3) memory: channels_last, which is what the fast uint8 resize kernel takes
+    return frames.permute(0, 3, 1, 2)
+
+
+def frames_to_tensor(frames) -> torch.Tensor:
+    """``uint8 (T, H, W, 3)`` (numpy or torch) -> ``float32 (T, 3, H, W)`` in [0, 1]."""
+    return _as_uint8_tensor(frames).float().div_(255.0).contiguous()
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """ImageNet normalisation of ``(T, 3, H, W)`` in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _finish(x8: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(T, 3, h, w)`` -> normalised float32 ``(3, T, h, w)``, contiguous."""
+    # one fused pass: x / (255 std) - mean / std, promoting uint8 to float32 on the fly
+    scale = torch.tensor([1.0 / (255.0 * s) for s in IMAGENET_STD]).view(3, 1, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1, 1)
+    return torch.addcmul(-shift, x8.permute(1, 0, 2, 3), scale).contiguous()
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    # Bilinear with antialias, as torchvision's Resize does on tensors. Resizing stays in uint8 (torch's fast
+    # channels-last kernel, ~15x faster than float32 here); the official pipeline resizes float frames, so
+    # pixels may differ by one rounding step (<= 0.5/255) per resize.
+    return F.interpolate(x.contiguous(memory_format=torch.channels_last), size=size, mode="bilinear",
+                         align_corners=False, antialias=True)
+
+
+def random_resized_crop_params(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+                               rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box sampling: ``(top, left, h, w)``, 10 tries, then a centre fallback."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h, endpoint=True))
+            left = int(rng.integers(0, width - w, endpoint=True))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def train_transform(frames, size: tuple[int, int], rng: np.random.Generator, *,
+                    scale: tuple[float, float] = (0.8, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                    flip_p: float = 0.5) -> torch.Tensor:
+    """Train transform: one RandomResizedCrop box and one flip decision for all frames, then normalisation.
+
+    Args:
+        frames: ``uint8 (T, H, W, 3)``.
+        size: output ``(height, width)`` (192x320 officially).
+        rng: numpy Generator (crop box and flip).
+    Returns: ``float32 (3, T, height, width)``.
+    """
+    size = _check_size(size)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    if not (0 < scale[0] <= scale[1] <= 1):
+        raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale!r}")
+    x = _as_uint8_tensor(frames)
+    top, left, h, w = random_resized_crop_params(x.shape[-2], x.shape[-1], scale, ratio, rng)
+    x = _resize(x[..., top:top + h, left:left + w], size)
+    if rng.random() < flip_p:
+        x = x.flip(-1)
+    return _finish(x)
+
+
+def eval_sizes(size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(resize, crop) sizes of the eval transform: the official 240x428 / 216x385 for 192x320, scaled
+    proportionally (rounded half up) for other sizes."""
+    h, w = _check_size(size)
+    r = lambda v: int(math.floor(v + 0.5))  # noqa: E731 (half up; Python's round() is half-to-even)
+    return (r(h * 240 / 192), r(w * 428 / 320)), (r(h * 216 / 192), r(w * 385 / 320))
+
+
+def eval_transform(frames, size: tuple[int, int]) -> torch.Tensor:
+    """Eval transform: Resize -> CenterCrop -> Resize (see :func:`eval_sizes`), then normalisation.
+
+    Args:
+        frames: ``uint8 (T, H, W, 3)``.
+        size: output ``(height, width)``.
+    Returns: ``float32 (3, T, height, width)``.
+    """
+    size = _check_size(size)
+    (rh, rw), (ch, cw) = eval_sizes(size)
+    x = _resize(_as_uint8_tensor(frames), (rh, rw))
+    # torchvision CenterCrop offsets: int(round((H - h) / 2))
+    top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
+    x = _resize(x[..., top:top + ch, left:left + cw], size)
+    return _finish(x)
