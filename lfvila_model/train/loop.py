@@ -70,6 +70,7 @@ class TrainConfig:
     keep_last: int = 3
     eval_every: int = 0  # updates between evaluations (0: only at the end)
     device: str = "auto"  # auto | cpu | cuda
+    num_threads: Optional[int] = None  # torch CPU threads (None: torch's default); 1 is faster on a busy machine
     progress: bool = True
     tensorboard: bool = True
 
@@ -82,6 +83,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be an int >= 1, got {v!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"train.max_steps must be an int >= 1 or null, got {self.max_steps!r}")
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise ValueError(f"train.num_threads must be an int >= 1 or null, got {self.num_threads!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"train.max_minutes must be > 0 or null, got {self.max_minutes!r}")
         if self.clip_grad is not None and not self.clip_grad > 0:
@@ -241,8 +244,9 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
-    def fit(self, resume: bool | str = False) -> dict:
-        """Train until the schedule's total, `max_steps` or the time budget. Returns a summary dict."""
+    def fit(self, resume: bool | str = False, stop_at: Optional[int] = None) -> dict:
+        """Train until the schedule's total, `max_steps` or the time budget (or, for an interruption that keeps
+        the schedule, until update `stop_at`). Returns a summary dict."""
         cfg = self.cfg
         if resume:
             self.resume(resume if isinstance(resume, str) else None)
@@ -290,6 +294,10 @@ class Trainer:
             for _ in range(self.steps_per_epoch - (self.step % self.steps_per_epoch)):
                 if self.step >= self.schedule.total_steps:
                     break
+                if stop_at is not None and self.step >= stop_at:
+                    out_of_time = True
+                    stop_reason = "stop_at"
+                    break
                 t0 = time.perf_counter()
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in range(accum):
@@ -313,7 +321,7 @@ class Trainer:
                 gnorm = None
                 if cfg.clip_grad is not None:
                     gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad))
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr = max(g["lr"] for g in self.optimizer.param_groups)
                 if self.scaler is not None:
                     self.scaler.step(self.optimizer)
                     self.scaler.update()

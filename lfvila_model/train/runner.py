@@ -169,6 +169,8 @@ def run_training(cfg: dict, resume=False, task_kind: Optional[str] = None) -> di
     dist_info = init_distributed(None if tc.device == "auto" else tc.device)
     if tc.device == "auto":
         tc.device = dist_info.device.type
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
     torch.manual_seed(tc.seed + dist_info.rank)
     try:
         model = build_model_from_config(cfg)
