@@ -6,10 +6,13 @@ Demo choices (a 2-core CPU, 10 minutes of training), each a documented departure
 - Frames are decoded once (PyAV) and kept in memory as float16 after the eval transform (`preload_frames`,
   cached on disk under `<data>/packed/`): no decoding and no augmentation in the training loop. (The train
   transform's horizontal flip would also swap "moves to the left" and "moves to the right".)
-- The sentence encoder (MiniLM layers 0-3, frozen) runs once over the vocabulary of distinct sentences (198 in
-  the demo set); its outputs are cached (`SentenceCache`). The trainable text side is the paragraph encoder
-  (MiniLM layers 4-5 + `SentEmbedding`) and the projections.
-- `paragraph_tokens: cls` (default): the paragraph encoder reads the M sentence [CLS] outputs (plus the paragraph
+- The sentence encoder (all 6 MiniLM layers, frozen) runs once over the vocabulary of distinct sentences (198 in
+  the demo set); its outputs are cached (`SentenceCache`). The sentence feature is the masked mean of its tokens
+  (`sentence_pooling: mean`, what MiniLM was trained for; its [CLS] output is almost the same vector for every
+  sentence, cosine 0.9999, and a model trained on it stayed at chance) instead of the [CLS] output. The trainable
+  text side is the paragraph encoder (one transformer layer, randomly initialised, + `SentEmbedding`) and the
+  projections.
+- `paragraph_tokens: cls` (default): the paragraph encoder reads the M sentence features (plus the paragraph
   token) instead of all M x L tokens: 5 tokens instead of 49 per paragraph. `all` keeps the official input.
 Everything else is LF-VILA's: the HTWA video encoder with growing temporal windows, clip and video pooling,
 the four projections, VPC and MTC with the official losses, AdamW groups, warm-up + linear decay.
@@ -44,7 +47,8 @@ class SentenceCache:
     Attributes: `cls (V, D)`, `tokens (V, L, D)`, `mask (V, L)`, `index {sentence: row}`.
     """
 
-    def __init__(self, model, sentences: Sequence[str], max_length: int, tokenizer_dir: Optional[str] = None):
+    def __init__(self, model, sentences: Sequence[str], max_length: int, tokenizer_dir: Optional[str] = None,
+                 pooling: str = "mean"):
         from ..data.text import ParagraphTokenizer
 
         tok = ParagraphTokenizer(tokenizer_dir, num_sentences=1, max_length=max_length)
@@ -59,8 +63,16 @@ class SentenceCache:
             tokens, cls = model.text_encoder.encode_sentences(ids, mask)
         model.train(was)
         self.tokens = tokens[:, 0].contiguous()
-        self.cls = cls[:, 0].contiguous()
         self.mask = mask[:, 0].contiguous()
+        if pooling == "cls":
+            self.cls = cls[:, 0].contiguous()
+        elif pooling == "mean":
+            # masked mean of the sentence encoder's tokens: the sentence embedding MiniLM was trained to give
+            # (its [CLS] output is nearly the same vector for every sentence: pairwise cosine 0.9999)
+            m = self.mask[..., None].to(self.tokens.dtype)
+            self.cls = ((self.tokens * m).sum(1) / m.sum(1)).contiguous()
+        else:
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
 
     def ids(self, paragraph: Sequence[str]) -> Tensor:
         return torch.tensor([self.index[s] for s in paragraph], dtype=torch.long)

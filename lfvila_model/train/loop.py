@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, EpochBatches, barrier, is_distributed, mtc_generator
 from .logging import MetricLogger, get_logger
 from .optim import LRSchedule, Scheduler, build_optimizer
@@ -250,6 +250,9 @@ class Trainer:
         cfg = self.cfg
         if resume:
             self.resume(resume if isinstance(resume, str) else None)
+        elif self.step == 0 and list_checkpoints(self.ckpt_dir):
+            raise FileExistsError(f"{self.ckpt_dir} already holds checkpoints: pass resume=True (--resume) to continue "
+                                  f"that run, or choose another out_dir")
         if self.dist.is_main:
             os.makedirs(cfg.out_dir, exist_ok=True)
             import json
@@ -257,7 +260,7 @@ class Trainer:
             with open(os.path.join(cfg.out_dir, "run_config.json"), "w") as f:
                 json.dump(self.run_config, f, indent=2, default=str)
         mlog = MetricLogger(cfg.out_dir, enabled=self.dist.is_main, tensorboard=cfg.tensorboard,
-                            purge_step=self.step if resume else None)
+                            purge_step=self.step)
         self.model.train()
         accum = cfg.grad_accum
         bar = None

@@ -42,7 +42,7 @@ DATA_DEFAULTS = {
     "seed": 0,
 }
 EVAL_DEFAULTS = {"batch_size": 16, "out": "eval/metrics.json", "figure": True}
-DEMO_DEFAULTS = {"paragraph_tokens": "cls", "num_train": 2000, "num_val": 200, "seed": 0, "workers": 2}
+DEMO_DEFAULTS = {"paragraph_tokens": "cls", "sentence_pooling": "mean", "num_train": 2000, "num_val": 200, "seed": 0, "workers": 2}
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -77,9 +77,15 @@ def _parse_value(text: str) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        v = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(v, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            return float(v)
+        except ValueError:
+            pass
+    return v
 
 
 def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:

@@ -141,7 +141,7 @@ class _DemoSetup:
             sentences |= {s for p in train_par for s in p}
             videos = preload_frames(tr, os.path.join(packed, f"train_{tag}.pt"), workers=d["num_workers"],
                                     progress=progress)
-        self.cache = SentenceCache(model, sorted(sentences), mc.max_sentence_len)
+        self.cache = SentenceCache(model, sorted(sentences), mc.max_sentence_len, pooling=dm["sentence_pooling"])
         if train:
             self.data = DemoData(videos, torch.stack([self.cache.ids(p) for p in train_par]))
         self.paragraph_tokens = dm["paragraph_tokens"]
