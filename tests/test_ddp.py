@@ -137,3 +137,17 @@ def test_epoch_batches_global_batch_is_world_size_independent():
         assert two[0][k] + two[1][k] == b
     # resuming at batch 1 gives the rest of the epoch
     assert list(EpochBatches(10, 4, seed=2).batches(3, start=1)) == one[1:]
+
+
+def test_epoch_batches_keep_groups_together():
+    groups = torch.arange(12) // 2  # pairs, like the demo's two orders of an event set
+    eb = EpochBatches(12, 4, seed=1, groups=groups)
+    seen = []
+    for b in eb.batches(0):
+        assert len(b) == 4
+        for i in b:
+            assert (i ^ 1) in b  # the partner is in the same batch
+        seen += b
+    assert sorted(seen) == list(range(12))
+    with pytest.raises(ValueError, match="same size"):
+        EpochBatches(12, 3, groups=groups)

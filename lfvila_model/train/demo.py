@@ -14,6 +14,8 @@ Demo choices (a 2-core CPU, 10 minutes of training), each a documented departure
   projections.
 - `paragraph_tokens: cls` (default): the paragraph encoder reads the M sentence features (plus the paragraph
   token) instead of all M x L tokens: 5 tokens instead of 49 per paragraph. `all` keeps the official input.
+- `paired_batches: true`: the two orders of an event set always share a batch (each is the other's hard
+  negative); with uniform sampling that happens for 1.5 % of the videos, too rarely to learn order in minutes.
 Everything else is LF-VILA's: the HTWA video encoder with growing temporal windows, clip and video pooling,
 the four projections, VPC and MTC with the official losses, AdamW groups, warm-up + linear decay.
 """
@@ -111,13 +113,15 @@ def demo_features(model, video: Tensor, sent_ids: Tensor, cache: SentenceCache, 
 
 
 class DemoData:
-    """In-memory training set: `videos (N, 3, F, H, W)` float16 and `sent_ids (N, M)`."""
+    """In-memory training set: `videos (N, 3, F, H, W)` float16, `sent_ids (N, M)` and optionally `groups (N,)`
+    (the trainer then batches whole groups)."""
 
-    def __init__(self, videos: Tensor, sent_ids: Tensor):
+    def __init__(self, videos: Tensor, sent_ids: Tensor, groups: Optional[Tensor] = None):
         if videos.shape[0] != sent_ids.shape[0]:
             raise ValueError(f"videos ({videos.shape[0]}) and sent_ids ({sent_ids.shape[0]}) must have one row each")
         self.videos = videos
         self.sent_ids = sent_ids
+        self.groups = groups  # event-set id per video: both orders of a set go in the same batch
 
     def __len__(self) -> int:
         return self.videos.shape[0]

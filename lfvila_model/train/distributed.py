@@ -93,16 +93,29 @@ class EpochBatches:
         shuffle: permute per epoch with `torch.Generator().manual_seed(seed + epoch)` (else 0..n-1).
         drop_last: drop the last incomplete global batch (training); else the last one is cut evenly where it
             can be (eval, single process).
+        groups: optional group id per item (equal-sized groups whose size divides the global batch): an epoch
+            permutes whole groups, so the members of a group always share a global batch (the demo puts the two
+            orders of an event set together: each is the other's hard negative).
     """
 
     def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = True):
+                 seed: int = 0, drop_last: bool = True, groups=None):
         if n < 1 or batch_size < 1:
             raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         self.n, self.b, self.rank, self.world = n, batch_size, rank, world_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.groups = None
+        if groups is not None:
+            g = torch.as_tensor(groups, dtype=torch.long)
+            if g.shape != (n,):
+                raise ValueError(f"groups must hold one group id per item ({n}), got shape {tuple(g.shape)}")
+            _, inverse, counts = torch.unique(g, return_inverse=True, return_counts=True)
+            if not bool((counts == counts[0]).all()) or (batch_size * world_size) % int(counts[0]):
+                raise ValueError(f"groups must all have the same size, dividing the global batch "
+                                 f"{batch_size * world_size}; got sizes {sorted(set(counts.tolist()))}")
+            self.groups = [torch.nonzero(inverse == k).flatten() for k in range(len(counts))]
         if drop_last and n < batch_size * world_size:
             raise ValueError(f"the dataset ({n}) is smaller than one global batch ({batch_size} x {world_size})")
 
@@ -113,7 +126,11 @@ class EpochBatches:
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.n)
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        perm = torch.randperm(len(self.groups) if self.groups is not None else self.n,
+                              generator=torch.Generator().manual_seed(self.seed + epoch))
+        if self.groups is None:
+            return perm
+        return torch.cat([self.groups[k] for k in perm.tolist()])  # whole groups, in random order
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[list]:
         """Index lists of this rank, from global batch `start` on."""

@@ -142,7 +142,8 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.include_pooler,
                                          cfg.lr_scale)
         self.batches = EpochBatches(len(train_data), cfg.batch_size, dist_info.rank, dist_info.world_size,
-                                    shuffle=True, seed=cfg.seed, drop_last=True)
+                                    shuffle=True, seed=cfg.seed, drop_last=True,
+                                    groups=getattr(train_data, "groups", None))
         self.steps_per_epoch = len(self.batches) // cfg.grad_accum
         if self.steps_per_epoch < 1:
             raise ValueError(f"one epoch ({len(self.batches)} batches) holds fewer than grad_accum="

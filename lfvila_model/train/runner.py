@@ -52,7 +52,9 @@ def build_model_from_config(cfg: dict):
         log.info("video init from Swin: %s", model.init_video_from_swin(init["swin"]))
     if init.get("bert"):
         path = minilm_dir() if init["bert"] == "minilm" else init["bert"]
-        log.info("text init from BERT %s: %s", path, model.init_text_from_bert(path))
+        rep = model.init_text_from_bert(path)
+        log.info("text init from BERT %s: %d tensors loaded, %d model tensors not in it (new layers and heads)",
+                 path, rep.loaded, len(rep.missing))
     ck = init.get("checkpoint")
     if ck:
         if os.path.isdir(ck) and os.path.isfile(os.path.join(ck, "model.safetensors")):
@@ -143,7 +145,11 @@ class _DemoSetup:
                                     progress=progress)
         self.cache = SentenceCache(model, sorted(sentences), mc.max_sentence_len, pooling=dm["sentence_pooling"])
         if train:
-            self.data = DemoData(videos, torch.stack([self.cache.ids(p) for p in train_par]))
+            groups = None
+            if dm["paired_batches"]:
+                with open(os.path.join(root, "meta.json")) as f:
+                    groups = torch.tensor([v["set"] for v in json.load(f)["videos"]["train"]])
+            self.data = DemoData(videos, torch.stack([self.cache.ids(p) for p in train_par]), groups)
         self.paragraph_tokens = dm["paragraph_tokens"]
 
 
