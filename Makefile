@@ -3,6 +3,7 @@
 #   make demo        the main job: demo data, stage-1 pre-training of lfvila-demo on the CPU (at most
 #                    DEMO_MINUTES=10 minutes of training), evaluation and the results table; then the same short
 #                    run (ABLATION_MINUTES) with and without MTC, side by side (runs/demo_results.md)
+#                    (DEMO_THREADS=1 torch thread: on a shared 2-core machine 2 OpenMP threads are slower)
 #   make bench-quick a quick HTWA benchmark pass that prints the comparison table
 #   make bench       the full CPU benchmark suite (pytest benchmarks/), JSON + table
 #   make cuda-check  compile the CUDA sources against a CUDA build of torch in its own venv (no GPU needed)
@@ -44,7 +45,7 @@ DEMO_DIR ?= demo_data
 DEMO_RUNS ?= runs
 DEMO_MINUTES ?= 10
 ABLATION_MINUTES ?= 2
-DEMO_THREADS ?= 2
+DEMO_THREADS ?= 1
 LFVILA := $(BIN)/python -m lfvila_model
 DEMO_ARGS := --config configs/demo.yaml --set data.root=$(DEMO_DIR) --set train.num_threads=$(DEMO_THREADS)
 

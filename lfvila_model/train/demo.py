@@ -14,6 +14,9 @@ Demo choices (a 2-core CPU, 10 minutes of training), each a documented departure
   projections.
 - `paragraph_tokens: cls` (default): the paragraph encoder reads the M sentence features (plus the paragraph
   token) instead of all M x L tokens: 5 tokens instead of 49 per paragraph. `all` keeps the official input.
+- `segment_init_std: 0.25`: the sentence-index (segment) embedding of `SentEmbedding`, which carries the order of
+  the sentences into the paragraph encoder, starts at std 0.25 instead of BERT's 0.02 (then its norm is about a
+  sentence feature's, not a tenth of it).
 - `paired_batches: true`: the two orders of an event set always share a batch (each is the other's hard
   negative); with uniform sampling that happens for 1.5 % of the videos, too rarely to learn order in minutes.
 Everything else is LF-VILA's: the HTWA video encoder with growing temporal windows, clip and video pooling,

@@ -42,7 +42,8 @@ DATA_DEFAULTS = {
     "seed": 0,
 }
 EVAL_DEFAULTS = {"batch_size": 16, "out": "eval/metrics.json", "figure": True}
-DEMO_DEFAULTS = {"paragraph_tokens": "cls", "sentence_pooling": "mean", "paired_batches": True, "num_train": 2000, "num_val": 200, "seed": 0, "workers": 2}
+DEMO_DEFAULTS = {"paragraph_tokens": "cls", "sentence_pooling": "mean", "paired_batches": True,
+                 "segment_init_std": None, "num_train": 2000, "num_val": 200, "seed": 0, "workers": 2}
 
 
 def deep_merge(base: dict, over: dict) -> dict:

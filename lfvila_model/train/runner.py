@@ -192,6 +192,13 @@ def run_training(cfg: dict, resume=False, task_kind: Optional[str] = None) -> di
             if mc.model_type != "pretrain" or mc.stage != 1:
                 raise ValueError("the demo trains a stage-1 pre-training model (model_type pretrain, stage 1)")
             freeze_for_demo(model)
+            std = cfg["demo"]["segment_init_std"]
+            if std and not resume:
+                # the sentence-index (segment) embedding carries the order of the sentences into the paragraph
+                # encoder; at BERT's init (std 0.02) it is 1/10 of a sentence feature's norm, too faint to learn
+                # the order from within minutes
+                torch.manual_seed(tc.seed)
+                torch.nn.init.normal_(model.sent_embedding.segment_embeddings.weight, std=std)
             setup = _DemoSetup(cfg, model, progress=tc.progress)
             task = DemoTask(setup.cache, setup.paragraph_tokens)
             data = setup.data
