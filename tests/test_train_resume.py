@@ -146,3 +146,41 @@ def test_resume_without_checkpoint_returns_false(tmp_path):
     assert _trainer(tmp_path, max_steps=1).resume() is False
     with pytest.raises(FileNotFoundError):
         ck.load_checkpoint(str(tmp_path), nano_model())
+
+
+def test_stage2_and_retrieval_tasks_take_steps(tmp_path):
+    """Stage 2 (MLM + VTM, stage-1 parts frozen) and retrieval fine-tuning run through the same trainer."""
+    from _train_common import nano_config
+    from lfvila_model import build_model
+    from lfvila_model.train.tasks import RetrievalTask, mask_tokens
+
+    torch.manual_seed(0)
+    m2 = build_model(nano_config(stage=2))
+    data = RandomSet(m2.config, n=4)
+
+    class Tok:  # the ids of the nano vocabulary
+        mask_token_id, cls_token_id, sep_token_id, pad_token_id = 3, 1, 2, 0
+
+    frozen = {k: v.clone() for k, v in m2.video_encoder.state_dict().items()}
+    t = Trainer(m2, PretrainTask(m2.config, stage=2, tokenizer=Tok()), data,
+                TrainConfig(out_dir=str(tmp_path / "s2"), max_steps=2, batch_size=2, lr=1e-3, progress=False,
+                            tensorboard=False, device="cpu", warmup_steps=0))
+    assert t.fit()["steps"] == 2
+    assert all(torch.equal(v, frozen[k]) for k, v in m2.video_encoder.state_dict().items())
+    lines = (tmp_path / "s2" / "metrics.jsonl").read_text()
+    assert "train/vtm" in lines and "train/mlm" in lines
+
+    mr = build_model(nano_config(model_type="retrieval"))
+    t = Trainer(mr, RetrievalTask(), RandomSet(mr.config, n=4),
+                TrainConfig(out_dir=str(tmp_path / "ret"), max_steps=1, batch_size=2, progress=False,
+                            tensorboard=False, device="cpu", schedule="step", warmup_steps=0))
+    assert t.fit()["steps"] == 1
+
+    ids = torch.randint(5, 100, (2, 4, 6))
+    mask = torch.ones_like(ids)
+    ids[:, :, 0] = 1
+    masked, labels = mask_tokens(ids, mask, 120, 3, [0, 1, 2], torch.Generator().manual_seed(0), prob=0.5)
+    assert bool((labels[:, :, 0] == -100).all())  # [CLS] never masked
+    chosen = labels != -100
+    assert chosen.any() and torch.equal(labels[chosen], ids[chosen])
+    assert torch.equal(masked[~chosen], ids[~chosen])
