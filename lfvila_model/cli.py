@@ -1,0 +1,278 @@
+"""`lfvila`: the command line of LF-VILA (also `python -m lfvila_model`).
+
+    lfvila make-demo-data DIR            render the long-form demo set (mp4 files + annotations)
+    lfvila pretrain --config YAML        stage-1 / stage-2 pre-training (and the CPU demo: configs/demo.yaml)
+    lfvila finetune --config YAML        fine-tuning (retrieval; QA / classification models from their configs)
+    lfvila evaluate --config YAML --checkpoint DIR   retrieval metrics (+ temporal order on the demo set)
+    lfvila convert-checkpoint IN OUT     official .bin -> own format (config.json + model.safetensors) and back
+    lfvila info                          environment, op backends, presets and their parameter counts
+
+Every training/eval command reads a run YAML (see `lfvila_model/train/runconfig.py` and `configs/`) and takes
+`--set section.key=value` overrides, e.g. `--set train.lr=1e-4 --set loss.mtc_weight=0`.
+Multi-process training: `torchrun --nproc_per_node N -m lfvila_model pretrain --config ...` (DDP; gloo on CPU,
+NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_run_options(p: argparse.ArgumentParser, training: bool = True) -> None:
+    p.add_argument("--config", "-c", metavar="YAML",
+                   help="run config (sections model/loss/data/train/eval/demo; see configs/train_*.yaml, "
+                        "configs/demo.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (dotted, value parsed as YAML), repeatable: "
+                        "--set train.lr=1e-4 --set loss.mtc_weight=0 --set model.preset=lfvila-tiny")
+    p.add_argument("--preset", help="model preset (shorthand for --set model.preset=NAME)")
+    if training:
+        p.add_argument("--out", "-o", metavar="DIR", help="run directory (train.out_dir): checkpoints, metrics.jsonl, "
+                                                          "tensorboard/, eval/, result.json")
+        p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                       help="continue from the latest checkpoint of the run directory (or from CKPT), exactly "
+                            "where it stopped: model, optimizer, schedule, RNG and data position")
+        p.add_argument("--max-minutes", type=float, metavar="M",
+                       help="wall-clock budget of the training loop (train.max_minutes); the schedule is fitted to "
+                            "it when train.fit_schedule_to_budget is true")
+        p.add_argument("--max-steps", type=int, metavar="N", help="optimizer updates to run (train.max_steps)")
+        p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="train.device")
+        p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lfvila", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Run `lfvila COMMAND --help` for the options of a command.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("make-demo-data", help="render the long-form demo video-paragraph set",
+                       description="Render the demo set: videos of 4 clips, one event (an object of some colour "
+                                   "and shape that moves, appears, grows or changes colour) and one sentence per "
+                                   "clip; every event set is rendered in two orders. Deterministic by seed; "
+                                   "skipped when DIR already holds the same set.")
+    p.add_argument("dir", help="output folder (train.jsonl, val.jsonl, val_retrieval.jsonl, clips/, videos/, meta.json)")
+    p.add_argument("--num-train", type=int, default=2000, help="training videos (even; default 2000)")
+    p.add_argument("--num-val", type=int, default=200, help="validation videos (even; default 200)")
+    p.add_argument("--seed", type=int, default=0, help="everything is a function of it (default 0)")
+    p.add_argument("--frames-per-clip", type=int, default=4, help="frames rendered per clip (default 4)")
+    p.add_argument("--size", type=int, nargs=2, default=(64, 96), metavar=("H", "W"), help="frame size (default 64 96)")
+    p.add_argument("--workers", type=int, default=None, help="rendering processes (default: min(2, CPUs))")
+    p.add_argument("--force", action="store_true", help="regenerate even if DIR holds the same set")
+
+    p = sub.add_parser("pretrain", help="pre-train (stage 1: VPC + MTC; stage 2: MLM + VTM) or run the CPU demo",
+                       description="Pre-training. Stage 1 trains the dual encoder with VPC + MTC, stage 2 the "
+                                   "cross-modal encoder with MLM + VTM (set by the model config's `stage`). With "
+                                   "data.kind=demo (configs/demo.yaml) it makes the demo set if needed, trains on "
+                                   "the CPU and prints the retrieval / temporal-order table.")
+    _add_run_options(p)
+    p = sub.add_parser("finetune", help="fine-tune for retrieval, QA or classification",
+                       description="Fine-tuning: the task follows the model config's model_type (retrieval, "
+                                   "qa_multichoice, qa_classification, video_classification); init weights with "
+                                   "--set model.init.checkpoint=PATH (official .bin or own directory).")
+    _add_run_options(p)
+
+    p = sub.add_parser("evaluate", help="retrieval metrics of a checkpoint; or a table of demo runs",
+                       description="Encode the validation videos and paragraphs, rank from the full similarity "
+                                   "matrix: t2v / v2t R@1/5/10/50, MedR, MeanR as JSON + a PNG figure (the demo "
+                                   "adds the temporal-order score). With --table, print a Markdown table of "
+                                   "finished runs' result.json instead.")
+    _add_run_options(p, training=False)
+    p.add_argument("--checkpoint", metavar="DIR", help="own-format checkpoint directory, or a run directory "
+                                                       "(its latest checkpoint)")
+    p.add_argument("--out", "-o", metavar="JSON", help="metrics file (default <checkpoint>/eval/metrics.json)")
+    p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="print the results table of these run directories")
+    p.add_argument("--table-out", metavar="MD", help="also write the table to this Markdown file")
+
+    p = sub.add_parser("convert-checkpoint", help="official .bin <-> own format (config.json + model.safetensors)",
+                       description="Convert weights. To own format: IN is an official lfvila_stage1.bin / "
+                                   "lfvila_stage2.bin (or any state-dict file), loaded into the model of --preset/"
+                                   "--config and written to the directory OUT. To official: IN is an own-format "
+                                   "directory and OUT a .bin state dict with the official names.")
+    p.add_argument("src", metavar="IN")
+    p.add_argument("dst", metavar="OUT")
+    p.add_argument("--preset", default="lfvila-official", help="model preset of an official file (default "
+                                                               "lfvila-official; lfvila-official-stage2 for stage 2)")
+    p.add_argument("--config", help="model YAML/JSON instead of --preset")
+    p.add_argument("--to", choices=("own", "official"), help="direction (default: from the file types)")
+    p.add_argument("--non-strict", action="store_true", help="load what fits and report the rest")
+
+    p = sub.add_parser("info", help="environment, op backends, presets and parameter counts",
+                       description="Print versions (python, torch, CUDA, triton), which op backends can run here, "
+                                   "and each preset's model type and parameter count (built on the meta device).")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return ap
+
+
+# -- commands --------------------------------------------------------------------------------------------------------
+
+
+def _run_cfg(args, training: bool = True) -> dict:
+    from .train.runconfig import load_run_config
+
+    ov = list(args.overrides)
+    if args.preset:
+        ov.append(f"model.preset={args.preset}")
+    if training:
+        if args.out:
+            ov.append(f"train.out_dir={args.out}")
+        if args.max_minutes is not None:
+            ov.append(f"train.max_minutes={args.max_minutes}")
+        if args.max_steps is not None:
+            ov.append(f"train.max_steps={args.max_steps}")
+        if args.device:
+            ov.append(f"train.device={args.device}")
+        if args.no_progress:
+            ov.append("train.progress=false")
+    return load_run_config(args.config, ov)
+
+
+def _print_summary(summary: dict, cfg: dict) -> None:
+    ev = summary.get("eval") or {}
+    print(f"\ntrained {summary['steps']} steps in {summary['train_minutes']:.2f} min ({summary['stop_reason']}); "
+          f"run directory {cfg['train'].get('out_dir', 'runs/lfvila')}")
+    if "t2v" in ev:
+        from .train.demo import format_table
+
+        if "temporal_order" in ev:
+            print(format_table([{"name": "this run", "steps": summary["steps"], "minutes": summary["train_minutes"],
+                                 "metrics": ev}]))
+        else:
+            print(json.dumps({k: ev[k] for k in ("t2v", "v2t")}, indent=2))
+
+
+def cmd_make_demo_data(args) -> int:
+    from .data.demo import make_demo_data
+
+    s = make_demo_data(args.dir, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
+                       frames_per_clip=args.frames_per_clip, size=tuple(args.size), workers=args.workers,
+                       force=args.force)
+    print(f"demo set in {s['out_dir']}: {s['num_train']} train + {s['num_val']} val videos, {s['num_events']} events, "
+          f"{s['frames_per_clip']} frames per clip at {s['size'][0]}x{s['size'][1]} ({s['seconds']} s)")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train.runner import run_training
+
+    cfg = _run_cfg(args)
+    summary = run_training(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_summary(summary, cfg)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    if args.table:
+        from .train.demo import format_table
+        from .train.runner import demo_result_rows
+
+        table = format_table(demo_result_rows(args.table))
+        print(table)
+        if args.table_out:
+            with open(args.table_out, "w") as f:
+                f.write(table + "\n")
+        return 0
+    if not args.checkpoint:
+        raise SystemExit("evaluate: --checkpoint DIR (or --table RUN_DIR ...) is required")
+    from .train.runner import run_evaluation
+
+    cfg = _run_cfg(args, training=False)
+    m = run_evaluation(cfg, args.checkpoint, args.out)
+    m.pop("ranks", None)
+    print(json.dumps(m, indent=2, default=str))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .checkpoint import load_checked, read_state_dict, save_pretrained
+    from .config import LFVILAConfig
+    from .models import build_model
+    from .presets import get_config
+
+    to = args.to or ("official" if os.path.isdir(args.src) else "own")
+    if to == "own":
+        cfg = LFVILAConfig.load(args.config) if args.config else get_config(args.preset)
+        model = build_model(cfg)
+        rep = model.load_official(args.src, strict=not args.non_strict)
+        save_pretrained(model, args.dst)
+        print(f"{args.src} -> {args.dst} (own format): {rep}")
+        return 0
+    import torch
+
+    from .checkpoint import load_pretrained
+
+    model = load_pretrained(args.src, strict=not args.non_strict)
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    tmp = f"{args.dst}.tmp{os.getpid()}"
+    torch.save(sd, tmp)
+    os.replace(tmp, args.dst)
+    print(f"{args.src} -> {args.dst} (official state-dict names, {len(sd)} tensors)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import platform
+
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cpu_threads": torch.get_num_threads()}
+    for mod in ("triton", "transformers", "safetensors", "av", "tensorboard"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001 (report, do not fail)
+            info[mod] = f"unavailable ({type(e).__name__})"
+    try:
+        from lfvila_kernels import _ext
+
+        info["cpp_extension"] = bool(getattr(_ext, "available", lambda: True)())
+    except Exception as e:  # noqa: BLE001
+        info["cpp_extension"] = f"unavailable ({e})"
+    from .models import build_model
+    from .presets import PRESETS, get_config
+
+    presets = {}
+    for name in sorted(PRESETS):
+        cfg = get_config(name)
+        with torch.device("meta"):
+            m = build_model(cfg)
+        n = sum(p.numel() for p in m.parameters())
+        nv = sum(p.numel() for p in m.video_encoder.parameters())
+        presets[name] = {"model_type": cfg.model_type, "stage": cfg.stage, "params_M": round(n / 1e6, 2),
+                         "video_params_M": round(nv / 1e6, 2), "frames": cfg.video.num_frames,
+                         "input": list(cfg.video.input_size)}
+    info["presets"] = presets
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for k, v in info.items():
+        if k != "presets":
+            print(f"{k:>15}: {v}")
+    print("\npresets (parameters in millions):")
+    for name, p in presets.items():
+        print(f"  {name:34s} {p['model_type']:21s} stage {p['stage']}  {p['params_M']:8.2f} M (video "
+              f"{p['video_params_M']:.2f} M)  {p['frames']} frames {p['input'][0]}x{p['input'][1]}")
+    return 0
+
+
+COMMANDS = {"make-demo-data": cmd_make_demo_data, "pretrain": cmd_train, "finetune": cmd_train,
+            "evaluate": cmd_evaluate, "convert-checkpoint": cmd_convert, "info": cmd_info}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

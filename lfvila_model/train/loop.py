@@ -1,0 +1,373 @@
+"""The training loop: one `Trainer` for pre-training (stage 1 and 2), fine-tuning and the demo.
+
+What a step does is a `Task` (`lfvila_model.train.tasks`): `task.loss(model, batch, gen)` returns a dict with
+`loss` and the per-term values. The trainer owns everything else:
+
+- AdamW with the official groups and a per-iteration schedule (`optim.py`);
+- gradient accumulation (`grad_accum` micro-batches per update, DDP `no_sync` on all but the last), gradient
+  clipping (global L2 norm), mixed precision on GPU (bf16 autocast, or fp16 autocast with a `GradScaler`),
+  gradient checkpointing (the model's `set_gradient_checkpointing`);
+- DDP under `torchrun` (gloo on CPU, NCCL on GPU), batches from `EpochBatches` (the same global batches for any
+  world size) and MTC indices from a per-step generator (the same on every rank);
+- a wall-clock budget (`max_minutes`; every rank stops at the same step); with `fit_schedule_to_budget` the
+  schedule's total is fitted to the budget from the measured speed of the first steps (then frozen, and saved);
+- checkpoints (`checkpointing.py`) every `ckpt_every` updates and at the end, `resume` continuing exactly;
+- tqdm progress, metrics to `metrics.jsonl` and TensorBoard (`logging.py`), periodic evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .distributed import DistInfo, EpochBatches, barrier, is_distributed, mtc_generator
+from .logging import MetricLogger, get_logger
+from .optim import LRSchedule, Scheduler, build_optimizer
+
+__all__ = ["TrainConfig", "Trainer"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a run (YAML section `train`). Defaults: official stage 1 (spec 4.1)."""
+
+    out_dir: str = "runs/lfvila"
+    epochs: float = 10  # passes over the training set (may be fractional)
+    max_steps: Optional[int] = None  # optimizer updates; overrides epochs when set
+    max_minutes: Optional[float] = None  # wall-clock budget of the training loop (checkpoint + stop when spent)
+    fit_schedule_to_budget: bool = False  # with max_minutes: fit the schedule's length to the measured speed
+    batch_size: int = 16  # per process
+    grad_accum: int = 1
+    lr: float = 5e-5
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    include_pooler: bool = False  # official: pooler parameters are not optimised (spec 4.1)
+    lr_scale: dict = field(default_factory=dict)  # {param-name prefix: lr factor}
+    schedule: str = "linear"  # linear | step | cosine | constant
+    warmup_epochs: float = 1.0
+    warmup_steps: Optional[int] = None  # overrides warmup_epochs
+    lr_min_rate: float = 0.01  # linear: final lr / base lr
+    step_size_epochs: float = 5.0  # step: decay every this many epochs
+    gamma: float = 0.25  # step: decay factor
+    min_lr: float = 1e-8  # cosine: final lr
+    clip_grad: Optional[float] = None  # max global gradient L2 norm (None: no clipping)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU; fp16 uses a GradScaler; bf16 also on CPU)
+    grad_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 0  # updates between checkpoints (0: only at the end)
+    keep_last: int = 3
+    eval_every: int = 0  # updates between evaluations (0: only at the end)
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: Optional[int] = None  # torch CPU threads (None: torch's default); 1 is faster on a busy machine
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("batch_size", "grad_accum", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"train.{name} must be an int >= 1, got {v!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"train.max_steps must be an int >= 1 or null, got {self.max_steps!r}")
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise ValueError(f"train.num_threads must be an int >= 1 or null, got {self.num_threads!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"train.max_minutes must be > 0 or null, got {self.max_minutes!r}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ValueError(f"train.clip_grad must be > 0 or null, got {self.clip_grad!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        self.betas = tuple(self.betas)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown train keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+class Trainer:
+    """Runs a task on a model.
+
+    Args:
+        model: the (unwrapped) model; moved to the device, wrapped in DDP when distributed.
+        task: `lfvila_model.train.tasks.Task` (loss of a batch; batch assembly).
+        train_data: what `task.batch(train_data, indices)` reads (a dataset).
+        cfg: `TrainConfig`.
+        dist_info: `DistInfo` from `init_distributed` (default: one CPU/GPU process).
+        evaluate: optional `evaluate(model, step) -> dict of metrics`, called on rank 0 (unwrapped model, eval
+            mode, no grad) every `eval_every` updates and at the end.
+        run_config: the whole run's config, saved beside the checkpoints (`run_config.json`).
+    """
+
+    def __init__(self, model: nn.Module, task, train_data, cfg: TrainConfig, dist_info: Optional[DistInfo] = None,
+                 evaluate: Optional[Callable[[nn.Module, int], dict]] = None, run_config: Optional[dict] = None):
+        self.cfg = cfg
+        self.task = task
+        self.data = train_data
+        self.evaluate_fn = evaluate
+        self.run_config = run_config or {}
+        self.log = get_logger()
+        if dist_info is None:
+            dev = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
+            dist_info = DistInfo(device=torch.device(dev))
+        self.dist = dist_info
+        self.device = dist_info.device
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("train.precision=fp16 needs a GPU (use bf16 or fp32 on the CPU)")
+        self.model = model.to(self.device)
+        if cfg.grad_checkpointing:
+            model.set_gradient_checkpointing(True)
+        self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.include_pooler,
+                                         cfg.lr_scale)
+        self.batches = EpochBatches(len(train_data), cfg.batch_size, dist_info.rank, dist_info.world_size,
+                                    shuffle=True, seed=cfg.seed, drop_last=True,
+                                    groups=getattr(train_data, "groups", None))
+        self.steps_per_epoch = len(self.batches) // cfg.grad_accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"one epoch ({len(self.batches)} batches) holds fewer than grad_accum="
+                             f"{cfg.grad_accum} batches")
+        total = cfg.max_steps or max(1, int(round(cfg.epochs * self.steps_per_epoch)))
+        warm = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * self.steps_per_epoch))
+        self.schedule = LRSchedule(cfg.schedule, total_steps=total, warmup_steps=min(warm, total),
+                                   lr_min_rate=cfg.lr_min_rate,
+                                   step_size=max(1, int(round(cfg.step_size_epochs * self.steps_per_epoch))),
+                                   gamma=cfg.gamma, min_lr=cfg.min_lr, base_lr=cfg.lr)
+        self.scheduler = Scheduler(self.optimizer, self.schedule)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.ddp = None
+        if is_distributed():
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # stage 1 leaves heads (MLM, VTM, local_feat_proj with MTC on final features) without gradients
+            self.ddp = DDP(model, device_ids=ids, find_unused_parameters=True)
+        self.step = 0
+        self.train_seconds = 0.0
+        self.schedule_fitted = False
+        self.ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+
+    @property
+    def net(self) -> nn.Module:
+        return self.ddp if self.ddp is not None else self.model
+
+    def _autocast(self):
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _state(self) -> dict:
+        return {"step": self.step, "train_seconds": self.train_seconds, "total_steps": self.schedule.total_steps,
+                "schedule_fitted": self.schedule_fitted}
+
+    def save(self) -> str:
+        path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler,
+                               state=self._state(), keep_last=self.cfg.keep_last, rank=self.dist.rank,
+                               world_size=self.dist.world_size, barrier=barrier)
+        if self.dist.is_main:
+            self.log.info("checkpoint %s", path)
+        return path
+
+    def resume(self, path: Optional[str] = None) -> bool:
+        """Load `path` (or the latest checkpoint of `out_dir`); returns False when there is none."""
+        path = path or latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            return False
+        trainer = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler, rank=self.dist.rank)
+        st = trainer["state"]
+        self.step = int(st["step"])
+        self.train_seconds = float(st.get("train_seconds", 0.0))
+        self.schedule.total_steps = int(st.get("total_steps", self.schedule.total_steps))
+        self.schedule_fitted = bool(st.get("schedule_fitted", False))
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        if self.dist.is_main:
+            self.log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank if it is true on rank 0 (the budget clock of rank 0 decides)."""
+        if not is_distributed():
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.broadcast(t, 0)
+        return bool(t.item())
+
+    def _fit_schedule(self, seconds_per_step: float) -> None:
+        budget = self.cfg.max_minutes * 60.0
+        left = max(budget - self.train_seconds, 0.0)
+        total = self.step + max(1, int(left / seconds_per_step * 0.97))
+        t = torch.tensor([float(total)])
+        if is_distributed():
+            torch.distributed.broadcast(t, 0)
+        self.schedule.total_steps = max(int(t.item()), self.step + 1)
+        self.schedule.warmup_steps = min(self.schedule.warmup_steps, self.schedule.total_steps)
+        self.schedule_fitted = True
+        if self.dist.is_main:
+            self.log.info("schedule fitted to the budget: %d updates (%.3f s each)", self.schedule.total_steps,
+                          seconds_per_step)
+
+    def run_eval(self, metrics_logger: Optional[MetricLogger] = None) -> dict:
+        out = {}
+        if self.evaluate_fn is not None and self.dist.is_main:
+            was = self.model.training
+            self.model.eval()
+            with torch.no_grad(), self._autocast():
+                out = self.evaluate_fn(self.model, self.step) or {}
+            self.model.train(was)
+            if metrics_logger is not None and out:
+                metrics_logger.log(self.step, {k: v for k, v in out.items() if isinstance(v, (int, float))}, "eval")
+        barrier()
+        return out
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+
+    def fit(self, resume: bool | str = False, stop_at: Optional[int] = None) -> dict:
+        """Train until the schedule's total, `max_steps` or the time budget (or, for an interruption that keeps
+        the schedule, until update `stop_at`). Returns a summary dict."""
+        cfg = self.cfg
+        if resume:
+            self.resume(resume if isinstance(resume, str) else None)
+        elif self.step == 0 and list_checkpoints(self.ckpt_dir):
+            raise FileExistsError(f"{self.ckpt_dir} already holds checkpoints: pass resume=True (--resume) to continue "
+                                  f"that run, or choose another out_dir")
+        if self.dist.is_main:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            import json
+
+            with open(os.path.join(cfg.out_dir, "run_config.json"), "w") as f:
+                json.dump(self.run_config, f, indent=2, default=str)
+        mlog = MetricLogger(cfg.out_dir, enabled=self.dist.is_main, tensorboard=cfg.tensorboard,
+                            purge_step=self.step)
+        self.model.train()
+        accum = cfg.grad_accum
+        bar = None
+        if cfg.progress and self.dist.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.schedule.total_steps, initial=self.step, desc="train", unit="step",
+                       dynamic_ncols=True)
+        sums: dict = {}
+        n_logged = 0
+        interval_t0 = time.perf_counter()
+        stop_reason = "schedule"
+        epoch = self.step // self.steps_per_epoch
+        start_batch = (self.step % self.steps_per_epoch) * accum
+        last_eval: dict = {}
+        last_lr = self.optimizer.param_groups[0]["lr"]
+
+        def flush(lr):
+            nonlocal sums, n_logged, interval_t0
+            if not n_logged:
+                return
+            el = time.perf_counter() - interval_t0
+            rec = {k: v / n_logged for k, v in sums.items()}
+            rec.update(lr=lr, epoch=self.step / self.steps_per_epoch, seconds_per_step=el / n_logged,
+                       samples_per_second=n_logged * accum * cfg.batch_size * self.dist.world_size / el,
+                       train_minutes=self.train_seconds / 60.0)
+            mlog.log(self.step, rec)
+            sums, n_logged, interval_t0 = {}, 0, time.perf_counter()
+
+        while self.step < self.schedule.total_steps:
+            it = self.batches.batches(epoch, start_batch)
+            start_batch = 0
+            out_of_time = False
+            for _ in range(self.steps_per_epoch - (self.step % self.steps_per_epoch)):
+                if self.step >= self.schedule.total_steps:
+                    break
+                if stop_at is not None and self.step >= stop_at:
+                    out_of_time = True
+                    stop_reason = "stop_at"
+                    break
+                t0 = time.perf_counter()
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro in range(accum):
+                    idx = next(it)
+                    batch = self.task.batch(self.data, idx, self.device)
+                    gen = mtc_generator(cfg.seed, self.step * accum + micro)
+                    sync = micro == accum - 1 or self.ddp is None
+                    ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
+                    with ctx:
+                        with self._autocast():
+                            out = self.task.loss(self.net, batch, gen)
+                        loss = out["loss"] / accum
+                        if not torch.isfinite(loss.detach()):
+                            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}")
+                        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                    for k, v in out.items():
+                        if torch.is_tensor(v) and v.ndim == 0:
+                            sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
+                gnorm = None
+                if cfg.clip_grad is not None:
+                    gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad))
+                lr = max(g["lr"] for g in self.optimizer.param_groups)
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                dt = time.perf_counter() - t0
+                self.train_seconds += dt
+                n_logged += 1
+                if gnorm is not None:
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + gnorm
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(out['loss']):.3f}", lr=f"{lr:.2e}")
+                last_lr = lr
+                if self.step % cfg.log_every == 0 or self.step == self.schedule.total_steps:
+                    flush(lr)
+                if cfg.max_minutes is not None:
+                    if cfg.fit_schedule_to_budget and not self.schedule_fitted and self.step >= 10:
+                        self._fit_schedule(self.train_seconds / self.step)
+                        if bar is not None:
+                            bar.total = self.schedule.total_steps
+                            bar.refresh()
+                    if self._agree(self.train_seconds >= cfg.max_minutes * 60.0):
+                        out_of_time = True
+                        stop_reason = "time budget"
+                        break
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+                    self.save()
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.schedule.total_steps:
+                    last_eval = self.run_eval(mlog)
+            if out_of_time:
+                break
+            epoch += 1
+        flush(last_lr)
+        if bar is not None:
+            bar.close()
+        if not (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
+            self.save()
+        last_eval = self.run_eval(mlog) if self.evaluate_fn is not None else last_eval
+        mlog.close()
+        summary = {"steps": self.step, "train_minutes": self.train_seconds / 60.0, "stop_reason": stop_reason,
+                   "total_steps": self.schedule.total_steps, "eval": last_eval}
+        return summary

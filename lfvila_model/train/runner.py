@@ -1,0 +1,272 @@
+"""Build and run what a run config describes (`runconfig.py`): the model, its weights, the data, the task, the
+trainer and the evaluation. The command line (`lfvila_model.cli`) is a thin layer over `pretrain`/`finetune`/
+`evaluate` here."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+import torch
+
+from .distributed import DistInfo, cleanup, init_distributed
+from .logging import get_logger
+from .loop import TrainConfig, Trainer
+
+__all__ = ["build_model_from_config", "run_training", "run_evaluation", "demo_result_rows"]
+
+log = get_logger()
+
+
+# -- model ---------------------------------------------------------------------------------------------------------
+
+
+def model_config(cfg: dict):
+    from ..config import LFVILAConfig
+    from ..presets import get_config
+
+    m = cfg.get("model", {})
+    if m.get("config"):
+        mc = LFVILAConfig.load(m["config"])
+    else:
+        mc = get_config(m.get("preset") or "lfvila-tiny")
+    changes = dict(m.get("changes") or {})
+    changes.update(cfg.get("loss") or {})
+    return mc.replace(**changes) if changes else mc
+
+
+def build_model_from_config(cfg: dict):
+    """The model (random init), then the `model.init` weights: `checkpoint` (own-format directory, or an official
+    `.bin`, loaded non-strictly as the official fine-tuning does), `swin` (2D Swin-B, inflated), `bert` (a BERT /
+    MiniLM directory, or `minilm` for the packaged MiniLM)."""
+    from ..checkpoint import load_checked, read_state_dict
+    from ..models import build_model
+    from ..presets import minilm_dir
+
+    mc = model_config(cfg)
+    model = build_model(mc)
+    init = (cfg.get("model") or {}).get("init") or {}
+    if init.get("swin"):
+        log.info("video init from Swin: %s", model.init_video_from_swin(init["swin"]))
+    if init.get("bert"):
+        path = minilm_dir() if init["bert"] == "minilm" else init["bert"]
+        rep = model.init_text_from_bert(path)
+        log.info("text init from BERT %s: %d tensors loaded, %d model tensors not in it (new layers and heads)",
+                 path, rep.loaded, len(rep.missing))
+    ck = init.get("checkpoint")
+    if ck:
+        if os.path.isdir(ck) and os.path.isfile(os.path.join(ck, "model.safetensors")):
+            rep = load_checked(model, read_state_dict(os.path.join(ck, "model.safetensors")), strict=False)
+        else:
+            rep = model.load_official(ck, strict=False)
+        log.info("weights from %s: %s", ck, rep)
+    return model
+
+
+# -- data ----------------------------------------------------------------------------------------------------------
+
+
+def _frame_cache(d: dict):
+    from ..data.video import FrameCache
+
+    if d["cache"] == "none":
+        return None
+    if d["cache"] == "disk":
+        return FrameCache("disk", d["cache_dir"] or os.path.join(d.get("root") or ".", ".frame_cache"))
+    return FrameCache("memory")
+
+
+def _tokenizer(mc, num_sentences=None):
+    from ..data.text import ParagraphTokenizer
+
+    return ParagraphTokenizer(num_sentences=num_sentences or mc.num_sentences, max_length=mc.max_sentence_len)
+
+
+def _real_datasets(cfg: dict, mc, train: bool = True):
+    from ..data.datasets import PretrainDataset, RetrievalDataset
+
+    d = cfg["data"]
+    cache = _frame_cache(d)
+    size = tuple(mc.video.input_size)
+    tok = _tokenizer(mc)
+    train_ds = val_ds = None
+    if train:
+        if not d["train"] or not d["video_root"]:
+            raise ValueError("data.train and data.video_root are required for training")
+        if d["kind"] == "pretrain":
+            fpc = d["frames_per_clip"] or mc.video.num_frames // mc.num_clips
+            train_ds = PretrainDataset(d["train"], d["video_root"], tok, num_clips=mc.num_clips, frames_per_clip=fpc,
+                                       size=size, train=True, seed=d["seed"], cache=cache)
+        elif d["kind"] == "retrieval":
+            train_ds = RetrievalDataset(d["train"], d["video_root"], tok, num_frames=mc.video.num_frames, size=size,
+                                        train=True, seed=d["seed"], cache=cache)
+        else:
+            raise ValueError(f"data.kind must be pretrain, retrieval or demo for training, got {d['kind']!r}")
+    if d["val"]:
+        val_ds = RetrievalDataset(d["val"], d["val_video_root"] or d["video_root"], tok, num_frames=mc.video.num_frames,
+                                  size=size, train=False, seed=d["seed"], cache=cache)
+    return train_ds, val_ds
+
+
+class _DemoSetup:
+    """Everything the demo needs: the generated set (made if absent), frames in memory, the sentence cache."""
+
+    def __init__(self, cfg: dict, model, progress: bool = True, train: bool = True):
+        from ..data.datasets import PretrainDataset, RetrievalDataset
+        from ..data.demo import make_demo_data
+        from .demo import DemoData, SentenceCache, preload_frames
+
+        d, dm = cfg["data"], cfg["demo"]
+        root = d["root"] or "demo_data"
+        mc = model.config
+        F = mc.video.num_frames
+        size = tuple(mc.video.input_size)
+        summary = make_demo_data(root, num_train=dm["num_train"], num_val=dm["num_val"], seed=dm["seed"],
+                                 workers=dm["workers"], size=size, progress=progress)
+        fpc = F // mc.num_clips
+        if summary["frames_per_clip"] % fpc and fpc > summary["frames_per_clip"]:
+            raise ValueError(f"the demo set has {summary['frames_per_clip']} frames per clip; the model wants {fpc}")
+        packed = os.path.join(root, "packed")
+        tag = f"F{F}_{size[0]}x{size[1]}"
+        va = RetrievalDataset(summary["val_retrieval"], summary["video_root"], None, num_frames=F, size=size, train=False)
+        self.val_paragraphs = [list(r.sentences) for r in va.records]
+        self.val_videos = preload_frames(va, os.path.join(packed, f"val_{tag}.pt"), workers=d["num_workers"],
+                                         progress=progress)
+        sentences = {s for p in self.val_paragraphs for s in p}
+        self.data = None
+        if train:
+            tr = PretrainDataset(summary["train"], summary["clip_root"], None, num_clips=mc.num_clips,
+                                 frames_per_clip=fpc, size=size, train=False)
+            train_par = [[c.text for c in s.clips[:mc.num_clips]] for s in tr.samples]
+            sentences |= {s for p in train_par for s in p}
+            videos = preload_frames(tr, os.path.join(packed, f"train_{tag}.pt"), workers=d["num_workers"],
+                                    progress=progress)
+        self.cache = SentenceCache(model, sorted(sentences), mc.max_sentence_len, pooling=dm["sentence_pooling"])
+        if train:
+            groups = None
+            if dm["paired_batches"]:
+                with open(os.path.join(root, "meta.json")) as f:
+                    groups = torch.tensor([v["set"] for v in json.load(f)["videos"]["train"]])
+            self.data = DemoData(videos, torch.stack([self.cache.ids(p) for p in train_par]), groups)
+        self.paragraph_tokens = dm["paragraph_tokens"]
+
+
+# -- runs ----------------------------------------------------------------------------------------------------------
+
+
+def _write_json(path: str, obj) -> None:
+    from ..eval.retrieval import _jsonable
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(obj), f, indent=2)
+    os.replace(tmp, path)
+
+
+def run_training(cfg: dict, resume=False, task_kind: Optional[str] = None) -> dict:
+    """Train as `cfg` says (pre-training, fine-tuning or the demo), evaluate, write `result.json` in the run
+    directory. Returns the summary."""
+    from .tasks import TASKS, PretrainTask
+
+    tc = TrainConfig.from_dict(cfg.get("train") or {})
+    dist_info = init_distributed(None if tc.device == "auto" else tc.device)
+    if tc.device == "auto":
+        tc.device = dist_info.device.type
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    torch.manual_seed(tc.seed + dist_info.rank)
+    try:
+        model = build_model_from_config(cfg)
+        mc = model.config
+        kind = cfg["data"]["kind"]
+        out_eval = os.path.join(tc.out_dir, cfg["eval"]["out"])
+        evaluate = None
+        if kind == "demo":
+            from .demo import DemoTask, evaluate_demo, freeze_for_demo
+
+            if dist_info.world_size > 1:
+                raise ValueError("the demo runs in one process; launch it without torchrun")
+            if mc.model_type != "pretrain" or mc.stage != 1:
+                raise ValueError("the demo trains a stage-1 pre-training model (model_type pretrain, stage 1)")
+            freeze_for_demo(model)
+            std = cfg["demo"]["segment_init_std"]
+            if std and not resume:
+                # the sentence-index (segment) embedding carries the order of the sentences into the paragraph
+                # encoder; at BERT's init (std 0.02) it is 1/10 of a sentence feature's norm, too faint to learn
+                # the order from within minutes
+                torch.manual_seed(tc.seed)
+                torch.nn.init.normal_(model.sent_embedding.segment_embeddings.weight, std=std)
+            setup = _DemoSetup(cfg, model, progress=tc.progress)
+            task = DemoTask(setup.cache, setup.paragraph_tokens)
+            data = setup.data
+
+            def evaluate(m, step):
+                return evaluate_demo(m, setup.cache, setup.val_videos, setup.val_paragraphs, setup.paragraph_tokens,
+                                     out_path=out_eval)
+        else:
+            train_ds, val_ds = _real_datasets(cfg, mc)
+            if mc.model_type == "pretrain":
+                task = PretrainTask(mc, stage=mc.stage, max_skip_fraction=cfg["data"]["max_skip_fraction"])
+            else:
+                task = TASKS[mc.model_type](cfg["data"]["max_skip_fraction"])
+            data = train_ds
+            if val_ds is not None and mc.model_type in ("retrieval",) or (val_ds is not None and mc.stage == 1
+                                                                           and mc.model_type == "pretrain"):
+                from .evaluate import evaluate_retrieval
+
+                def evaluate(m, step):
+                    return evaluate_retrieval(m, val_ds, cfg["eval"]["batch_size"], out_eval, cfg["eval"]["figure"])
+        trainer = Trainer(model, task, data, tc, dist_info, evaluate=evaluate, run_config=cfg)
+        t0 = time.time()
+        summary = trainer.fit(resume=resume)
+        summary["wall_minutes"] = (time.time() - t0) / 60.0
+        summary["config"] = {"preset": (cfg.get("model") or {}).get("preset"), "loss": cfg.get("loss"),
+                             "mtc_weight": mc.mtc_weight}
+        if dist_info.is_main:
+            ev = summary.get("eval") or {}
+            ev.pop("ranks", None)
+            _write_json(os.path.join(tc.out_dir, "result.json"), summary)
+        return summary
+    finally:
+        cleanup()
+
+
+def run_evaluation(cfg: dict, checkpoint: str, out: Optional[str] = None) -> dict:
+    """Evaluate an own-format checkpoint directory (a run's `checkpoints/step-*` or a `save_pretrained` dir) on the
+    config's validation data (retrieval metrics; the demo adds the temporal-order score)."""
+    from ..checkpoint import load_pretrained
+
+    path = checkpoint
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        from .checkpointing import latest_checkpoint
+
+        path = latest_checkpoint(os.path.join(path, "checkpoints")) or path
+    model = load_pretrained(path, strict=True)
+    out = out or os.path.join(path, "eval", "metrics.json")
+    if cfg["data"]["kind"] == "demo":
+        from .demo import evaluate_demo
+
+        setup = _DemoSetup(cfg, model, train=False)
+        return evaluate_demo(model, setup.cache, setup.val_videos, setup.val_paragraphs, setup.paragraph_tokens,
+                             out_path=out)
+    from .evaluate import evaluate_retrieval
+
+    _, val_ds = _real_datasets(cfg, model.config, train=False)
+    if val_ds is None:
+        raise ValueError("data.val is required for evaluation")
+    return evaluate_retrieval(model, val_ds, cfg["eval"]["batch_size"], out, cfg["eval"]["figure"], progress=True)
+
+
+def demo_result_rows(run_dirs) -> list:
+    rows = []
+    for d in run_dirs:
+        with open(os.path.join(d, "result.json")) as f:
+            r = json.load(f)
+        name = os.path.basename(os.path.normpath(d))
+        w = (r.get("config") or {}).get("mtc_weight")
+        rows.append({"name": f"{name} (MTC weight {w})", "steps": r["steps"], "minutes": r["train_minutes"],
+                     "metrics": r["eval"]})
+    return rows
