@@ -24,9 +24,8 @@ def htwa_sdpa(q, k, v, bias_table=None, *, window, shift=(0, 0, 0), bias_window=
     B, T, H, W, heads, D = q.shape
     qw, kw, vw, padded = window_prepare(q, k, v, window, shift)
     term = window_additive_mask(bias_table, (T, H, W), padded, window, shift, bias_window, heads, q.dtype, q.device)
-    if term is not None:
-        N = qw.shape[-2]
-        term = term.unsqueeze(0).expand(B, -1, heads, N, N).reshape(-1, heads, N, N)
+    if term is not None and term.shape[0] > 1:  # per-window masks: repeat over the batch (B * nW windows)
+        term = term.unsqueeze(0).expand(B, *term.shape).reshape(-1, *term.shape[1:])
     out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=term, scale=scale)
     return window_finish(out, window, shift, (T, H, W), padded)
 

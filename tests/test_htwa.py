@@ -97,8 +97,8 @@ def test_bias_window_quirk_uses_top_left_block_of_configured_index():
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.layer in (0, 2, 5)], ids=lambda c: c.name)
 def test_sdpa_backend_matches_reference(case):
-    want = _grads("reference", case, dtype=torch.float64)
-    got = _grads("sdpa", case, dtype=torch.float64)
+    want = _grads("reference", case, batch=2, dtype=torch.float64)
+    got = _grads("sdpa", case, batch=2, dtype=torch.float64)
     _assert_close_all(got, want, 1e-10)
 
 
