@@ -117,7 +117,7 @@ def load_checked(module: nn.Module, state_dict: Mapping[str, Tensor], strict: bo
     return report
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
+def atomic_write_bytes(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
@@ -142,10 +142,10 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
             v = v.contiguous().clone()
         seen.add(ptr)
         tensors[k] = v
-    _atomic_write_bytes(os.path.join(directory, WEIGHTS_NAME),
+    atomic_write_bytes(os.path.join(directory, WEIGHTS_NAME),
                         save(tensors, metadata={"format": "pt", "lfvila_model_type": model.config.model_type}))
     text = json.dumps(model.config.to_dict(), indent=2) + "\n"
-    _atomic_write_bytes(os.path.join(directory, CONFIG_NAME), text.encode())
+    atomic_write_bytes(os.path.join(directory, CONFIG_NAME), text.encode())
 
 
 def load_pretrained(directory: str, strict: bool = True, **config_changes):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import load_checked, read_state_dict, save_pretrained
+from ..checkpoint import atomic_write_bytes, load_checked, read_state_dict, save_pretrained
 
 __all__ = ["rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
            "list_checkpoints"]
@@ -89,15 +89,6 @@ def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
     return found[-1] if found else None
 
 
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(ckpt_dir: str, step: int, model: nn.Module, optimizer=None, scheduler=None, scaler=None,
                     state: Optional[dict] = None, keep_last: int = 3, rank: int = 0, world_size: int = 1,
                     barrier=None) -> str:
@@ -134,7 +125,7 @@ def save_checkpoint(ckpt_dir: str, step: int, model: nn.Module, optimizer=None, 
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_text(os.path.join(ckpt_dir, LATEST), name + "\n")
+        atomic_write_bytes(os.path.join(ckpt_dir, LATEST), (name + "\n").encode())
         if keep_last:
             for old in list_checkpoints(ckpt_dir)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
