@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lfvila_kernels import htwa_attention
+from lfvila_kernels import htwa_attention_qkv
 from lfvila_kernels.shapes import official_cases, make_htwa_inputs
 
 
@@ -22,8 +22,9 @@ def _build_htwa(spec):
 
     def run():
         with torch.set_grad_enabled(train):
-            out = htwa_attention(q, k, v, bias, window=case.window, shift=case.shift, bias_window=case.bias_window,
-                                 backend=spec["backend"])
+            # the packed entry point, as the model calls it (reference/sdpa/flex take q, k, v = qkv.unbind(4))
+            out = htwa_attention_qkv(qkv, bias, window=case.window, shift=case.shift,
+                                     bias_window=case.bias_window, backend=spec["backend"])
             if train:
                 out.backward(dout)
                 qkv.grad = None

@@ -795,10 +795,13 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> htwa_bwd_cpu(
+// The backward into caller-provided dq, dk, dv (any strides with stride(-1) == 1: separate tensors, or the three
+// slices of one packed (B, T, H, W, 3, heads, D) gradient); returns dbias.
+at::Tensor htwa_bwd_into(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& bias, const at::Tensor& out_in, const at::Tensor& lse_in,
-    at::IntArrayRef window, at::IntArrayRef shift, at::IntArrayRef bias_window, double scale) {
+    at::IntArrayRef window, at::IntArrayRef shift, at::IntArrayRef bias_window, double scale, at::Tensor& dq,
+    at::Tensor& dk, at::Tensor& dv) {
   const Geom g = make_geom(q_in, window, shift, bias_window);
   check_inputs(q_in, k_in, v_in, bias, g);
   for (const at::Tensor* x : {&dout_in, &out_in}) {
@@ -812,14 +815,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> htwa_bwd_cpu(
   const at::Tensor q = last_dim_contig(q_in), k = last_dim_contig(k_in), v = last_dim_contig(v_in);
   const at::Tensor dout = last_dim_contig(dout_in), out = last_dim_contig(out_in);
   const at::Tensor lse = lse_in.to(acc);
-  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor dq = at::empty(q.sizes(), opts), dk = at::empty(q.sizes(), opts), dv = at::empty(q.sizes(), opts);
   const int64 nbias = num_bias_rows(g);
   at::Tensor dbias = bias.has_value() ? at::zeros({nbias, g.heads}, q.options().dtype(acc))
                                       : at::empty({0}, q.options().dtype(acc));
   if (q.numel() == 0) {
     if (bias.has_value()) dbias = dbias.to(bias->scalar_type());
-    return {dq, dk, dv, dbias};
+    return dbias;
   }
   at::Tensor biasT, partials;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "htwa_bwd_cpu", [&] {
@@ -850,7 +851,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> htwa_bwd_cpu(
     }
   });
   if (bias.has_value() && bias->scalar_type() != acc) dbias = dbias.to(bias->scalar_type());
+  return dbias;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> htwa_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& lse, at::IntArrayRef window,
+    at::IntArrayRef shift, at::IntArrayRef bias_window, double scale) {
+  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dq = at::empty(q.sizes(), opts), dk = at::empty(q.sizes(), opts), dv = at::empty(q.sizes(), opts);
+  at::Tensor dbias = htwa_bwd_into(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale, dq, dk, dv);
   return {dq, dk, dv, dbias};
+}
+
+// Packed gradient: dq, dk, dv written straight into one (B, T, H, W, 3, heads, D) tensor, the gradient of the
+// qkv projection's output, so autograd need not stack three separate gradients into it (saves 3 x |q| bytes).
+std::tuple<at::Tensor, at::Tensor> htwa_bwd_packed_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& lse, at::IntArrayRef window,
+    at::IntArrayRef shift, at::IntArrayRef bias_window, double scale) {
+  TORCH_CHECK(q.dim() == 6, "htwa_bwd_packed: q must be (B, T, H, W, heads, D), got ", q.sizes());
+  const auto sz = q.sizes();
+  at::Tensor dqkv = at::empty({sz[0], sz[1], sz[2], sz[3], 3, sz[4], sz[5]}, q.options());
+  at::Tensor dq = dqkv.select(4, 0), dk = dqkv.select(4, 1), dv = dqkv.select(4, 2);
+  at::Tensor dbias = htwa_bwd_into(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale, dq, dk, dv);
+  return {dqkv, dbias};
 }
 
 }  // namespace
@@ -858,6 +883,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> htwa_bwd_cpu(
 TORCH_LIBRARY_IMPL(lfvila_C, CPU, m) {
   m.impl("htwa_fwd", &htwa_fwd_cpu);
   m.impl("htwa_bwd", &htwa_bwd_cpu);
+  m.impl("htwa_bwd_packed", &htwa_bwd_packed_cpu);
 }
 
 }  // namespace lfvila

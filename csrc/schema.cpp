@@ -17,6 +17,11 @@ TORCH_LIBRARY(lfvila_C, m) {
   m.def(
       "htwa_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor out, Tensor lse, int[] window, "
       "int[] shift, int[] bias_window, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  //   htwa_bwd_packed: the same, with dq, dk, dv returned as one (B, T, H, W, 3, heads, D) tensor (the gradient of
+  //   a packed qkv projection output); CPU only.
+  m.def(
+      "htwa_bwd_packed(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor out, Tensor lse, "
+      "int[] window, int[] shift, int[] bias_window, float scale) -> (Tensor, Tensor)");
   // --- contrastive losses (info_nce_*) below this line ---
   // Fused InfoNCE (see lfvila_kernels/losses.py for the contract). logits z = scale * a @ b^T are never stored.
   //   a: (N, D), b: (M, D), same dtype (float16, bfloat16, float32, float64); positive of row i is column

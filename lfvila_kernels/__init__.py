@@ -5,11 +5,12 @@
   contrastive losses, fused so that no B x B matrix is stored.
 """
 
-from .htwa import htwa_attention
+from .htwa import htwa_attention, htwa_attention_qkv
 from .losses import gather_with_grad, info_nce_loss, sample_mtc_indices, temporal_contrastive_loss
 
 __all__ = [
     "htwa_attention",
+    "htwa_attention_qkv",
     "info_nce_loss",
     "temporal_contrastive_loss",
     "sample_mtc_indices",

@@ -15,7 +15,7 @@ from torch import Tensor
 from . import _backends, _ext
 from ._checks import check_htwa_args
 
-__all__ = ["htwa_attention"]
+__all__ = ["htwa_attention", "htwa_attention_qkv"]
 
 _CPU_ORDER = ("cpp",)
 _CUDA_ORDER = ("triton", "cuda")
@@ -41,6 +41,10 @@ def _htwa_fwd(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    return _fwd_impl(q, k, v, bias, window, shift, bias_window, scale, backend)
+
+
+def _fwd_impl(q, k, v, bias, window, shift, bias_window, scale, backend):
     if backend == "triton":
         from .triton.htwa import htwa_fwd_triton
 
@@ -102,6 +106,75 @@ def _backward(ctx, dout, _dlse):
 
 
 _htwa_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Packed variant: q, k, v as the slices of one (B, T, H, W, 3, heads, D) tensor (the qkv projection's output). Its
+# backward returns that tensor's gradient in one piece: the C++ kernel writes dq, dk, dv straight into it, where
+# the unpacked op's three gradients would be stacked into it by autograd (one extra copy of the qkv gradient).
+
+
+@torch.library.custom_op("lfvila::htwa_fwd_qkv", mutates_args=())
+def _htwa_fwd_qkv(
+    qkv: Tensor,
+    bias: Optional[Tensor],
+    window: list[int],
+    shift: list[int],
+    bias_window: list[int],
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    q, k, v = qkv.unbind(4)
+    return _fwd_impl(q, k, v, bias, window, shift, bias_window, scale, backend)
+
+
+@_htwa_fwd_qkv.register_fake
+def _htwa_fwd_qkv_fake(qkv, bias, window, shift, bias_window, scale, backend):
+    return _htwa_fwd_fake(qkv.select(4, 0), None, None, bias, window, shift, bias_window, scale, backend)
+
+
+@torch.library.custom_op("lfvila::htwa_bwd_packed", mutates_args=())
+def _htwa_bwd_packed(
+    dout: Tensor,
+    qkv: Tensor,
+    bias: Optional[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    window: list[int],
+    shift: list[int],
+    bias_window: list[int],
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    q, k, v = qkv.unbind(4)
+    if backend == "cpp":
+        return _ext.ops().htwa_bwd_packed(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale)
+    # other backends return three gradients; stack them here
+    dq, dk, dv, dbias = _htwa_bwd(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale, backend)
+    return torch.stack((dq, dk, dv), 4), dbias
+
+
+@_htwa_bwd_packed.register_fake
+def _htwa_bwd_packed_fake(dout, qkv, bias, out, lse, window, shift, bias_window, scale, backend):
+    dbias = bias.new_empty(bias.shape) if bias is not None else qkv.new_empty((0,), dtype=_acc_dtype(qkv.dtype))
+    return qkv.new_empty(qkv.shape), dbias
+
+
+def _setup_context_qkv(ctx, inputs, output):
+    qkv, bias, window, shift, bias_window, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, bias, out, lse)
+    ctx.has_bias = bias is not None
+    ctx.params = (window, shift, bias_window, scale, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_qkv(ctx, dout, _dlse):
+    qkv, bias, out, lse = ctx.saved_tensors
+    dqkv, dbias = torch.ops.lfvila.htwa_bwd_packed(dout.contiguous(), qkv, bias, out, lse, *ctx.params)
+    return dqkv, (dbias if ctx.has_bias else None), None, None, None, None, None
+
+
+_htwa_fwd_qkv.register_autograd(_backward_qkv, setup_context=_setup_context_qkv)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -172,4 +245,36 @@ def htwa_attention(
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     bias = None if bias_table is None else bias_table.to(_acc_dtype(q.dtype))
     out, _ = torch.ops.lfvila.htwa_fwd(q, k, v, bias, list(window), list(shift), list(bias_window), scale, backend)
+    return out
+
+
+def htwa_attention_qkv(
+    qkv: Tensor,
+    bias_table: Optional[Tensor] = None,
+    *,
+    window,
+    shift=(0, 0, 0),
+    bias_window=None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """`htwa_attention` on a packed qkv tensor: `qkv` is `(B, T, H, W, 3, heads, D)` (the qkv projection's output
+    viewed so, e.g. `linear(x).view(B, T, H, W, 3, heads, D)`), q, k, v its slices along dim 4. Same result as
+    `htwa_attention(*qkv.unbind(4), ...)`; its gradient for `qkv` comes out in one piece, which saves one copy of
+    that gradient in the backward (the C++ kernel writes dq, dk, dv straight into it). All other arguments and the
+    result as `htwa_attention`."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 7 or qkv.shape[4] != 3:
+        got = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"qkv must be a (B, T, H, W, 3, heads, D) tensor, got {got}")
+    q, k, v = qkv.unbind(4)
+    window, shift, bias_window, scale = check_htwa_args(q, k, v, bias_table, window, shift, bias_window, scale)
+    if backend not in _backends.HTWA_BACKENDS:
+        raise ValueError(f"backend must be one of {_backends.HTWA_BACKENDS}, got {backend!r}")
+    resolved = _backends.resolve("htwa_fwd", backend, str(qkv.device), qkv.dtype, _CPU_ORDER, _CUDA_ORDER)
+    if resolved in ("reference", "sdpa", "flex"):
+        return htwa_attention(q, k, v, bias_table, window=window, shift=shift, bias_window=bias_window, scale=scale,
+                              backend=resolved)
+    qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+    bias = None if bias_table is None else bias_table.to(_acc_dtype(qkv.dtype))
+    out, _ = torch.ops.lfvila.htwa_fwd_qkv(qkv, bias, list(window), list(shift), list(bias_window), scale, resolved)
     return out

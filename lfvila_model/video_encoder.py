@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from lfvila_kernels import htwa_attention
+from lfvila_kernels import htwa_attention_qkv
 from lfvila_kernels.reference import relative_position_index
 
 from .config import VideoEncoderConfig
@@ -150,10 +150,9 @@ class WindowAttention3D(nn.Module):
 
     def forward(self, x: Tensor, window, shift) -> Tensor:
         B, T, H, W, C = x.shape
-        qkv = self.qkv(x).view(B, T, H, W, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(4)  # views: the op reads them through their strides
-        out = htwa_attention(
-            q, k, v, self.relative_position_bias_table, window=window, shift=shift, bias_window=self.window,
+        qkv = self.qkv(x).view(B, T, H, W, 3, self.num_heads, self.head_dim)  # q, k, v read through strides
+        out = htwa_attention_qkv(
+            qkv, self.relative_position_bias_table, window=window, shift=shift, bias_window=self.window,
             scale=self.scale, backend=self.backend,
         )
         return self.proj_drop(self.proj(out.view(B, T, H, W, C)))

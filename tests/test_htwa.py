@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from htwa_dense import htwa_dense
-from lfvila_kernels import htwa_attention
+from lfvila_kernels import htwa_attention, htwa_attention_qkv
 from lfvila_kernels._checks import htwa_num_bias_rows
 from lfvila_kernels.reference import htwa_reference
 from lfvila_kernels.shapes import HTWACase, make_htwa_inputs, official_cases
@@ -277,3 +277,34 @@ def test_explicit_backend_that_cannot_run_says_why():
     q, bias = _good()
     with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run: it runs on cuda tensors"):
         htwa_attention(q, q, q, bias, window=(2, 3, 5), backend="cuda")
+
+
+# ------------------------------------------------------------------------------------------------ packed qkv
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_packed_qkv_matches_unpacked(backend, with_bias):
+    case = next(c for c in CASES if c.layer == 1 and c.shifted)
+    want = _grads("reference", case, batch=2, with_bias=with_bias)
+    qkv, _, bias = make_htwa_inputs(case, 2, torch.float64, requires_grad=True, seed=0, with_bias=with_bias)
+    out = htwa_attention_qkv(qkv, bias, window=case.window, shift=case.shift, bias_window=case.bias_window,
+                             backend=backend)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float32).double()
+    out.backward(dout * 0.5 + 0.25)
+    _assert_close_all((out.detach(), qkv.grad, bias.grad if with_bias else None), want, 1e-10)
+
+
+def test_opcheck_packed_ops():
+    case, q, k, v, bias = _op_args()
+    qkv = torch.stack([q, k, v], 4).detach().requires_grad_()
+    params = (list(case.window), list(case.shift), list(case.bias_window), 0.3, "cpp")
+    torch.library.opcheck(torch.ops.lfvila.htwa_fwd_qkv.default, (qkv, bias, *params))
+    out, lse = torch.ops.lfvila.htwa_fwd_qkv(qkv.detach(), bias.detach(), *params)
+    torch.library.opcheck(torch.ops.lfvila.htwa_bwd_packed.default,
+                          (torch.randn_like(out), qkv.detach(), bias.detach(), out, lse, *params))
+
+
+def test_packed_qkv_bad_shape():
+    with pytest.raises(ValueError, match=r"qkv must be a \(B, T, H, W, 3, heads, D\) tensor, got \(1, 4, 6, 10, 2, 8\)"):
+        htwa_attention_qkv(torch.randn(1, 4, 6, 10, 2, 8), window=(2, 3, 5))
