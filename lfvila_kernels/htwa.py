@@ -178,6 +178,38 @@ _htwa_fwd_qkv.register_autograd(_backward_qkv, setup_context=_setup_context_qkv)
 
 
 # --------------------------------------------------------------------------------------------------------------
+# shared front half of the public functions
+
+_TORCH_BACKENDS = ("reference", "sdpa", "flex")
+
+
+def _prepare(q, k, v, bias_table, window, shift, bias_window, scale, backend):
+    """Check the arguments and pick the backend; returns (backend, [window, shift, bias_window, scale])."""
+    window, shift, bias_window, scale = check_htwa_args(q, k, v, bias_table, window, shift, bias_window, scale)
+    if backend not in _backends.HTWA_BACKENDS:
+        raise ValueError(f"backend must be one of {_backends.HTWA_BACKENDS}, got {backend!r}")
+    backend = _backends.resolve("htwa_fwd", backend, str(q.device), q.dtype, _CPU_ORDER, _CUDA_ORDER)
+    return backend, [list(window), list(shift), list(bias_window), scale]
+
+
+def _torch_backend(q, k, v, bias_table, backend, params):
+    window, shift, bias_window, scale = params
+    kwargs = dict(window=tuple(window), shift=tuple(shift), bias_window=tuple(bias_window), scale=scale)
+    if backend == "reference":
+        from .reference import htwa_reference
+
+        return htwa_reference(q, k, v, bias_table, **kwargs)
+    from . import _htwa_torch
+
+    return getattr(_htwa_torch, f"htwa_{backend}")(q, k, v, bias_table, **kwargs)
+
+
+def _kernel_bias(bias_table, dtype):
+    """The kernels read the bias table in the accumulation dtype (the cast is differentiable)."""
+    return None if bias_table is None else bias_table.to(_acc_dtype(dtype))
+
+
+# --------------------------------------------------------------------------------------------------------------
 # public function
 
 
@@ -227,24 +259,12 @@ def htwa_attention(
     Returns:
         `(B, T, H, W, heads, D)`, contiguous, dtype of q.
     """
-    window, shift, bias_window, scale = check_htwa_args(q, k, v, bias_table, window, shift, bias_window, scale)
-    if backend not in _backends.HTWA_BACKENDS:
-        raise ValueError(f"backend must be one of {_backends.HTWA_BACKENDS}, got {backend!r}")
-    backend = _backends.resolve("htwa_fwd", backend, str(q.device), q.dtype, _CPU_ORDER, _CUDA_ORDER)
-    kwargs = dict(window=window, shift=shift, bias_window=bias_window, scale=scale)
-    if backend == "reference":
-        from .reference import htwa_reference
-
-        return htwa_reference(q, k, v, bias_table, **kwargs)
-    if backend in ("sdpa", "flex"):
-        from . import _htwa_torch
-
-        return getattr(_htwa_torch, f"htwa_{backend}")(q, k, v, bias_table, **kwargs)
-
+    backend, params = _prepare(q, k, v, bias_table, window, shift, bias_window, scale, backend)
+    if backend in _TORCH_BACKENDS:
+        return _torch_backend(q, k, v, bias_table, backend, params)
     # The kernels read q, k, v through their strides; only a non-unit last stride forces a copy.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    bias = None if bias_table is None else bias_table.to(_acc_dtype(q.dtype))
-    out, _ = torch.ops.lfvila.htwa_fwd(q, k, v, bias, list(window), list(shift), list(bias_window), scale, backend)
+    out, _ = torch.ops.lfvila.htwa_fwd(q, k, v, _kernel_bias(bias_table, q.dtype), *params, backend)
     return out
 
 
@@ -267,14 +287,9 @@ def htwa_attention_qkv(
         got = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
         raise ValueError(f"qkv must be a (B, T, H, W, 3, heads, D) tensor, got {got}")
     q, k, v = qkv.unbind(4)
-    window, shift, bias_window, scale = check_htwa_args(q, k, v, bias_table, window, shift, bias_window, scale)
-    if backend not in _backends.HTWA_BACKENDS:
-        raise ValueError(f"backend must be one of {_backends.HTWA_BACKENDS}, got {backend!r}")
-    resolved = _backends.resolve("htwa_fwd", backend, str(qkv.device), qkv.dtype, _CPU_ORDER, _CUDA_ORDER)
-    if resolved in ("reference", "sdpa", "flex"):
-        return htwa_attention(q, k, v, bias_table, window=window, shift=shift, bias_window=bias_window, scale=scale,
-                              backend=resolved)
+    backend, params = _prepare(q, k, v, bias_table, window, shift, bias_window, scale, backend)
+    if backend in _TORCH_BACKENDS:  # plain-PyTorch paths: autograd through the unbind is all they need
+        return _torch_backend(q, k, v, bias_table, backend, params)
     qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
-    bias = None if bias_table is None else bias_table.to(_acc_dtype(qkv.dtype))
-    out, _ = torch.ops.lfvila.htwa_fwd_qkv(qkv, bias, list(window), list(shift), list(bias_window), scale, resolved)
+    out, _ = torch.ops.lfvila.htwa_fwd_qkv(qkv, _kernel_bias(bias_table, qkv.dtype), *params, backend)
     return out

@@ -15,6 +15,7 @@ its batch size, which the all-gathers need), and counted by a `SkipTracker` that
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Optional, Sequence
 
 import torch
@@ -54,7 +55,7 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_siz
     return ids, labels
 
 
-class Task:
+class Task(abc.ABC):
     """Base: batch assembly with skip replacement; subclasses define `loss`."""
 
     max_skip_fraction: float = 0.01
@@ -84,8 +85,9 @@ class Task:
         b.pop("skipped", None)
         return to_device(b, device)
 
+    @abc.abstractmethod
     def loss(self, model, batch: dict, generator: torch.Generator) -> dict:
-        raise NotImplementedError
+        """The task's loss terms for one batch (each subclass defines its own)."""
 
 
 def _world() -> int:
