@@ -19,6 +19,7 @@ from typing import Any, Optional
 __all__ = ["VideoEncoderConfig", "TextEncoderConfig", "LFVILAConfig", "MODEL_TYPES", "ATTENTION_BACKENDS"]
 
 MODEL_TYPES = ("pretrain", "retrieval", "qa_multichoice", "qa_classification", "video_classification")
+GLOBAL_FEATURES = ("official", "ordered")
 ATTENTION_BACKENDS = ("auto", "cpp", "cuda", "triton", "flex", "sdpa", "reference")
 
 
@@ -307,6 +308,9 @@ class LFVILAConfig(_Serialisable):
     mtc_num_value: int = 2
     mtc_rolls: tuple = (0, 1, 2)  # batch rolls of the "other" negatives; (1, 2, 3) is the clean variant (7.3)
     mtc_video_features: str = "final"  # "final" (as released, spec 1.5) or "local" (layer-2 + local_feat_proj)
+    # VPC features: "official" (video = projected mean of the clips, paragraph = projected paragraph token) or
+    # "ordered" (per-clip and per-sentence projections concatenated in time order: order-aware, see pooling.py)
+    global_features: str = "official"
     mlm_weight: float = 1.0
     vtm_weight: float = 10.0
     num_labels: int = 2  # qa_classification / video_classification classes
@@ -338,6 +342,11 @@ class LFVILAConfig(_Serialisable):
             _check_float(getattr(self, name), name, 0.0)
         if self.mtc_video_features not in ("final", "local"):
             raise ValueError(f"mtc_video_features must be 'final' or 'local', got {self.mtc_video_features!r}")
+        if self.global_features not in GLOBAL_FEATURES:
+            raise ValueError(f"global_features must be one of {GLOBAL_FEATURES}, got {self.global_features!r}")
+        if self.global_features == "ordered" and self.num_sentences != self.num_clips:
+            raise ValueError(f"global_features='ordered' pairs clip m with sentence m: num_sentences "
+                             f"({self.num_sentences}) must equal num_clips ({self.num_clips})")
         self.pool_kernel = tuple(self.pool_kernel)
         self.mtc_rolls = tuple(self.mtc_rolls)
         if self.video.num_frames % self.num_clips:

@@ -25,7 +25,7 @@ from .checkpoint import LoadReport, load_checked, load_pretrained, logger, read_
 from .checkpoint_filters import bert_to_text_encoder, official_filter, swin_2d_to_3d
 from .config import LFVILAConfig
 from .losses import mlm_loss, mtc_loss, span_loss, vpc_loss, vtm_shuffle
-from .pooling import clip_means, pool_frame_tokens
+from .pooling import clip_means, global_paragraph_features, global_video_features, pool_frame_tokens
 from .text_encoder import SentEmbedding, TextEncoder, VideoTokenPos
 from .video_encoder import VideoEncoder
 
@@ -206,16 +206,17 @@ class LFVILAPretrain(_CrossModalMixin, LFVILABase):
 
     def stage1_features(self, video: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict:
         """The four L2-normalised contrastive features: `video` `(B, E)`, `paragraph` `(B, E)`, `clips` `(B, M, E)`,
-        `sentences` `(B, M, E)`."""
+        `sentences` `(B, M, E)` (`video` and `paragraph` are `(B, M * E)` with `global_features="ordered"`)."""
         M = self.config.num_clips
         local = self.config.mtc_video_features == "local"
         pooled, pooled_local = self.video_tokens(video, return_local=local)
         clips = clip_means(pooled, M)  # B, M, C
         clip_src = clip_means(pooled_local, M) if local else clips
         sent, para, _ = self.encode_text(input_ids, attention_mask)
+        mode = self.config.global_features
         return {
-            "video": F.normalize(self.video_global_proj(clips.mean(dim=1)), dim=-1),
-            "paragraph": F.normalize(self.text_global_proj(para[:, 0]), dim=-1),
+            "video": global_video_features(clips, self.video_global_proj, mode),
+            "paragraph": global_paragraph_features(para, self.text_global_proj, mode, *input_ids.shape[1:]),
             "clips": F.normalize(self.video_local_proj(clip_src), dim=-1),
             "sentences": F.normalize(self.text_local_proj(sent), dim=-1),
         }
@@ -283,17 +284,20 @@ class LFVILARetrieval(LFVILABase):
         self.sent_embedding = SentEmbedding(cfg.text)
 
     def encode_video(self, video: Tensor) -> Tensor:
-        """`(B, 3, T, H, W)` -> L2-normalised `(B, E)`."""
+        """`(B, 3, T, H, W)` -> L2-normalised `(B, E)` (`(B, M * E)` with `global_features="ordered"`)."""
         self._check_video_batch(video)
         pooled, _ = self.video_tokens(video)
-        return F.normalize(self.video_global_proj(pooled.mean(dim=(1, 2))), dim=-1)
+        # the mean over the clip means is the mean over every pooled token (clips have equal sizes)
+        clips = clip_means(pooled, self.config.num_clips)
+        return global_video_features(clips, self.video_global_proj, self.config.global_features)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """`(B, M, L)` -> L2-normalised `(B, E)` paragraph features."""
         _check_text(input_ids, attention_mask)
         tokens, _ = self.text_encoder.encode_sentences(input_ids, attention_mask)
         para, _ = self.text_encoder.encode_paragraph(tokens, attention_mask, self.sent_embedding)
-        return F.normalize(self.text_global_proj(para[:, 0]), dim=-1)
+        return global_paragraph_features(para, self.text_global_proj, self.config.global_features,
+                                         *input_ids.shape[1:])
 
     def forward(self, video: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict:
         _check_text(input_ids, attention_mask)

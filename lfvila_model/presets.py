@@ -12,7 +12,7 @@
   4x6 token grids), widths 32 -> 64, one block per layer, temporal windows growing 1 -> 2 -> 4 -> 8 frames (one
   frame, one clip, two clips, the whole video) with 4x6 spatial windows, local window 2 (frames per clip); text
   tower = MiniLM-L6-H384 as the sentence encoder (all 6 layers) + 1 paragraph layer (+1 cross-modal layer for
-  stage 2), 12-token sentences; projections 256.
+  stage 2), 12-token sentences; projections 256; order-aware VPC features (`global_features="ordered"`).
 - `lfvila-official-{retrieval,retrieval-cmovie,how2qa,violin,actnetqa,coin}`: the fine-tuning models of spec 4.2
   with the official input shapes and label counts.
 """
@@ -52,7 +52,8 @@ def _demo() -> LFVILAConfig:
     )
     # text: all 6 MiniLM layers are the (frozen, cached) sentence encoder; the paragraph encoder is one more layer
     text = {"num_sentence_layers": 6, "num_paragraph_layers": 1, "num_cross_layers": 1}
-    return _tiny().replace(video=video.to_dict(), text=text, max_sentence_len=12, pool_kernel=(2, 3))
+    return _tiny().replace(video=video.to_dict(), text=text, max_sentence_len=12, pool_kernel=(2, 3),
+                           global_features="ordered")
 
 
 PRESETS = {

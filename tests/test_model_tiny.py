@@ -227,3 +227,48 @@ def test_tiny_preset_itself_forward_backward():
     assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
     with pytest.raises(ValueError, match="no bundled weights"):
         create_model("lfvila-official", pretrained=True)
+
+
+def test_ordered_global_features_compare_clip_m_with_sentence_m():
+    """`global_features="ordered"`: v . p = mean over m of cos(W_vg clip_m, W_tg h_m), h_m the paragraph encoder's
+    output at sentence m's first token; written out here from the parts of a model with the same weights."""
+    torch.manual_seed(0)
+    model = build_model(micro_config(global_features="ordered")).eval()
+    B, M, L = 3, model.config.num_clips, model.config.max_sentence_len
+    video, ids, mask = make_inputs(model.config, batch=B, seed=3)
+    with torch.no_grad():
+        f = model.stage1_features(video, ids, mask)
+        E = model.config.proj_dim
+        assert f["video"].shape == (B, M * E) and f["paragraph"].shape == (B, M * E)
+        torch.testing.assert_close(f["video"].norm(dim=-1), torch.ones(B))
+        torch.testing.assert_close(f["paragraph"].norm(dim=-1), torch.ones(B))
+        pooled, _ = model.video_tokens(video)
+        _, para, _ = model.encode_text(ids, mask)
+        want = torch.zeros(B, B, dtype=torch.float64)
+        for m in range(M):
+            frames = pooled[:, m * (pooled.shape[1] // M):(m + 1) * (pooled.shape[1] // M)]
+            c = model.video_global_proj(frames.mean(dim=(1, 2))).double()
+            s = model.text_global_proj(para[:, 1 + m * L]).double()
+            want += F.normalize(c, dim=-1) @ F.normalize(s, dim=-1).T / M
+        torch.testing.assert_close((f["video"] @ f["paragraph"].T).double(), want, rtol=1e-5, atol=1e-5)
+        # the official features of the same weights: one projected mean and the paragraph token
+        official = build_model(micro_config()).eval()
+        official.load_state_dict(model.state_dict())
+        g = official.stage1_features(video, ids, mask)
+        torch.testing.assert_close(g["video"], F.normalize(model.video_global_proj(pooled.mean(dim=(1, 2))), dim=-1))
+        torch.testing.assert_close(g["paragraph"], F.normalize(model.text_global_proj(para[:, 0]), dim=-1))
+        # the retrieval model computes the same ordered features
+        retrieval = build_model(micro_config(model_type="retrieval", global_features="ordered")).eval()
+        report = retrieval.load_state_dict(model.state_dict(), strict=False)
+        assert not report.missing_keys
+        torch.testing.assert_close(retrieval.encode_video(video), f["video"])
+        torch.testing.assert_close(retrieval.encode_text(ids, mask), f["paragraph"])
+
+
+def test_ordered_global_features_config_errors():
+    with pytest.raises(ValueError, match="global_features must be one of"):
+        get_config("lfvila-tiny", global_features="concat")
+    with pytest.raises(ValueError, match=r"num_sentences \(1\) must equal num_clips \(4\)"):
+        get_config("lfvila-tiny", global_features="ordered", num_sentences=1)
+    assert get_config("lfvila-official").global_features == "official"
+    assert get_config("lfvila-demo").global_features == "ordered"

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..losses import mtc_loss, vpc_loss
-from ..pooling import clip_means
+from ..pooling import clip_means, global_paragraph_features, global_video_features
 from .tasks import Task
 
 __all__ = ["SentenceCache", "DemoData", "preload_frames", "DemoTask", "demo_features", "encode_paragraphs",
@@ -84,7 +84,7 @@ class SentenceCache:
 
 
 def encode_paragraphs(model, cache: SentenceCache, sent_ids: Tensor, paragraph_tokens: str = "cls") -> Tensor:
-    """Paragraph-encoder output at the paragraph token, `(B, D)`, for `(B, M)` sentence rows."""
+    """L2-normalised global paragraph features (`model.config.global_features`) for `(B, M)` sentence rows."""
     dev = sent_ids.device
     if paragraph_tokens == "cls":
         tokens = cache.cls.to(dev)[sent_ids][:, :, None]  # B, M, 1, D
@@ -95,7 +95,7 @@ def encode_paragraphs(model, cache: SentenceCache, sent_ids: Tensor, paragraph_t
     else:
         raise ValueError(f"paragraph_tokens must be 'cls' or 'all', got {paragraph_tokens!r}")
     para, _ = model.text_encoder.encode_paragraph(tokens, mask, model.sent_embedding)
-    return para[:, 0]
+    return global_paragraph_features(para, model.text_global_proj, model.config.global_features, *tokens.shape[1:3])
 
 
 def demo_features(model, video: Tensor, sent_ids: Tensor, cache: SentenceCache, paragraph_tokens: str = "cls") -> dict:
@@ -108,8 +108,8 @@ def demo_features(model, video: Tensor, sent_ids: Tensor, cache: SentenceCache, 
     sent = cache.cls.to(sent_ids.device)[sent_ids]
     para = encode_paragraphs(model, cache, sent_ids, paragraph_tokens)
     return {
-        "video": F.normalize(model.video_global_proj(clips.mean(dim=1)), dim=-1),
-        "paragraph": F.normalize(model.text_global_proj(para), dim=-1),
+        "video": global_video_features(clips, model.video_global_proj, cfg.global_features),
+        "paragraph": para,
         "clips": F.normalize(model.video_local_proj(clip_src), dim=-1),
         "sentences": F.normalize(model.text_local_proj(sent), dim=-1),
     }
@@ -229,15 +229,14 @@ def evaluate_demo(model, cache: SentenceCache, val_videos: Tensor, val_paragraph
         video = val_videos[s:s + batch_size].float().to(dev)
         pooled, _ = model.video_tokens(video)
         clips = clip_means(pooled, model.config.num_clips)
-        v_feats.append(F.normalize(model.video_global_proj(clips.mean(dim=1)), dim=-1))
+        v_feats.append(global_video_features(clips, model.video_global_proj, model.config.global_features))
     v = torch.cat(v_feats).float()
 
     def para_feats(paragraphs):
         ids = torch.stack([cache.ids(p) for p in paragraphs]).to(dev)
         outs = []
         for s in range(0, ids.shape[0], 512):
-            outs.append(F.normalize(model.text_global_proj(encode_paragraphs(model, cache, ids[s:s + 512],
-                                                                             paragraph_tokens)), dim=-1))
+            outs.append(encode_paragraphs(model, cache, ids[s:s + 512], paragraph_tokens))
         return torch.cat(outs).float()
 
     p = para_feats(val_paragraphs)

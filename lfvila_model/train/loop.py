@@ -340,7 +340,7 @@ class Trainer:
                     sums["grad_norm"] = sums.get("grad_norm", 0.0) + gnorm
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(out['loss']):.3f}", lr=f"{lr:.2e}")
+                    bar.set_postfix(loss=f"{float(out['loss'].detach()):.3f}", lr=f"{lr:.2e}")
                 last_lr = lr
                 if self.step % cfg.log_every == 0 or self.step == self.schedule.total_steps:
                     flush(lr)
