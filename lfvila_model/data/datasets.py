@@ -1,4 +1,5 @@
-"""Torch datasets for LF-VILA pre-training and paragraph-to-video retrieval, with skip-and-count of bad videos.
+"""Torch datasets for LF-VILA pre-training and paragraph-to-video retrieval, with skip-and-count of bad videos
+(the QA and classification fine-tuning datasets build on the same base in :mod:`lfvila_model.data.qa`).
 
 Items (one per annotation record)::
 
@@ -224,6 +225,10 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     "num_sentences": int64 (B,), "index": int64 (B,), "video_id": [str] * B, "size": B,
     "skipped": [{"index", "path", "reason"}, ...]}``. When every item was skipped, ``size`` is 0 and only
     ``size`` and ``skipped`` are present: the loop must skip that step.
+
+    Fine-tuning items (:mod:`lfvila_model.data.qa`) add ``labels`` int64 ``(B,)`` (from each item's ``label``)
+    and, for How2QA, ``span_labels`` int64 ``(B, F)``; multiple-choice text stacks to ``input_ids`` /
+    ``attention_mask`` ``(B, K, M, L)`` and ``num_sentences`` ``(B, K)``. Video-only items have no text keys.
     """
     good = [it for it in items if not it.get("skipped")]
     skipped = [{k: it[k] for k in ("index", "path", "reason")} for it in items if it.get("skipped")]
@@ -237,8 +242,12 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out["input_ids"] = torch.stack([it["input_ids"] for it in good])
         out["attention_mask"] = torch.stack([it["attention_mask"] for it in good])
         out["num_sentences"] = torch.tensor([it["num_sentences"] for it in good], dtype=torch.long)
-    else:
+    elif "sentences" in good[0]:
         out["sentences"] = [it["sentences"] for it in good]
+    if "label" in good[0]:
+        out["labels"] = torch.tensor([it["label"] for it in good], dtype=torch.long)
+    if "span_labels" in good[0]:
+        out["span_labels"] = torch.stack([it["span_labels"] for it in good])
     return out
 
 
@@ -291,9 +300,10 @@ def _decode_for_preload(path: str):
         return path, None, e
 
 
-def preload_videos(dataset: PretrainDataset | RetrievalDataset, progress: bool = True,
+def preload_videos(dataset: Dataset, progress: bool = True,
                    workers: int = 1) -> list[str]:
-    """Decodes every video of ``dataset`` into its cache once, before training (DataLoader workers forked
+    """Decodes every video of ``dataset`` (any dataset of this package and of :mod:`.qa`: they all have
+    ``clip_paths`` and ``cache``) into its cache once, before training (DataLoader workers forked
     afterwards then share a memory cache). ``workers > 1`` decodes in that many processes.
 
     Returns the paths that could not be read (logged; they stay uncached and their items will be skipped).

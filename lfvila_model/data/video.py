@@ -41,6 +41,7 @@ __all__ = [
     "IMAGENET_STD",
     "write_video",
     "count_frames",
+    "video_fps",
     "decode_frames",
     "decode_all_frames",
     "load_video",
@@ -122,6 +123,24 @@ def count_frames(path: str | os.PathLike) -> int:
     if n <= 0:
         raise VideoReadError(path, "video stream has no frames")
     return n
+
+
+def video_fps(path: str | os.PathLike) -> float | None:
+    """Frame rate of the first video stream from the container header (average rate, else the guessed rate), or
+    None when the header gives none (the caller then decides; How2QA span labels assume 3 fps, spec 5).
+
+    Raises :class:`VideoReadError` when the file cannot be opened.
+    """
+    path = os.fspath(path)
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        for rate in (stream.average_rate, stream.guessed_rate):
+            if rate is not None and float(rate) > 0:
+                return float(rate)
+        return None
+    finally:
+        container.close()
 
 
 def _decode(path: str, stop: int | None, keep: set[int] | None) -> tuple[dict[int, np.ndarray], int, int]:
