@@ -1,5 +1,10 @@
-"""Retrieval evaluation on real data (spec 4.2): encode every validation video and paragraph, rank from the full
-similarity matrix, write `metrics.json` and the PNG figure beside it."""
+"""Evaluation on real data (spec 4.2).
+
+- Retrieval: encode every validation video and paragraph, rank from the full similarity matrix, write
+  `metrics.json` and the PNG figure beside it.
+- QA and classification (How2QA, VIOLIN, ActivityNet-QA, COIN/LVU): top-1 accuracy of the model's logits over
+  the readable validation items, written as JSON (`{"accuracy": %, "num_examples": n, "skipped_videos": [...]}`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import torch
 
 from ..data.datasets import collate
 
-__all__ = ["encode_retrieval", "evaluate_retrieval"]
+__all__ = ["encode_retrieval", "evaluate_retrieval", "accuracy", "predict_logits", "evaluate_accuracy"]
 
 
 @torch.no_grad()
@@ -60,4 +65,90 @@ def evaluate_retrieval(model, dataset, batch_size: int = 16, out_path: Optional[
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
     if out_path:
         write_metrics_json(out_path, metrics, figure=figure)
+    return metrics
+
+
+def accuracy(logits, labels) -> dict:
+    """Top-1 accuracy.
+
+    Args:
+        logits: float `(N, C)` (C classes, or the K candidates of multiple choice).
+        labels: int `(N,)` in [0, C).
+    Returns:
+        `{"accuracy": percent correct, "num_correct": int, "num_examples": N}`. The prediction is the first
+        index of the row maximum (`argmax`), so a tie goes to the lower class. N = 0 gives accuracy 0.
+
+    Example: logits `[[0, 2], [3, 1], [1, 1]]`, labels `[1, 1, 0]` -> predictions 1, 0, 0 -> 2 of 3 = 66.67 %.
+    """
+    logits = torch.as_tensor(logits)
+    labels = torch.as_tensor(labels)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (N, C), got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"labels must be (N,) = {tuple(logits.shape[:1])} to match logits, got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer class ids, got {labels.dtype}")
+    n = int(labels.numel())
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+        raise ValueError(f"labels must be in [0, {logits.shape[1]}), got min {int(labels.min())}, "
+                         f"max {int(labels.max())}")
+    correct = int((logits.argmax(dim=1) == labels).sum()) if n else 0
+    return {"accuracy": 100.0 * correct / n if n else 0.0, "num_correct": correct, "num_examples": n}
+
+
+@torch.no_grad()
+def predict_logits(model, dataset, batch_size: int = 16, num_workers: int = 0, device=None, progress: bool = False):
+    """Logits of every readable item: `(logits (N, C), labels (N,), skipped paths)`.
+
+    The model is an `LFVILAQAMultichoice` (batches with `input_ids (B, K, M, L)`: logits over the K candidates),
+    an `LFVILAQAClassification` (`input_ids (B, M, L)`) or an `LFVILAVideoClassification` (video only).
+    """
+    from tqdm.auto import tqdm
+
+    from ..models import LFVILAQAClassification, LFVILAQAMultichoice, LFVILAVideoClassification
+
+    if not isinstance(model, (LFVILAQAMultichoice, LFVILAQAClassification, LFVILAVideoClassification)):
+        raise TypeError(f"accuracy evaluation needs an LFVILAQAMultichoice, LFVILAQAClassification or "
+                        f"LFVILAVideoClassification model, got {type(model).__name__}")
+    device = device or next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=collate, generator=torch.Generator().manual_seed(0))
+    logits, labels, skipped = [], [], []
+    was = model.training
+    model.eval()
+    for b in tqdm(loader, desc="evaluating", unit="batch", disable=not progress):
+        skipped += [s["path"] for s in b["skipped"]]
+        if b["size"] == 0:
+            continue
+        if "labels" not in b:
+            raise ValueError("accuracy evaluation needs labelled items (a dataset of lfvila_model.data.qa)")
+        video = b["video"].to(device)
+        if isinstance(model, LFVILAVideoClassification):
+            out = model(video)
+        else:
+            if "input_ids" not in b:
+                raise ValueError(f"{type(model).__name__} needs token ids: build the dataset with a tokenizer")
+            out = model(video, b["input_ids"].to(device), b["attention_mask"].to(device))
+        logits.append(out["logits"].float().cpu())
+        labels.append(b["labels"])
+    model.train(was)
+    if not logits:
+        raise RuntimeError("no readable validation video")
+    return torch.cat(logits), torch.cat(labels), skipped
+
+
+def evaluate_accuracy(model, dataset, batch_size: int = 16, out_path: Optional[str] = None, num_workers: int = 0,
+                      progress: bool = False) -> dict:
+    """Top-1 accuracy (%) of a QA / classification model on `dataset` (spec 4.2: every QA and classification
+    trainer reports accuracy). Unreadable videos are left out of `num_examples` and listed in `skipped_videos`.
+    Writes the metrics as JSON to `out_path` when given."""
+    from ..eval.retrieval import write_metrics_json
+
+    t0 = time.perf_counter()
+    logits, labels, skipped = predict_logits(model, dataset, batch_size, num_workers, progress=progress)
+    metrics = accuracy(logits, labels)
+    metrics["skipped_videos"] = skipped
+    metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
+    if out_path:
+        write_metrics_json(out_path, metrics, figure=False)
     return metrics
