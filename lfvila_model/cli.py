@@ -2,8 +2,9 @@
 
     lfvila make-demo-data DIR            render the long-form demo set (mp4 files + annotations)
     lfvila pretrain --config YAML        stage-1 / stage-2 pre-training (and the CPU demo: configs/demo.yaml)
-    lfvila finetune --config YAML        fine-tuning (retrieval; QA / classification models from their configs)
-    lfvila evaluate --config YAML --checkpoint DIR   retrieval metrics (+ temporal order on the demo set)
+    lfvila finetune --config YAML        fine-tuning: retrieval, How2QA, VIOLIN, ActivityNet-QA, COIN/LVU
+    lfvila evaluate --config YAML --checkpoint DIR   retrieval metrics (+ temporal order on the demo set) or
+                                                     QA / classification accuracy
     lfvila convert-checkpoint IN OUT     official .bin -> own format (config.json + model.safetensors) and back
     lfvila info                          environment, op backends, presets and their parameter counts
 
@@ -75,15 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p = sub.add_parser("finetune", help="fine-tune for retrieval, QA or classification",
                        description="Fine-tuning: the task follows the model config's model_type (retrieval, "
-                                   "qa_multichoice, qa_classification, video_classification); init weights with "
-                                   "--set model.init.checkpoint=PATH (official .bin or own directory).")
+                                   "qa_multichoice, qa_classification, video_classification) and data.kind the "
+                                   "annotation format (retrieval, how2qa, violin, actnetqa, classification; "
+                                   "configs/finetune_*.yaml); init weights with --set model.init.checkpoint=PATH "
+                                   "(official .bin or own directory). QA and classification runs report "
+                                   "validation accuracy.")
     _add_run_options(p)
 
-    p = sub.add_parser("evaluate", help="retrieval metrics of a checkpoint; or a table of demo runs",
-                       description="Encode the validation videos and paragraphs, rank from the full similarity "
-                                   "matrix: t2v / v2t R@1/5/10/50, MedR, MeanR as JSON + a PNG figure (the demo "
-                                   "adds the temporal-order score). With --table, print a Markdown table of "
-                                   "finished runs' result.json instead.")
+    p = sub.add_parser("evaluate", help="retrieval metrics or QA/classification accuracy of a checkpoint; or a "
+                                        "table of demo runs",
+                       description="Retrieval (data.kind retrieval/pretrain/demo): encode the validation videos and "
+                                   "paragraphs, rank from the full similarity matrix: t2v / v2t R@1/5/10/50, MedR, "
+                                   "MeanR as JSON + a PNG figure (the demo adds the temporal-order score). QA and "
+                                   "classification (data.kind how2qa, violin, actnetqa, classification): top-1 "
+                                   "accuracy as JSON. With --table, print a Markdown table of finished runs' "
+                                   "result.json instead.")
     _add_run_options(p, training=False)
     p.add_argument("--checkpoint", metavar="DIR", help="own-format checkpoint directory, or a run directory "
                                                        "(its latest checkpoint)")
@@ -146,6 +153,9 @@ def _print_summary(summary: dict, cfg: dict) -> None:
                                  "metrics": ev}]))
         else:
             print(json.dumps({k: ev[k] for k in ("t2v", "v2t")}, indent=2))
+    elif "accuracy" in ev:
+        print(f"validation accuracy {ev['accuracy']:.2f}% on {ev['num_examples']} examples "
+              f"({len(ev.get('skipped_videos') or [])} unreadable videos skipped)")
 
 
 def cmd_make_demo_data(args) -> int:

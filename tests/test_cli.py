@@ -68,7 +68,8 @@ def test_overrides_and_unknown_keys(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "train_stage1.yaml", "train_stage2.yaml", "finetune_retrieval.yaml",
-                                  "finetune_retrieval_cmovie.yaml"])
+                                  "finetune_retrieval_cmovie.yaml", "finetune_how2qa.yaml", "finetune_violin.yaml",
+                                  "finetune_actnetqa.yaml", "finetune_coin.yaml"])
 def test_shipped_run_configs_load(name):
     from lfvila_model.train.loop import TrainConfig
     from lfvila_model.train.runner import model_config
@@ -87,6 +88,28 @@ def test_shipped_run_configs_load(name):
         assert mc.stage == 2 and cfg["train"]["batch_size"] == 48
     if name == "finetune_retrieval.yaml":
         assert mc.model_type == "retrieval" and cfg["train"]["schedule"] == "step"
+    # spec 4.2: model, text shape, classes, epochs / warm-up / schedule / batch per GPU of each fine-tuning config
+    t = cfg["train"]
+    if name == "finetune_how2qa.yaml":
+        assert cfg["data"]["kind"] == "how2qa" and mc.model_type == "qa_multichoice" and mc.span_weight == 1.0
+        assert (mc.num_choices, mc.num_sentences, mc.max_sentence_len) == (4, 8, 50)
+        assert (t["epochs"], t["warmup_epochs"], t["schedule"], t["batch_size"]) == (30, 10, "linear", 4)
+    if name == "finetune_violin.yaml":
+        assert cfg["data"]["kind"] == "violin" and mc.model_type == "qa_classification"
+        assert (mc.num_sentences, mc.max_sentence_len, mc.num_labels) == (5, 30, 2)
+        assert (t["epochs"], t["warmup_epochs"], t["schedule"], t["batch_size"]) == (100, 10, "linear", 12)
+    if name == "finetune_actnetqa.yaml":
+        assert cfg["data"]["kind"] == "actnetqa" and mc.model_type == "qa_classification"
+        assert (mc.num_sentences, mc.max_sentence_len, mc.num_labels) == (1, 50, 1654)
+        assert (t["epochs"], t["warmup_epochs"], t["schedule"], t["min_lr"], t["batch_size"]) == \
+            (100, 10, "cosine", 1e-8, 16)
+    if name == "finetune_coin.yaml":
+        assert cfg["data"]["kind"] == "classification" and cfg["data"]["label_key"] == "recipe_type"
+        assert mc.model_type == "video_classification" and mc.num_labels == 180
+        assert (t["epochs"], t["schedule"]) == (500, "linear")
+    if name.startswith("finetune_"):
+        assert t["lr"] == 5e-5 and t["precision"] == "fp16" and mc.video.num_frames == 32
+        assert tuple(mc.video.input_size) == (192, 320)
 
 
 def test_info_json(capsys):

@@ -28,10 +28,11 @@ LOSS_KEYS = ("temperature", "mtc_temperature", "mtc_weight", "mtc_num_key", "mtc
              "mtc_video_features", "mlm_weight", "vtm_weight", "span_weight")
 
 DATA_DEFAULTS = {
-    "kind": "pretrain",  # pretrain | retrieval | demo
+    # pretrain | retrieval | how2qa | violin | actnetqa | classification | demo (formats: spec 5)
+    "kind": "pretrain",
     "root": None,  # demo: the generated set's folder
-    "train": None,  # annotation jsonl (pre-training lists of {clip_id, text}, or retrieval records)
-    "val": None,  # retrieval-format jsonl for evaluation
+    "train": None,  # annotation jsonl in the kind's format (pre-training lists of {clip_id, text}, retrieval, ...)
+    "val": None,  # jsonl for evaluation: the kind's format (retrieval format for pretrain)
     "video_root": None,  # train videos
     "val_video_root": None,  # eval videos (default: video_root)
     "frames_per_clip": None,  # pre-training: default num_frames / num_clips
@@ -40,6 +41,9 @@ DATA_DEFAULTS = {
     "cache_dir": None,
     "max_skip_fraction": 0.01,
     "seed": 0,
+    "span_fps": None,  # how2qa: frame rate placing frames in time for span labels (null: the video's own, else 3)
+    "label_key": "recipe_type",  # classification: the jsonl key of the class id (COIN; LVU sets its own)
+    "id_key": "video_id",  # classification: the jsonl key of the video id (<video_root>/<id>.mp4)
 }
 EVAL_DEFAULTS = {"batch_size": 16, "out": "eval/metrics.json", "figure": True}
 DEMO_DEFAULTS = {"paragraph_tokens": "cls", "sentence_pooling": "mean", "paired_batches": True,

@@ -84,29 +84,82 @@ def _tokenizer(mc, num_sentences=None):
     return ParagraphTokenizer(num_sentences=num_sentences or mc.num_sentences, max_length=mc.max_sentence_len)
 
 
+# data.kind -> the model_type it trains (spec 4.2); pretrain and retrieval keep their own checks
+KIND_MODEL_TYPES = {"how2qa": "qa_multichoice", "violin": "qa_classification", "actnetqa": "qa_classification",
+                    "classification": "video_classification"}
+ACCURACY_KINDS = tuple(KIND_MODEL_TYPES)
+
+
+def _check_kind(kind: str, mc) -> None:
+    """The data kind and the model must agree: a How2QA set fed to a classification head would fail much later
+    with a shape error."""
+    known = ("pretrain", "retrieval", *KIND_MODEL_TYPES)
+    if kind not in known:
+        raise ValueError(f"data.kind must be one of {known} (or demo), got {kind!r}")
+    want = KIND_MODEL_TYPES.get(kind)
+    if want is not None and mc.model_type != want:
+        raise ValueError(f"data.kind={kind!r} needs a {want} model, but the model config has "
+                         f"model_type={mc.model_type!r}")
+    if want is None and mc.model_type in KIND_MODEL_TYPES.values():
+        kinds = [k for k, t in KIND_MODEL_TYPES.items() if t == mc.model_type]
+        raise ValueError(f"a {mc.model_type} model trains on data.kind in {kinds}, got data.kind={kind!r}")
+
+
+def _kind_dataset(kind: str, d: dict, mc, tok, path: str, video_root: str, train: bool, cache):
+    """One dataset of the QA / classification kinds (`KIND_MODEL_TYPES`), shaped for the model `mc`."""
+    from ..data import qa
+
+    common = dict(num_frames=mc.video.num_frames, size=tuple(mc.video.input_size), train=train, seed=d["seed"],
+                  cache=cache)
+    if kind == "how2qa":
+        # M = [question, answer, subtitles]: the model's num_sentences fixes how many subtitles fit
+        return qa.How2QADataset(path, video_root, tok, num_choices=mc.num_choices,
+                                max_subtitles=mc.num_sentences - 2, fps=d["span_fps"], **common)
+    if kind == "violin":
+        return qa.ViolinDataset(path, video_root, tok, max_subtitles=mc.num_sentences - 1,
+                                num_labels=mc.num_labels, **common)
+    if kind == "actnetqa":
+        return qa.ActivityNetQADataset(path, video_root, tok, num_labels=mc.num_labels, **common)
+    return qa.VideoClassificationDataset(path, video_root, label_key=d["label_key"], id_key=d["id_key"],
+                                         num_labels=mc.num_labels, **common)
+
+
 def _real_datasets(cfg: dict, mc, train: bool = True):
+    """`(train dataset or None, validation dataset or None)` for `data.kind` (spec 4.2, 5): pre-training (val in
+    retrieval format), retrieval, or one of the QA / classification kinds (train and val in the same format)."""
     from ..data.datasets import PretrainDataset, RetrievalDataset
 
     d = cfg["data"]
+    kind = d["kind"]
+    _check_kind(kind, mc)
+    if kind == "how2qa" and mc.num_sentences < 2:
+        raise ValueError(f"How2QA text is [question, answer, subtitles]: the model needs num_sentences >= 2, got "
+                         f"{mc.num_sentences}")
     cache = _frame_cache(d)
     size = tuple(mc.video.input_size)
-    tok = _tokenizer(mc)
+    tok = None if kind == "classification" else _tokenizer(mc)  # video-only classification has no text
     train_ds = val_ds = None
     if train:
         if not d["train"] or not d["video_root"]:
             raise ValueError("data.train and data.video_root are required for training")
-        if d["kind"] == "pretrain":
+        if kind == "pretrain":
             fpc = d["frames_per_clip"] or mc.video.num_frames // mc.num_clips
             train_ds = PretrainDataset(d["train"], d["video_root"], tok, num_clips=mc.num_clips, frames_per_clip=fpc,
                                        size=size, train=True, seed=d["seed"], cache=cache)
-        elif d["kind"] == "retrieval":
+        elif kind == "retrieval":
             train_ds = RetrievalDataset(d["train"], d["video_root"], tok, num_frames=mc.video.num_frames, size=size,
                                         train=True, seed=d["seed"], cache=cache)
         else:
-            raise ValueError(f"data.kind must be pretrain, retrieval or demo for training, got {d['kind']!r}")
+            train_ds = _kind_dataset(kind, d, mc, tok, d["train"], d["video_root"], True, cache)
     if d["val"]:
-        val_ds = RetrievalDataset(d["val"], d["val_video_root"] or d["video_root"], tok, num_frames=mc.video.num_frames,
-                                  size=size, train=False, seed=d["seed"], cache=cache)
+        val_root = d["val_video_root"] or d["video_root"]
+        if not val_root:
+            raise ValueError("data.val needs data.val_video_root or data.video_root (where its videos are)")
+        if kind in KIND_MODEL_TYPES:
+            val_ds = _kind_dataset(kind, d, mc, tok, d["val"], val_root, False, cache)
+        else:  # pre-training is validated on a retrieval set (spec 4.1: ActivityNet val subset)
+            val_ds = RetrievalDataset(d["val"], val_root, tok, num_frames=mc.video.num_frames, size=size,
+                                      train=False, seed=d["seed"], cache=cache)
     return train_ds, val_ds
 
 
@@ -213,8 +266,13 @@ def run_training(cfg: dict, resume=False, task_kind: Optional[str] = None) -> di
             else:
                 task = TASKS[mc.model_type](cfg["data"]["max_skip_fraction"])
             data = train_ds
-            if val_ds is not None and mc.model_type in ("retrieval",) or (val_ds is not None and mc.stage == 1
-                                                                           and mc.model_type == "pretrain"):
+            if val_ds is not None and kind in ACCURACY_KINDS:
+                from .evaluate import evaluate_accuracy
+
+                def evaluate(m, step):
+                    return evaluate_accuracy(m, val_ds, cfg["eval"]["batch_size"], out_eval)
+            elif val_ds is not None and mc.model_type in ("retrieval",) or (val_ds is not None and mc.stage == 1
+                                                                             and mc.model_type == "pretrain"):
                 from .evaluate import evaluate_retrieval
 
                 def evaluate(m, step):
@@ -236,7 +294,8 @@ def run_training(cfg: dict, resume=False, task_kind: Optional[str] = None) -> di
 
 def run_evaluation(cfg: dict, checkpoint: str, out: Optional[str] = None) -> dict:
     """Evaluate an own-format checkpoint directory (a run's `checkpoints/step-*` or a `save_pretrained` dir) on the
-    config's validation data (retrieval metrics; the demo adds the temporal-order score)."""
+    config's validation data: retrieval metrics (the demo adds the temporal-order score), or top-1 accuracy for the
+    QA and classification kinds (how2qa, violin, actnetqa, classification)."""
     from ..checkpoint import load_pretrained
 
     path = checkpoint
@@ -252,11 +311,13 @@ def run_evaluation(cfg: dict, checkpoint: str, out: Optional[str] = None) -> dic
         setup = _DemoSetup(cfg, model, train=False)
         return evaluate_demo(model, setup.cache, setup.val_videos, setup.val_paragraphs, setup.paragraph_tokens,
                              out_path=out)
-    from .evaluate import evaluate_retrieval
+    from .evaluate import evaluate_accuracy, evaluate_retrieval
 
     _, val_ds = _real_datasets(cfg, model.config, train=False)
     if val_ds is None:
         raise ValueError("data.val is required for evaluation")
+    if cfg["data"]["kind"] in ACCURACY_KINDS:
+        return evaluate_accuracy(model, val_ds, cfg["eval"]["batch_size"], out, progress=True)
     return evaluate_retrieval(model, val_ds, cfg["eval"]["batch_size"], out, cfg["eval"]["figure"], progress=True)
 
 
