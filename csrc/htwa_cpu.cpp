@@ -603,7 +603,7 @@ template <typename acc_t>
 int64 bwd_per_head(const Geom& g) {
   constexpr int VL = VecOf<acc_t>::L;
   const int64 Dp = round_up(g.D, VL), NP = round_up(g.nmax, VL);
-  return 5 * NP * Dp /*Qs K dO dK dV*/ + 2 * Dp * NP /*Kt Vt*/ + 2 * NP /*lse delta*/;
+  return 5 * NP * Dp /*Qs K dO dK dV*/ + 2 * Dp * NP /*Kt Vt*/ + NP /*lse*/;
 }
 
 template <typename acc_t>
@@ -618,10 +618,10 @@ BwdSplit bwd_split(const Geom& g) {
 
 template <typename scalar_t, typename acc_t>
 void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-              const at::Tensor& v, const acc_t* biasT, int64 nbias, const at::Tensor& out, const at::Tensor& lse,
+              const at::Tensor& v, const acc_t* biasT, int64 nbias, const at::Tensor& lse,
               acc_t scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, acc_t* partials) {
   constexpr int VL = VecOf<acc_t>::L;
-  const View<scalar_t> Q(q), K(k), Vv(v), dO(dout), O(out), dQ(dq), dK(dk), dV(dv);
+  const View<scalar_t> Q(q), K(k), Vv(v), dO(dout), dQ(dq), dK(dk), dV(dv);
   const View<acc_t> LSE(lse);
   const int64 D = g.D, Dp = round_up(D, VL), NP = round_up(g.nmax, VL), nm = g.nmax;
   const int64 R = std::min(kRowBlock, nm);
@@ -654,7 +654,6 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
     auto Kt_of = [&](int64 hh) { return Qs_of(hh) + 5 * NP * Dp; };
     auto Vt_of = [&](int64 hh) { return Kt_of(hh) + Dp * NP; };
     auto lse_of = [&](int64 hh) { return Vt_of(hh) + Dp * NP; };
-    auto delta_of = [&](int64 hh) { return lse_of(hh) + NP; };
 
     // scatter the dense dS sums into the chunk's partial table
     auto flush = [&](acc_t* pbias) {
@@ -684,18 +683,19 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
         const int64 pos = bb / g.B, b = bb % g.B, box = g.order[pos];
         const BoxTokens& bt = boxes.get(g, box);
         const int64 n = bt.n, np = round_up(n, VL);
-        // gather (dKs / dVs hold the v and out rows until they are used)
+        // gather (dKs holds the v rows until they are transposed). The output is not read: delta = rowsum(dO o O)
+        // is computed as rowsum(P o dP) from the recomputed row (equal, since O = P V), which saves a fifth of
+        // the reads.
         for (int64 i = 0; i < n; ++i) {
           const int64 t = bt.t[i], h = bt.h[i], w = bt.w[i];
           const scalar_t *qr = Q.at(b, t, h, w, hd0), *kr = K.at(b, t, h, w, hd0), *vr = Vv.at(b, t, h, w, hd0);
-          const scalar_t *dor = dO.at(b, t, h, w, hd0), *orr = O.at(b, t, h, w, hd0);
+          const scalar_t* dor = dO.at(b, t, h, w, hd0);
           const acc_t* lr = LSE.at(b, t, h, w, hd0);
           for (int64 hh = 0; hh < hg; ++hh) {
             load_row(Qs_of(hh) + i * Dp, qr + hh * Q.s[4], D, Dp, scale);
             load_row(Ks_of(hh) + i * Dp, kr + hh * K.s[4], D, Dp);
             load_row(dOs_of(hh) + i * Dp, dor + hh * dO.s[4], D, Dp);
             load_row(dKs_of(hh) + i * Dp, vr + hh * Vv.s[4], D, Dp);
-            load_row(dVs_of(hh) + i * Dp, orr + hh * O.s[4], D, Dp);
             lse_of(hh)[i] = lr[hh * LSE.s[4]];
           }
         }
@@ -717,7 +717,6 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
               K.prefetch(b2, t, h, w, hd2, hg, D, false);
               Vv.prefetch(b2, t, h, w, hd2, hg, D, false);
               dO.prefetch(b2, t, h, w, hd2, hg, D, false);
-              O.prefetch(b2, t, h, w, hd2, hg, D, false);
               dQ.prefetch(b2, t, h, w, hd2, hg, D, true);
               dK.prefetch(b2, t, h, w, hd2, hg, D, true);
               dV.prefetch(b2, t, h, w, hd2, hg, D, true);
@@ -739,8 +738,7 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
         for (int64 hh = 0; hh < hg; ++hh) {
           const int64 hd = hd0 + hh;
           acc_t *Qs = Qs_of(hh), *Ks = Ks_of(hh), *dOs = dOs_of(hh), *dKs = dKs_of(hh), *dVs = dVs_of(hh);
-          acc_t *Kt = Kt_of(hh), *Vt = Vt_of(hh), *lses = lse_of(hh), *delta = delta_of(hh);
-          for (int64 i = 0; i < n; ++i) delta[i] = dot_row(dOs + i * Dp, dVs + i * Dp, Dp);
+          acc_t *Kt = Kt_of(hh), *Vt = Vt_of(hh), *lses = lse_of(hh);
           zero_rows(Ks, Dp, n, np);
           zero_rows(dKs, Dp, n, np);
           htwa_simd::transpose(Kt, np, Ks, Dp, np, Dp);
@@ -765,7 +763,7 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
               else if (bias_h)
                 add_bias_row(s, bias_h + bt.A[r], bt.A.data(), n);
               prob_row_bwd(s, n, np, lses[r]);
-              const acc_t dr = delta[r];
+              const acc_t dr = dot_row(s, dp, np);  // delta = rowsum(P o dP) (padding: P = 0)
               for (int64 j = 0; j < np; ++j) dp[j] = s[j] * (dp[j] - dr);
               if (dsacc_h) {
                 add_row(dsacc_h + r * np, dp, np);
@@ -813,7 +811,8 @@ at::Tensor htwa_bwd_into(
   TORCH_CHECK(lse_in.device().is_cpu() && lse_in.dim() == 5 && lse_in.sizes() == q_in.sizes().slice(0, 5),
               "htwa_bwd: lse must be (B, T, H, W, heads), got ", lse_in.sizes());
   const at::Tensor q = last_dim_contig(q_in), k = last_dim_contig(k_in), v = last_dim_contig(v_in);
-  const at::Tensor dout = last_dim_contig(dout_in), out = last_dim_contig(out_in);
+  // out_in is checked but not read: the kernel gets delta = rowsum(dO o O) from the recomputed P (bwd_impl)
+  const at::Tensor dout = last_dim_contig(dout_in);
   const at::Tensor lse = lse_in.to(acc);
   const int64 nbias = num_bias_rows(g);
   at::Tensor dbias = bias.has_value() ? at::zeros({nbias, g.heads}, q.options().dtype(acc))
@@ -831,7 +830,7 @@ at::Tensor htwa_bwd_into(
       partials = at::empty({sp.chunks() * sp.hg, nbias}, q.options().dtype(acc));
     }
     bwd_impl<scalar_t, acc_t>(g, sp, dout, q, k, v, biasT.defined() ? biasT.data_ptr<acc_t>() : nullptr, nbias,
-                              out, lse, static_cast<acc_t>(scale), dq, dk, dv,
+                              lse, static_cast<acc_t>(scale), dq, dk, dv,
                               partials.defined() ? partials.data_ptr<acc_t>() : nullptr);
     if (partials.defined()) {
       // ordered reduction: dbias[r, hd] = sum over parts p (ascending) of the chunk partials of head hd

@@ -133,6 +133,10 @@ class VideoEncoderConfig(_Serialisable):
     ragged_windows: str = "pad"
     attention_backend: str = "auto"
     gradient_checkpointing: bool = False
+    # A learned per-frame embedding added after the patch embedding (not in the official encoder, whose only
+    # temporal signal is the relative bias). It lets a clip's mean feature say in which order its frames showed
+    # things (a colour change red -> blue vs blue -> red); the demo preset uses it. Off for the official presets.
+    temporal_pos_embed: bool = False
 
     def __post_init__(self):
         _check_int(self.num_frames, "num_frames")

@@ -12,7 +12,8 @@
   4x6 token grids), widths 32 -> 64, one block per layer, temporal windows growing 1 -> 2 -> 4 -> 8 frames (one
   frame, one clip, two clips, the whole video) with 4x6 spatial windows, local window 2 (frames per clip); text
   tower = MiniLM-L6-H384 as the sentence encoder (all 6 layers) + 1 paragraph layer (+1 cross-modal layer for
-  stage 2), 12-token sentences; projections 256; order-aware VPC features (`global_features="ordered"`).
+  stage 2), 12-token sentences; projections 256; order-aware VPC features (`global_features="ordered"`) and a
+  learned per-frame embedding (`temporal_pos_embed`).
 - `lfvila-official-{retrieval,retrieval-cmovie,how2qa,violin,actnetqa,coin}`: the fine-tuning models of spec 4.2
   with the official input shapes and label counts.
 """
@@ -48,7 +49,7 @@ def _demo() -> LFVILAConfig:
     video = VideoEncoderConfig(
         num_frames=8, input_size=(64, 96), patch_size=(1, 8, 8), embed_dim=32, depths=(1, 1, 1, 1),
         stages=(0, 1, 1, 1), num_heads=(1, 2, 2, 2), window_size=((1, 4, 6), (2, 4, 6), (4, 4, 6), (8, 4, 6)),
-        downsample_stages=(0,), local_window=2, drop_path_rate=0.05,
+        downsample_stages=(0,), local_window=2, drop_path_rate=0.05, temporal_pos_embed=True,
     )
     # text: all 6 MiniLM layers are the (frozen, cached) sentence encoder; the paragraph encoder is one more layer
     text = {"num_sentence_layers": 6, "num_paragraph_layers": 1, "num_cross_layers": 1}

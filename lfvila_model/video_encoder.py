@@ -245,6 +245,10 @@ class VideoEncoder(nn.Module):
         self.cfg = cfg
         self.patch_embed = PatchEmbed3D(cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.patch_norm)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
+        if cfg.temporal_pos_embed:
+            self.temporal_pos_embed = nn.Parameter(torch.zeros(1, cfg.num_frames // cfg.patch_size[0], 1, 1,
+                                                               cfg.embed_dim))
+            nn.init.trunc_normal_(self.temporal_pos_embed, std=0.02)
         n = sum(cfg.depths)  # stochastic depth linear 0 -> rate over all blocks (python: works under a meta device)
         dpr = [cfg.drop_path_rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
         self.layers = nn.ModuleList()
@@ -289,7 +293,13 @@ class VideoEncoder(nn.Module):
 
     def forward(self, video: Tensor, return_local: bool = False):
         self.check_input(video)
-        x = self.pos_drop(self.patch_embed(video))
+        x = self.patch_embed(video)
+        if self.cfg.temporal_pos_embed:
+            if x.shape[1] != self.temporal_pos_embed.shape[1]:
+                raise ValueError(f"video has {video.shape[2]} frames; temporal_pos_embed was built for "
+                                 f"num_frames={self.cfg.num_frames}")
+            x = x + self.temporal_pos_embed
+        x = self.pos_drop(x)
         local = None
         for i, layer in enumerate(self.layers):
             before, x = layer(x)

@@ -157,4 +157,4 @@ def test_demo_pipeline_smoke(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", "--table", out, out, "--table-out", str(tmp_path / "t.md")]) == 0
     table = open(tmp_path / "t.md").read()
-    assert table.count("| run (MTC weight 0.25) | 2 |") == 2
+    assert table.count("| run (MTC weight 1.0) | 2 |") == 2  # configs/demo.yaml: loss.mtc_weight

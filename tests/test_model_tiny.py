@@ -272,3 +272,31 @@ def test_ordered_global_features_config_errors():
         get_config("lfvila-tiny", global_features="ordered", num_sentences=1)
     assert get_config("lfvila-official").global_features == "official"
     assert get_config("lfvila-demo").global_features == "ordered"
+
+
+def test_temporal_pos_embed_is_added_after_the_patch_embedding():
+    cfg = micro_config(video={"temporal_pos_embed": True})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    enc = model.video_encoder
+    T = cfg.video.num_frames
+    assert enc.temporal_pos_embed.shape == (1, T, 1, 1, cfg.video.embed_dim)
+    assert "video_encoder.temporal_pos_embed" in model.state_dict()
+    assert "video_encoder.temporal_pos_embed" not in build_model(micro_config()).state_dict()  # official: absent
+    video, _, _ = make_inputs(cfg, batch=2)
+    with torch.no_grad():
+        x = enc.patch_embed(video) + enc.temporal_pos_embed  # the embedding of frame t is added to its tokens
+        for layer in enc.layers:
+            _, x = layer(x)
+        torch.testing.assert_close(enc(video)[0], enc.norm(x))
+        # zeroed, the encoder is the official one with the same weights
+        plain = build_model(micro_config()).eval()
+        enc.temporal_pos_embed.zero_()
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if "temporal_pos_embed" not in k})
+        torch.testing.assert_close(enc(video)[0], plain.video_encoder(video)[0])
+    with pytest.raises(ValueError, match="temporal_pos_embed was built for num_frames=4"):
+        enc(video[:, :, :2])
+    from lfvila_model.train.optim import param_groups
+
+    nodecay = [n for g in param_groups(model) if g["weight_decay"] == 0 for n in g["names"]]
+    assert "video_encoder.temporal_pos_embed" in nodecay
