@@ -25,6 +25,11 @@ Demo choices (a 2-core CPU, 10 minutes of training), each a documented departure
   model learned which events a video holds but not their order: after 10 minutes the paragraph features of the
   two orders of an event set had cosine 0.99, the temporal-order score stayed at chance (0.040) and R@1 at
   32.5 %. The ordered features reached R@1 98.5 % and order 0.87 in 2.4 minutes. Same weights and losses.
+- MTC with K = V = M = 4, the clean rolls (1, 2, 3) and weight 1 (`configs/demo.yaml`): every row's positive is the
+  exact counterpart, the other sentences of the video are its negatives (the official K = V = 2 makes half the
+  rows' positive a neighbouring sentence).
+- `video.temporal_pos_embed` (the preset): a learned per-frame embedding, so a clip's mean feature can say in
+  which order its frames showed things (a colour change red -> blue vs blue -> red).
 Everything else is LF-VILA's: the HTWA video encoder with growing temporal windows, clip and video pooling,
 the four projections, VPC and MTC with the official losses, AdamW groups, warm-up + linear decay.
 """
