@@ -116,6 +116,17 @@ class _WholeVideoDataset(_VideoTextDataset):
                                  self.cache)
         return self._transform(frames, rng), idx, path
 
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            video, idx, path = self._video(index, self._rng(index))
+            return self._item(index, video, idx, path)
+        except VideoReadError as e:  # from decoding, or from reading the header in _item (How2QA's frame rate)
+            return self._skip(index, e)
+
+    def _item(self, index: int, video: torch.Tensor, idx: np.ndarray, path: str) -> dict[str, Any]:
+        """The item of a readable video: `video`, its frame indices `idx` in the file and its `path`."""
+        raise NotImplementedError
+
     def _base_item(self, index: int, video: torch.Tensor, label: int) -> dict[str, Any]:
         return {"video": video, "index": index, "video_id": self._ids[index], "label": int(label)}
 
@@ -179,14 +190,9 @@ class How2QADataset(_WholeVideoDataset):
             return self.fps
         return video_fps(path) or HOW2QA_DEFAULT_FPS
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        rng = self._rng(index)
+    def _item(self, index: int, video: torch.Tensor, idx: np.ndarray, path: str) -> dict[str, Any]:
         r = self.records[index]
-        try:
-            video, idx, path = self._video(index, rng)
-            fps = self._fps(path)
-        except VideoReadError as e:
-            return self._skip(index, e)
+        fps = self._fps(path)
         item = self._base_item(index, video, r.answer_idx)
         item["span_labels"] = span_frame_labels(idx, fps, r.span)
         item["fps"] = fps
@@ -235,12 +241,7 @@ class ViolinDataset(_WholeVideoDataset):
         r = self.records[index]
         return [r.statement, *(s.text for s in r.subtitles[:self.max_subtitles])]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        rng = self._rng(index)
-        try:
-            video, _, _ = self._video(index, rng)
-        except VideoReadError as e:
-            return self._skip(index, e)
+    def _item(self, index: int, video: torch.Tensor, idx: np.ndarray, path: str) -> dict[str, Any]:
         item = self._base_item(index, video, self.records[index].label)
         item.update(self._text(self.sentences(index)))
         return item
@@ -265,12 +266,7 @@ class ActivityNetQADataset(_WholeVideoDataset):
                          seed, cache, ext, antialias)
         self.num_labels = _check_labels([r.answer for r in records], num_labels, "answer", self._ids)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        rng = self._rng(index)
-        try:
-            video, _, _ = self._video(index, rng)
-        except VideoReadError as e:
-            return self._skip(index, e)
+    def _item(self, index: int, video: torch.Tensor, idx: np.ndarray, path: str) -> dict[str, Any]:
         r = self.records[index]
         item = self._base_item(index, video, r.answer)
         item.update(self._text([r.question]))
@@ -300,10 +296,5 @@ class VideoClassificationDataset(_WholeVideoDataset):
                          cache, ext, antialias)
         self.num_labels = _check_labels([r.label for r in records], num_labels, "label", self._ids)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        rng = self._rng(index)
-        try:
-            video, _, _ = self._video(index, rng)
-        except VideoReadError as e:
-            return self._skip(index, e)
+    def _item(self, index: int, video: torch.Tensor, idx: np.ndarray, path: str) -> dict[str, Any]:
         return self._base_item(index, video, self.records[index].label)

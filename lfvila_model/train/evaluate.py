@@ -18,24 +18,33 @@ from ..data.datasets import collate
 __all__ = ["encode_retrieval", "evaluate_retrieval", "accuracy", "predict_logits", "evaluate_accuracy"]
 
 
+def _readable_batches(model, dataset, batch_size: int, num_workers: int, progress: bool, desc: str, skipped: list):
+    """Collated batches of `dataset` with at least one readable item, the model in eval mode meanwhile (restored
+    after); unreadable videos' paths are appended to `skipped`."""
+    from tqdm.auto import tqdm
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=collate, generator=torch.Generator().manual_seed(0))
+    was = model.training
+    model.eval()
+    try:
+        for b in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+            skipped += [s["path"] for s in b["skipped"]]
+            if b["size"]:
+                yield b
+    finally:
+        model.train(was)
+
+
 @torch.no_grad()
 def encode_retrieval(model, dataset, batch_size: int = 16, num_workers: int = 0, device=None, progress: bool = False):
     """L2-normalised `(video (N, E), paragraph (N, E))` features of the readable items, and the skipped paths.
     Works for `LFVILAPretrain` (stage 1 global features) and `LFVILARetrieval`."""
-    from tqdm.auto import tqdm
-
     from ..models import LFVILAPretrain, LFVILARetrieval
 
     device = device or next(model.parameters()).device
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=collate, generator=torch.Generator().manual_seed(0))
     vs, ps, skipped = [], [], []
-    was = model.training
-    model.eval()
-    for b in tqdm(loader, desc="encoding", unit="batch", disable=not progress):
-        skipped += [s["path"] for s in b["skipped"]]
-        if b["size"] == 0:
-            continue
+    for b in _readable_batches(model, dataset, batch_size, num_workers, progress, "encoding", skipped):
         video = b["video"].to(device)
         ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
         if isinstance(model, LFVILAPretrain):
@@ -47,7 +56,6 @@ def encode_retrieval(model, dataset, batch_size: int = 16, num_workers: int = 0,
             ps.append(model.encode_text(ids, mask).float().cpu())
         else:
             raise TypeError(f"retrieval evaluation needs an LFVILAPretrain or LFVILARetrieval, got {type(model).__name__}")
-    model.train(was)
     if not vs:
         raise RuntimeError("no readable validation video")
     return torch.cat(vs), torch.cat(ps), skipped
@@ -103,23 +111,14 @@ def predict_logits(model, dataset, batch_size: int = 16, num_workers: int = 0, d
     The model is an `LFVILAQAMultichoice` (batches with `input_ids (B, K, M, L)`: logits over the K candidates),
     an `LFVILAQAClassification` (`input_ids (B, M, L)`) or an `LFVILAVideoClassification` (video only).
     """
-    from tqdm.auto import tqdm
-
     from ..models import LFVILAQAClassification, LFVILAQAMultichoice, LFVILAVideoClassification
 
     if not isinstance(model, (LFVILAQAMultichoice, LFVILAQAClassification, LFVILAVideoClassification)):
         raise TypeError(f"accuracy evaluation needs an LFVILAQAMultichoice, LFVILAQAClassification or "
                         f"LFVILAVideoClassification model, got {type(model).__name__}")
     device = device or next(model.parameters()).device
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=collate, generator=torch.Generator().manual_seed(0))
     logits, labels, skipped = [], [], []
-    was = model.training
-    model.eval()
-    for b in tqdm(loader, desc="evaluating", unit="batch", disable=not progress):
-        skipped += [s["path"] for s in b["skipped"]]
-        if b["size"] == 0:
-            continue
+    for b in _readable_batches(model, dataset, batch_size, num_workers, progress, "evaluating", skipped):
         if "labels" not in b:
             raise ValueError("accuracy evaluation needs labelled items (a dataset of lfvila_model.data.qa)")
         video = b["video"].to(device)
@@ -131,7 +130,6 @@ def predict_logits(model, dataset, batch_size: int = 16, num_workers: int = 0, d
             out = model(video, b["input_ids"].to(device), b["attention_mask"].to(device))
         logits.append(out["logits"].float().cpu())
         labels.append(b["labels"])
-    model.train(was)
     if not logits:
         raise RuntimeError("no readable validation video")
     return torch.cat(logits), torch.cat(labels), skipped
