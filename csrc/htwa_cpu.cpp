@@ -12,7 +12,9 @@
 // Boxes come in at most 27 shapes ("classes": per axis a front partial box, full boxes, a ragged end box) and
 // the bias of a box depends on its class only, so boxes are visited class by class: for small boxes the class's
 // dense bias block is built once and added with vector loads, and dbias is accumulated densely per class and
-// scattered into the table once per class run.
+// scattered into the table once per class run. Larger boxes read the bias from a reversed copy of the table
+// (RevBias), where a w-run of keys has its bias values adjacent: rows are built, and dS rows scattered into
+// dbias, 8 floats at a time. While an item computes, the next item's rows are prefetched (PrefetchPlan).
 // dbias is deterministic: the work is split into a fixed number of chunks (independent of the thread count),
 // each one head group wide with its own partial sums; the partials are summed in chunk order afterwards.
 #include <ATen/ATen.h>
@@ -126,7 +128,35 @@ struct BoxTokens {
       }
     }
     n = i;
+    // runs: maximal stretches of keys whose A grows by 1 (a w-row of the box), cut into pieces of at most 8
+    rj0.clear();
+    ra0.clear();
+    rlen.clear();
+    for (int64 jj = 0; jj < n; ++jj) {
+      if (jj > 0 && A[jj] == A[jj - 1] + 1 && rlen.back() < 8) {
+        ++rlen.back();
+      } else {
+        rj0.push_back(static_cast<int32_t>(jj));
+        ra0.push_back(A[jj]);
+        rlen.push_back(1);
+      }
+    }
+    spaced = true;
+    for (size_t r = 1; r < ra0.size(); ++r) spaced = spaced && ra0[r] - ra0[r - 1] >= 8;
   }
+  // Runs of keys with consecutive bias positions: key j0 + c (c < len) sits at A = a0 + c. With a reversed bias
+  // table a run's bias values are 8 adjacent floats, so a bias row is built with 8-wide copies and a dS row
+  // scattered into dbias with 8-wide read-modify-writes instead of one element at a time. `spaced`: every two runs'
+  // starts are at least 8 apart in A, so the 8-wide windows of one row never overlap (true for w windows >= 5).
+  std::vector<int32_t> rj0, ra0, rlen;
+  bool spaced = false;
+};
+
+// A reversed bias table: R[hd * stride + m] = bias[nbias - 1 - m, hd] for m < nbias, then 8 zeros (the overhang of
+// the last 8-wide run copy). For query q the value of key k is at R + hd * stride + base - A[q] + A[k] with
+// base = nbias - 1 - C, increasing along a run. dbias partials use the same layout.
+struct RevBias {
+  int64 stride = 0, base = 0;
 };
 
 // A strided view of a (B, T, H, W, heads, D) tensor (or (B, T, H, W, heads) for lse).
@@ -141,7 +171,6 @@ struct View {
     return p + b * s[0] + t * s[1] + h * s[2] + w * s[3] + hd * s[4];
   }
   // Prefetch the D-element rows of heads [hd0, hd0 + hg) of one token.
-  void prefetch(int64 b, int64 t, int64 h, int64 w, int64 hd0, int64 hg, int64 D, bool write) const;
 };
 
 template <typename T>
@@ -209,44 +238,77 @@ template <typename acc_t>
 inline void zero_rows(acc_t* dst, int64 ld, int64 r0, int64 r1) {
   if (r1 > r0) std::fill(dst + r0 * ld, dst + r1 * ld, acc_t(0));
 }
-// <x, y> over Dp (a multiple of the vector width) entries.
-template <typename acc_t>
-inline acc_t dot_row(const acc_t* x, const acc_t* y, int64 Dp) {
-  using V = typename VecOf<acc_t>::type;
-  constexpr int VL = VecOf<acc_t>::L;
-  V acc = htwa_simd::splat<V>(acc_t(0));
-  for (int64 d = 0; d < Dp; d += VL) acc += htwa_simd::load<V>(x + d) * htwa_simd::load<V>(y + d);
-  return htwa_simd::hsum(acc);
-}
-// dst[0..np) += src[0..np)
-template <typename acc_t>
-inline void add_row(acc_t* __restrict dst, const acc_t* __restrict src, int64 np) {
-  using V = typename VecOf<acc_t>::type;
-  constexpr int VL = VecOf<acc_t>::L;
-  for (int64 j = 0; j < np; j += VL)
-    htwa_simd::store(dst + j, htwa_simd::load<V>(dst + j) + htwa_simd::load<V>(src + j));
-}
-// Prefetch `bytes` bytes from p.
-inline void prefetch_span(const void* p, int64 bytes, bool write) {
-  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63);
-  const uintptr_t last = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes);
-  for (uintptr_t a = first; a < last; a += 64) {
-    if (write)
-      __builtin_prefetch(reinterpret_cast<const void*>(a), 1, 3);
-    else
-      __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
+// Prefetch one cache line (for writing: prefetchw where the CPU has it). Inline asm because GCC 12 deletes the
+// __builtin_prefetch loops of this file (its IPA passes take the builtin for a call without side effects): the
+// earlier build had not one prefetch instruction in it.
+LFVILA_INLINE void prefetch_line(uintptr_t a, bool write) {
+#if defined(__x86_64__)
+  const char* p = reinterpret_cast<const char*>(a);
+#if defined(__PRFCHW__)
+  if (write) {
+    asm volatile("prefetchw %0" : : "m"(*p));
+    return;
   }
+#endif
+  asm volatile("prefetcht0 %0" : : "m"(*p));
+#else
+  __builtin_prefetch(reinterpret_cast<const void*>(a), write ? 1 : 0, 3);
+#endif
 }
 
-template <typename T>
-void View<T>::prefetch(int64 b, int64 t, int64 h, int64 w, int64 hd0, int64 hg, int64 D, bool write) const {
-  const T* r = at(b, t, h, w, hd0);
-  if (s[4] == D || hg == 1) {
-    prefetch_span(r, hg * D * static_cast<int64>(sizeof(T)), write);
-  } else {
-    for (int64 hh = 0; hh < hg; ++hh) prefetch_span(r + hh * s[4], D * static_cast<int64>(sizeof(T)), write);
+// Prefetches the next work item's rows (its box's tokens in up to 8 tensors) while the current item computes, a
+// few (token, tensor) rows per softmax or output row: issued in one burst, an item's thousand-odd cache lines only
+// stall on the core's few outstanding-miss slots. Addresses are computed as the tokens come up, so planning costs
+// nothing. (Measured on the 2-core EPYC VM: the gather of a layer-1/2 backward item went from a third of the
+// kernel's time to about a tenth.)
+struct PrefetchPlan {
+  struct Stream {
+    const char* base;  // the tensor at (b, 0, 0, 0, first head)
+    int64 st, sh, sw, shd;  // byte strides of t, h, w and head
+    int64 bytes;            // bytes per head row (D elements), or of hg adjacent heads when contiguous
+    int64 rows;             // 1 when the heads are contiguous, else hg
+    bool write;
+  };
+  Stream streams[8];
+  int ns = 0;
+  const BoxTokens* toks = nullptr;
+  // cursor over (token, stream) spans; budget grows by `rate` spans per step (16.16 fixed point)
+  int64 pos = 0, end = 0, budget = 0, rate = 0;
+  void reset() {
+    ns = 0;
+    toks = nullptr;
+    pos = end = budget = 0;
   }
-}
+  template <typename T>
+  void add(const View<T>& v, int64 b, int64 hd0, int64 hg, int64 D, bool write) {
+    constexpr int64 E = static_cast<int64>(sizeof(T));
+    const bool contig = v.s[4] == D || hg == 1;
+    streams[ns++] = Stream{reinterpret_cast<const char*>(v.p + b * v.s[0] + hd0 * v.s[4]), v.s[1] * E, v.s[2] * E,
+                           v.s[3] * E, v.s[4] * E, (contig ? hg : 1) * D * E, contig ? 1 : hg, write};
+  }
+  // the spans of `nt`, spread evenly over `steps` calls of step()
+  void start(const BoxTokens& nt, int64 steps) {
+    toks = &nt;
+    pos = budget = 0;
+    end = nt.n * ns;
+    rate = ((end << 16) + std::max<int64>(steps, 1) - 1) / std::max<int64>(steps, 1);
+  }
+  LFVILA_INLINE void step() {
+    if (pos >= end) return;
+    budget += rate;
+    const int64 e = std::min(budget >> 16, end);
+    for (; pos < e; ++pos) {
+      const int64 tok = pos / ns;
+      const Stream& st = streams[pos - tok * ns];
+      const char* r = st.base + toks->t[tok] * st.st + toks->h[tok] * st.sh + toks->w[tok] * st.sw;
+      for (int64 rr = 0; rr < st.rows; ++rr, r += st.shd) {
+        const uintptr_t first = reinterpret_cast<uintptr_t>(r) & ~uintptr_t(63);
+        const uintptr_t last = reinterpret_cast<uintptr_t>(r) + static_cast<uintptr_t>(st.bytes);
+        for (uintptr_t a = first; a < last; a += 64) prefetch_line(a, st.write);
+      }
+    }
+  }
+};
 
 // Keeps the tokens of the current box and of the next item's box (built early so it can be prefetched).
 struct BoxPair {
@@ -279,29 +341,74 @@ struct BoxPair {
 };
 
 // Softmax helpers over one row of length np (a multiple of the vector width); entries >= n are padding.
+
+// row[j] = Rq[A[j]] for j < n (Rq: the reversed table at base - A[q]); row needs 8 slots past n. For float the runs
+// are copied 8 wide in order, each copy's overhang overwritten by the next one.
 template <typename acc_t>
-inline void add_bias_row(acc_t* __restrict s, const acc_t* __restrict bias_row /* bias_h + C + A[q] */,
-                         const int32_t* __restrict A, int64 n) {
-  for (int64 j = 0; j < n; ++j) s[j] += bias_row[-A[j]];
+inline void bias_row(acc_t* __restrict row, const acc_t* __restrict Rq, const BoxTokens& bt) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using V = typename VecOf<acc_t>::type;
+    const size_t nr = bt.rj0.size();
+    for (size_t r = 0; r < nr; ++r) htwa_simd::store(row + bt.rj0[r], htwa_simd::load<V>(Rq + bt.ra0[r]));
+  } else {
+    const int32_t* A = bt.A.data();
+    for (int64 j = 0; j < bt.n; ++j) row[j] = Rq[A[j]];
+  }
 }
 
-// Forward row: s -> exp(s - max) in place; returns (max, sum).
+// PRq[A[j]] += ds[j] for j < n (PRq: reversed dbias partials at base - A[q]); ds is read up to 8 past n. Runs go 8
+// wide when their windows cannot overlap (bt.spaced), with the lanes past the run masked to zero.
 template <typename acc_t>
-inline void softmax_row_fwd(acc_t* s, int64 n, int64 np, acc_t& m_out, acc_t& l_out) {
+inline void dbias_row(acc_t* __restrict PRq, const acc_t* __restrict ds, const BoxTokens& bt) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (bt.spaced) {
+      using V = typename VecOf<acc_t>::type;
+      using I = typename VecOf<acc_t>::itype;
+      const I lane = {0, 1, 2, 3, 4, 5, 6, 7};
+      const size_t nr = bt.rj0.size();
+      for (size_t r = 0; r < nr; ++r) {
+        V d = htwa_simd::load<V>(ds + bt.rj0[r]);
+        const I keep = lane < bt.rlen[r];
+        d = keep ? d : V{};
+        acc_t* dst = PRq + bt.ra0[r];
+        htwa_simd::store(dst, htwa_simd::load<V>(dst) + d);
+      }
+      return;
+    }
+  }
+  const int32_t* A = bt.A.data();
+  for (int64 j = 0; j < bt.n; ++j) PRq[A[j]] += ds[j];
+}
+
+// Forward row: s (+ bias row, when given: a dense per-class block row) -> exp(s - max) in place; returns (max, sum).
+// Two passes: bias + max, then exp + sum.
+template <typename acc_t>
+inline void softmax_row_fwd(acc_t* __restrict s, const acc_t* __restrict bias, int64 n, int64 np, acc_t& m_out,
+                            acc_t& l_out) {
   using V = typename VecOf<acc_t>::type;
   constexpr int VL = VecOf<acc_t>::L;
   for (int64 j = n; j < np; ++j) s[j] = -std::numeric_limits<acc_t>::infinity();
   acc_t m;
   {
-    V m0 = htwa_simd::load<V>(s), m1 = m0;
-    int64 j = VL;
+    V m0 = htwa_simd::splat<V>(-std::numeric_limits<acc_t>::infinity()), m1 = m0;
+    int64 j = 0;
     for (; j + 2 * VL <= np; j += 2 * VL) {
-      const V x0 = htwa_simd::load<V>(s + j), x1 = htwa_simd::load<V>(s + j + VL);
+      V x0 = htwa_simd::load<V>(s + j), x1 = htwa_simd::load<V>(s + j + VL);
+      if (bias) {
+        x0 += htwa_simd::load<V>(bias + j);
+        x1 += htwa_simd::load<V>(bias + j + VL);
+        htwa_simd::store(s + j, x0);
+        htwa_simd::store(s + j + VL, x1);
+      }
       m0 = m0 > x0 ? m0 : x0;
       m1 = m1 > x1 ? m1 : x1;
     }
     for (; j < np; j += VL) {
-      const V x0 = htwa_simd::load<V>(s + j);
+      V x0 = htwa_simd::load<V>(s + j);
+      if (bias) {
+        x0 += htwa_simd::load<V>(bias + j);
+        htwa_simd::store(s + j, x0);
+      }
       m0 = m0 > x0 ? m0 : x0;
     }
     m0 = m0 > m1 ? m0 : m1;
@@ -311,8 +418,7 @@ inline void softmax_row_fwd(acc_t* s, int64 n, int64 np, acc_t& m_out, acc_t& l_
     V vsum = htwa_simd::splat<V>(0.f);
     const V vm = htwa_simd::splat<V>(m);
     for (int64 j = 0; j < np; j += VL) {
-      V x = htwa_simd::load<V>(s + j);
-      V e = htwa_simd::exp_f8(x - vm);
+      V e = htwa_simd::exp_f8_nonpos(htwa_simd::load<V>(s + j) - vm);
       htwa_simd::store(s + j, e);
       vsum += e;
     }
@@ -329,18 +435,48 @@ inline void softmax_row_fwd(acc_t* s, int64 n, int64 np, acc_t& m_out, acc_t& l_
   m_out = m;
 }
 
-// Backward row: p = exp(s - lse) in place (padding -> 0).
+// Backward row, first pass: p = exp(s (+ bias row) - lse) in place (padding -> 0); returns delta = rowsum(p o dp),
+// which equals rowsum(dO o O) since O = P V.
 template <typename acc_t>
-inline void prob_row_bwd(acc_t* s, int64 n, int64 np, acc_t lse) {
+inline acc_t prob_row_bwd(acc_t* __restrict s, const acc_t* __restrict bias, const acc_t* __restrict dp, int64 n,
+                          int64 np, acc_t lse) {
   using V = typename VecOf<acc_t>::type;
   constexpr int VL = VecOf<acc_t>::L;
   if constexpr (std::is_same_v<acc_t, float>) {
     for (int64 j = n; j < np; ++j) s[j] = -std::numeric_limits<float>::infinity();
     const V vl = htwa_simd::splat<V>(lse);
-    for (int64 j = 0; j < np; j += VL) htwa_simd::store(s + j, htwa_simd::exp_f8(htwa_simd::load<V>(s + j) - vl));
+    V acc = htwa_simd::splat<V>(0.f);
+    for (int64 j = 0; j < np; j += VL) {
+      V x = htwa_simd::load<V>(s + j);
+      if (bias) x += htwa_simd::load<V>(bias + j);
+      const V e = htwa_simd::exp_f8_nonpos(x - vl);
+      htwa_simd::store(s + j, e);
+      acc += e * htwa_simd::load<V>(dp + j);
+    }
+    return htwa_simd::hsum(acc);
   } else {
-    for (int64 j = 0; j < n; ++j) s[j] = std::exp(s[j] - lse);
+    acc_t d = 0;
+    for (int64 j = 0; j < n; ++j) {
+      s[j] = std::exp(s[j] + (bias ? bias[j] : acc_t(0)) - lse);
+      d += s[j] * dp[j];
+    }
     for (int64 j = n; j < np; ++j) s[j] = 0;
+    return d;
+  }
+}
+
+// Backward row, second pass: dp -> dS = p o (dp - delta) in place, also added into acc (a dense per-class dS sum)
+// when given.
+template <typename acc_t>
+inline void ds_row_bwd(const acc_t* __restrict p, acc_t* __restrict dp, acc_t* __restrict acc, acc_t delta,
+                       int64 np) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int VL = VecOf<acc_t>::L;
+  const V vd = htwa_simd::splat<V>(delta);
+  for (int64 j = 0; j < np; j += VL) {
+    const V d = htwa_simd::load<V>(p + j) * (htwa_simd::load<V>(dp + j) - vd);
+    htwa_simd::store(dp + j, d);
+    if (acc) htwa_simd::store(acc + j, htwa_simd::load<V>(acc + j) + d);
   }
 }
 
@@ -445,25 +581,37 @@ struct ClassBias {
   int64 block = 0;         // nm * NP
   // Builds (if needed) the dense bias of `cls` for heads [hd0, hd0 + hg); row i of head hh at
   // dense + hh * block + i * np.
-  void prepare(const Geom& g, const BoxTokens& bt, int64 cls, int64 hd0, int64 hg, const acc_t* biasT,
-               int64 nbias) {
+  void prepare(const Geom& g, const BoxTokens& bt, int64 cls, int64 hd0, int64 hg, const acc_t* biasR,
+               const RevBias& rb) {
     const int64 k = cls * g.heads + hd0;
     if (k == key) return;
     key = k;
     const int64 n = bt.n, np = round_up(n, VecOf<acc_t>::L);
     const int32_t* A = bt.A.data();
     for (int64 hh = 0; hh < hg; ++hh) {
-      const acc_t* bias_h = biasT + (hd0 + hh) * nbias + g.bias_c;
+      const acc_t* R_h = biasR + (hd0 + hh) * rb.stride + rb.base;
       acc_t* blk = dense + hh * block;
       for (int64 i = 0; i < n; ++i) {
         acc_t* row = blk + i * np;
-        const acc_t* br = bias_h + A[i];
-        for (int64 j = 0; j < n; ++j) row[j] = br[-A[j]];
+        const acc_t* Rq = R_h - A[i];
+        for (int64 j = 0; j < n; ++j) row[j] = Rq[A[j]];
         for (int64 j = n; j < np; ++j) row[j] = 0;
       }
     }
   }
 };
+
+// The (nbias, heads) table as RevBias lays it out: (heads, nbias + 8), each head's row reversed, zero padded.
+inline at::Tensor reversed_bias(const std::optional<at::Tensor>& bias, const Geom& g, at::ScalarType acc,
+                                RevBias& rv) {
+  const int64 nbias = num_bias_rows(g);
+  rv.stride = nbias + 8;
+  rv.base = nbias - 1 - g.bias_c;
+  if (!bias.has_value()) return at::Tensor();
+  at::Tensor r = at::zeros({g.heads, rv.stride}, bias->options().dtype(acc));
+  r.narrow(1, 0, nbias).copy_(bias->to(acc).flip(0).t());
+  return r;
+}
 
 // ----------------------------------------------------------------------------------------------------------------
 // forward
@@ -476,8 +624,8 @@ int64 fwd_per_head(const Geom& g) {
 }
 
 template <typename scalar_t, typename acc_t>
-void fwd_impl(const Geom& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const acc_t* biasT,
-              int64 nbias, acc_t scale, at::Tensor& out, at::Tensor& lse) {
+void fwd_impl(const Geom& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const acc_t* biasR,
+              const RevBias& rv, acc_t scale, at::Tensor& out, at::Tensor& lse) {
   constexpr int VL = VecOf<acc_t>::L;
   const View<scalar_t> Q(q), K(k), Vv(v), O(out);
   const View<acc_t> LSE(lse);
@@ -487,20 +635,23 @@ void fwd_impl(const Geom& g, const at::Tensor& q, const at::Tensor& k, const at:
   const int64 ipg = g.B * g.nbox;
   const int64 hg = choose_group(g.heads, per_head * static_cast<int64>(sizeof(acc_t)), ipg);
   const int64 nitems = (g.heads / hg) * ipg;
-  const bool dense = biasT && nm * NP * static_cast<int64>(sizeof(acc_t)) <= kDenseBytesFwd && ipg >= 2;
+  const bool dense = biasR && nm * NP * static_cast<int64>(sizeof(acc_t)) <= kDenseBytesFwd && ipg >= 2;
 
   at::parallel_for(0, nitems, 1, [&](int64 begin, int64 end) {
     BoxPair boxes;
     boxes.reserve(nm);
     Scratch<acc_t> mem;
     ClassBias<acc_t> cb;
+    PrefetchPlan pq;
     cb.enabled = dense;
     cb.block = nm * NP;
-    acc_t* heads_mem = mem.get(hg * per_head + R * NP /*S*/ + R * Dp /*O*/ + R /*1/l*/ + (dense ? hg * cb.block : 0));
+    acc_t* heads_mem = mem.get(hg * per_head + R * NP /*S*/ + R * Dp /*O*/ + R /*1/l*/ + NP + 8 /*bias row*/ +
+                               (dense ? hg * cb.block : 0));
     acc_t* S = heads_mem + hg * per_head;
     acc_t* Ob = S + R * NP;
     acc_t* inv = Ob + R * Dp;
-    cb.dense = inv + R;
+    acc_t* brow = inv + R;
+    cb.dense = brow + NP + 8;
     auto Qs_of = [&](int64 hh) { return heads_mem + hh * per_head; };
     auto Ks_of = [&](int64 hh) { return Qs_of(hh) + NP * Dp; };
     auto Vs_of = [&](int64 hh) { return Qs_of(hh) + 2 * NP * Dp; };
@@ -521,51 +672,56 @@ void fwd_impl(const Geom& g, const at::Tensor& q, const at::Tensor& k, const at:
           load_row(Vs_of(hh) + i * Dp, vr + hh * Vv.s[4], D, Dp);
         }
       }
-      // prefetch the next item's rows while this one computes
+      // queue the next item's rows; they are prefetched a few per row while this one computes
+      pq.reset();
       if (it + 1 < end) {
         const int64 hd2 = ((it + 1) / ipg) * hg, bb2 = (it + 1) % ipg;
         const int64 b2 = bb2 % g.B;
-        const BoxTokens& nt = boxes.peek(g, g.order[bb2 / g.B]);
-        for (int64 i = 0; i < nt.n; ++i) {
-          const int64 t = nt.t[i], h = nt.h[i], w = nt.w[i];
-          Q.prefetch(b2, t, h, w, hd2, hg, D, false);
-          K.prefetch(b2, t, h, w, hd2, hg, D, false);
-          Vv.prefetch(b2, t, h, w, hd2, hg, D, false);
-          O.prefetch(b2, t, h, w, hd2, hg, D, true);
-        }
+        pq.add(Q, b2, hd2, hg, D, false);
+        pq.add(K, b2, hd2, hg, D, false);
+        pq.add(Vv, b2, hd2, hg, D, false);
+        pq.add(O, b2, hd2, hg, D, true);
+        pq.add(LSE, b2, hd2, hg, 1, true);
+        pq.start(boxes.peek(g, g.order[bb2 / g.B]), 2 * hg * n);  // softmax rows + output rows
       }
-      if (dense) cb.prepare(g, bt, g.cls[pos], hd0, hg, biasT, nbias);
+      if (dense) cb.prepare(g, bt, g.cls[pos], hd0, hg, biasR, rv);
 
       for (int64 hh = 0; hh < hg; ++hh) {
         const int64 hd = hd0 + hh;
         acc_t *Qs = Qs_of(hh), *Ks = Ks_of(hh), *Vs = Vs_of(hh), *Kt = Kt_of(hh);
         zero_rows(Ks, Dp, n, np);
         htwa_simd::transpose(Kt, np, Ks, Dp, np, Dp);
-        const acc_t* bias_h = biasT ? biasT + hd * nbias + g.bias_c : nullptr;
+        const acc_t* R_h = biasR ? biasR + hd * rv.stride + rv.base : nullptr;
         const acc_t* dense_h = dense ? cb.dense + hh * cb.block : nullptr;
         for (int64 r0 = 0; r0 < n; r0 += R) {
           const int64 rb = std::min(R, n - r0);
           htwa_simd::gemm<acc_t, false>(rb, np, D, Qs + r0 * Dp, Dp, 1, Kt, np, S, np);
           for (int64 i = 0; i < rb; ++i) {
+            pq.step();
             acc_t* s = S + i * np;
-            if (dense_h)
-              add_row(s, dense_h + (r0 + i) * np, np);
-            else if (bias_h)
-              add_bias_row(s, bias_h + bt.A[r0 + i], bt.A.data(), n);
+            const acc_t* brow_i = nullptr;
+            if (dense_h) {
+              brow_i = dense_h + (r0 + i) * np;
+            } else if (R_h) {
+              bias_row(brow, R_h - bt.A[r0 + i], bt);
+              brow_i = brow;
+            }
             acc_t m, l;
-            softmax_row_fwd(s, n, np, m, l);
+            softmax_row_fwd(s, brow_i, n, np, m, l);
             inv[i] = acc_t(1) / l;
             *LSE.at(b, bt.t[r0 + i], bt.h[r0 + i], bt.w[r0 + i], hd) = m + std::log(l);
           }
           htwa_simd::gemm<acc_t, false>(rb, Dp, n, S, np, 1, Vs, Dp, Ob, Dp);
           for (int64 i = 0; i < rb; ++i) {
             const int64 r = r0 + i;
+            pq.step();
             store_row(O.at(b, bt.t[r], bt.h[r], bt.w[r], hd), Ob + i * Dp, D, inv[i]);
           }
         }
       }
     }
   });
+
 }
 
 std::tuple<at::Tensor, at::Tensor> htwa_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -580,11 +736,11 @@ std::tuple<at::Tensor, at::Tensor> htwa_fwd_cpu(const at::Tensor& q_in, const at
   at::Tensor lse = at::empty({g.B, g.T, g.H, g.W, g.heads}, q.options().dtype(acc));
   if (q.numel() == 0) return {out, lse};
   const int64 nbias = num_bias_rows(g);
-  at::Tensor biasT;
-  if (bias.has_value()) biasT = bias->to(acc).t().contiguous();  // (heads, nbias)
+  RevBias rv;
+  const at::Tensor biasR = reversed_bias(bias, g, acc, rv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "htwa_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    fwd_impl<scalar_t, acc_t>(g, q, k, v, biasT.defined() ? biasT.data_ptr<acc_t>() : nullptr, nbias,
+    fwd_impl<scalar_t, acc_t>(g, q, k, v, biasR.defined() ? biasR.data_ptr<acc_t>() : nullptr, rv,
                               static_cast<acc_t>(scale), out, lse);
   });
   return {out, lse};
@@ -596,6 +752,7 @@ std::tuple<at::Tensor, at::Tensor> htwa_fwd_cpu(const at::Tensor& q_in, const at
 // Work split of the backward: head groups of hg heads; each group's B * nbox boxes in `parts` fixed chunks.
 struct BwdSplit {
   int64 hg, groups, parts, items_per_group;
+  bool dense;  // dense per-class bias and dS blocks (small boxes, several boxes of a class per chunk)
   int64 chunks() const { return groups * parts; }
 };
 
@@ -607,18 +764,21 @@ int64 bwd_per_head(const Geom& g) {
 }
 
 template <typename acc_t>
-BwdSplit bwd_split(const Geom& g) {
+BwdSplit bwd_split(const Geom& g, bool has_bias) {
   BwdSplit sp;
   sp.items_per_group = g.B * g.nbox;
-  sp.hg = choose_group(g.heads, bwd_per_head<acc_t>(g) * static_cast<int64>(sizeof(acc_t)), sp.items_per_group);
+  const int64 ipg = sp.items_per_group;
+  sp.hg = choose_group(g.heads, bwd_per_head<acc_t>(g) * static_cast<int64>(sizeof(acc_t)), ipg);
   sp.groups = g.heads / sp.hg;
-  sp.parts = std::max<int64>(1, std::min<int64>(sp.items_per_group, (kBiasChunks + sp.groups - 1) / sp.groups));
+  sp.parts = std::max<int64>(1, std::min<int64>(ipg, (kBiasChunks + sp.groups - 1) / sp.groups));
+  const int64 NP = round_up(g.nmax, VecOf<acc_t>::L);
+  sp.dense = has_bias && g.nmax * NP * static_cast<int64>(sizeof(acc_t)) <= kDenseBytesBwd && ipg >= 2 * sp.parts;
   return sp;
 }
 
 template <typename scalar_t, typename acc_t>
 void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-              const at::Tensor& v, const acc_t* biasT, int64 nbias, const at::Tensor& lse,
+              const at::Tensor& v, const acc_t* biasR, const RevBias& rv, const at::Tensor& lse,
               acc_t scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, acc_t* partials) {
   constexpr int VL = VecOf<acc_t>::L;
   const View<scalar_t> Q(q), K(k), Vv(v), dO(dout), dQ(dq), dK(dk), dV(dv);
@@ -627,21 +787,24 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
   const int64 R = std::min(kRowBlock, nm);
   const int64 per_head = bwd_per_head<acc_t>(g);
   const int64 hg = sp.hg, parts = sp.parts, ipg = sp.items_per_group;
-  const bool dense = biasT && nm * NP * static_cast<int64>(sizeof(acc_t)) <= kDenseBytesBwd && ipg >= 2 * parts;
+  const bool dense = biasR && sp.dense;
 
   at::parallel_for(0, sp.chunks(), 1, [&](int64 cbegin, int64 cend) {
     BoxPair boxes;
     boxes.reserve(nm);
     Scratch<acc_t> mem;
     ClassBias<acc_t> cb;
+    PrefetchPlan pq;
     cb.enabled = dense;
     cb.block = nm * NP;
     acc_t* heads_mem =
-        mem.get(hg * per_head + 2 * R * NP /*S dP*/ + R * Dp /*dQ*/ + (dense ? 2 * hg * cb.block : 0));
+        mem.get(hg * per_head + 2 * R * NP + 8 /*S dP*/ + R * Dp /*dQ*/ + NP + 8 /*bias row*/ +
+                (dense ? 2 * hg * cb.block : 0));
     acc_t* S = heads_mem + hg * per_head;
     acc_t* dP = S + R * NP;
-    acc_t* dQb = dP + R * NP;
-    cb.dense = dQb + R * Dp;
+    acc_t* dQb = dP + R * NP + 8;  // dbias_row reads up to 8 past a dS row
+    acc_t* brow = dQb + R * Dp;
+    cb.dense = brow + NP + 8;
     acc_t* dS_acc = cb.dense + hg * cb.block;  // per class sums of dS (dense path)
     std::vector<int32_t> acc_A(dense ? nm : 0);
     int64 acc_n = 0;  // tokens of the class held in dS_acc (0: empty)
@@ -655,28 +818,34 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
     auto Vt_of = [&](int64 hh) { return Kt_of(hh) + Dp * NP; };
     auto lse_of = [&](int64 hh) { return Vt_of(hh) + Dp * NP; };
 
-    // scatter the dense dS sums into the chunk's partial table
+    // scatter the dense dS sums into the chunk's partial table (reversed rows, as RevBias)
     auto flush = [&](acc_t* pbias) {
       if (acc_n == 0) return;
       const int64 n = acc_n, np = round_up(n, VL);
       for (int64 hh = 0; hh < hg; ++hh) {
         const acc_t* blk = dS_acc + hh * cb.block;
-        acc_t* pb = pbias + hh * nbias + g.bias_c;
+        acc_t* pb = pbias + hh * rv.stride + rv.base;
         for (int64 i = 0; i < n; ++i) {
-          acc_t* prow = pb + acc_A[i];
+          acc_t* prow = pb - acc_A[i];
           const acc_t* x = blk + i * np;
-          for (int64 j = 0; j < n; ++j) prow[-acc_A[j]] += x[j];
+          for (int64 j = 0; j < n; ++j) prow[acc_A[j]] += x[j];
         }
       }
       acc_n = 0;
     };
+    // chunk c: heads [h0, h0 + hg), boxes [ib, ie) of the group's B * nbox
+    auto chunk_range = [&](int64 c, int64& h0, int64& ib, int64& ie) {
+      h0 = (c / parts) * hg;
+      const int64 part = c % parts;
+      ib = part * ipg / parts;
+      ie = (part + 1) * ipg / parts;
+    };
 
     for (int64 c = cbegin; c < cend; ++c) {
-      const int64 grp = c / parts, part = c % parts;
-      const int64 hd0 = grp * hg;
-      const int64 ib = part * ipg / parts, ie = (part + 1) * ipg / parts;
-      acc_t* pbias = biasT ? partials + c * hg * nbias : nullptr;
-      if (pbias) std::fill(pbias, pbias + hg * nbias, acc_t(0));
+      int64 hd0, ib, ie;
+      chunk_range(c, hd0, ib, ie);
+      acc_t* pbias = biasR ? partials + c * hg * rv.stride : nullptr;
+      if (pbias) std::fill(pbias, pbias + hg * rv.stride, acc_t(0));
       int64 acc_cls = -1;
 
       for (int64 bb = ib; bb < ie; ++bb) {
@@ -699,33 +868,35 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
             lse_of(hh)[i] = lr[hh * LSE.s[4]];
           }
         }
-        // prefetch the next item's rows while this one computes
+        // queue the next item's rows; they are prefetched a few per row while this one computes
+        pq.reset();
         {
-          int64 hd2 = hd0, bb2 = bb + 1;
-          bool more = bb2 < ie;
-          if (!more && c + 1 < cend) {
-            hd2 = ((c + 1) / parts) * hg;
-            bb2 = ((c + 1) % parts) * ipg / parts;
-            more = true;
+          int64 hd2 = -1, bb2 = -1;
+          if (bb + 1 < ie) {
+            bb2 = bb + 1;
+            hd2 = hd0;
+          } else if (c + 1 < cend) {
+            int64 h2, ib2, ie2;
+            chunk_range(c + 1, h2, ib2, ie2);
+            bb2 = ib2;
+            hd2 = h2;
           }
-          if (more) {
+          if (bb2 >= 0) {
             const int64 b2 = bb2 % g.B;
-            const BoxTokens& nt = boxes.peek(g, g.order[bb2 / g.B]);
-            for (int64 i = 0; i < nt.n; ++i) {
-              const int64 t = nt.t[i], h = nt.h[i], w = nt.w[i];
-              Q.prefetch(b2, t, h, w, hd2, hg, D, false);
-              K.prefetch(b2, t, h, w, hd2, hg, D, false);
-              Vv.prefetch(b2, t, h, w, hd2, hg, D, false);
-              dO.prefetch(b2, t, h, w, hd2, hg, D, false);
-              dQ.prefetch(b2, t, h, w, hd2, hg, D, true);
-              dK.prefetch(b2, t, h, w, hd2, hg, D, true);
-              dV.prefetch(b2, t, h, w, hd2, hg, D, true);
-            }
+            pq.add(Q, b2, hd2, hg, D, false);
+            pq.add(K, b2, hd2, hg, D, false);
+            pq.add(Vv, b2, hd2, hg, D, false);
+            pq.add(dO, b2, hd2, hg, D, false);
+            pq.add(dQ, b2, hd2, hg, D, true);
+            pq.add(dK, b2, hd2, hg, D, true);
+            pq.add(dV, b2, hd2, hg, D, true);
+            pq.add(LSE, b2, hd2, hg, 1, false);
+            pq.start(boxes.peek(g, g.order[bb2 / g.B]), 2 * hg * n);  // softmax rows + output rows
           }
         }
         if (dense) {
           const int64 cls = g.cls[pos];
-          cb.prepare(g, bt, cls, hd0, hg, biasT, nbias);
+          cb.prepare(g, bt, cls, hd0, hg, biasR, rv);
           if (cls != acc_cls) {
             flush(pbias);
             acc_cls = cls;
@@ -745,33 +916,30 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
           htwa_simd::transpose(Vt, np, dKs, Dp, np, Dp);
           zero_rows(dKs, Dp, 0, n);
           zero_rows(dVs, Dp, 0, n);
-          const acc_t* bias_h = biasT ? biasT + hd * nbias + g.bias_c : nullptr;
+          const acc_t* R_h = biasR ? biasR + hd * rv.stride + rv.base : nullptr;
           const acc_t* dense_h = dense ? cb.dense + hh * cb.block : nullptr;
           acc_t* dsacc_h = dense ? dS_acc + hh * cb.block : nullptr;
-          acc_t* pbias_c = pbias ? pbias + hh * nbias + g.bias_c : nullptr;
+          acc_t* PR_h = pbias ? pbias + hh * rv.stride + rv.base : nullptr;
 
           for (int64 r0 = 0; r0 < n; r0 += R) {
             const int64 rb = std::min(R, n - r0);
             htwa_simd::gemm<acc_t, false>(rb, np, D, Qs + r0 * Dp, Dp, 1, Kt, np, S, np);
             htwa_simd::gemm<acc_t, false>(rb, np, D, dOs + r0 * Dp, Dp, 1, Vt, np, dP, np);
             for (int64 i = 0; i < rb; ++i) {
+              pq.step();
               const int64 r = r0 + i;
               acc_t* s = S + i * np;
               acc_t* dp = dP + i * np;
-              if (dense_h)
-                add_row(s, dense_h + r * np, np);
-              else if (bias_h)
-                add_bias_row(s, bias_h + bt.A[r], bt.A.data(), n);
-              prob_row_bwd(s, n, np, lses[r]);
-              const acc_t dr = dot_row(s, dp, np);  // delta = rowsum(P o dP) (padding: P = 0)
-              for (int64 j = 0; j < np; ++j) dp[j] = s[j] * (dp[j] - dr);
-              if (dsacc_h) {
-                add_row(dsacc_h + r * np, dp, np);
-              } else if (pbias_c) {
-                acc_t* prow = pbias_c + bt.A[r];
-                const int32_t* A = bt.A.data();
-                for (int64 j = 0; j < n; ++j) prow[-A[j]] += dp[j];
+              const acc_t* brow_r = nullptr;
+              if (dense_h) {
+                brow_r = dense_h + r * np;
+              } else if (R_h) {
+                bias_row(brow, R_h - bt.A[r], bt);
+                brow_r = brow;
               }
+              const acc_t dr = prob_row_bwd(s, brow_r, dp, n, np, lses[r]);
+              ds_row_bwd(s, dp, dsacc_h ? dsacc_h + r * np : nullptr, dr, np);
+              if (!dsacc_h && PR_h) dbias_row(PR_h - bt.A[r], dp, bt);
             }
             // dQ = dS K ; dV += P^T dO ; dK += dS^T (scale q)
             htwa_simd::gemm<acc_t, false>(rb, Dp, n, dP, np, 1, Ks, Dp, dQb, Dp);
@@ -779,10 +947,12 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
             htwa_simd::gemm<acc_t, true>(n, Dp, rb, dP, 1, np, Qs + r0 * Dp, Dp, dKs, Dp);
             for (int64 i = 0; i < rb; ++i) {
               const int64 r = r0 + i;
+              pq.step();
               store_row(dQ.at(b, bt.t[r], bt.h[r], bt.w[r], hd), dQb + i * Dp, D, scale);
             }
           }
           for (int64 i = 0; i < n; ++i) {
+            pq.step();
             store_row(dK.at(b, bt.t[i], bt.h[i], bt.w[i], hd), dKs + i * Dp, D);
             store_row(dV.at(b, bt.t[i], bt.h[i], bt.w[i], hd), dVs + i * Dp, D);
           }
@@ -791,6 +961,7 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
       if (dense) flush(pbias);
     }
   });
+
 }
 
 // The backward into caller-provided dq, dk, dv (any strides with stride(-1) == 1: separate tensors, or the three
@@ -821,28 +992,28 @@ at::Tensor htwa_bwd_into(
     if (bias.has_value()) dbias = dbias.to(bias->scalar_type());
     return dbias;
   }
-  at::Tensor biasT, partials;
+  at::Tensor partials;
+  RevBias rv;
+  const at::Tensor biasR = reversed_bias(bias, g, acc, rv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "htwa_bwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const BwdSplit sp = bwd_split<acc_t>(g);
-    if (bias.has_value()) {
-      biasT = bias->to(acc).t().contiguous();  // (heads, nbias)
-      partials = at::empty({sp.chunks() * sp.hg, nbias}, q.options().dtype(acc));
-    }
-    bwd_impl<scalar_t, acc_t>(g, sp, dout, q, k, v, biasT.defined() ? biasT.data_ptr<acc_t>() : nullptr, nbias,
-                              lse, static_cast<acc_t>(scale), dq, dk, dv,
+    const BwdSplit sp = bwd_split<acc_t>(g, bias.has_value());
+    if (bias.has_value()) partials = at::empty({sp.chunks() * sp.hg, rv.stride}, q.options().dtype(acc));
+    bwd_impl<scalar_t, acc_t>(g, sp, dout, q, k, v, biasR.defined() ? biasR.data_ptr<acc_t>() : nullptr, rv, lse,
+                              static_cast<acc_t>(scale), dq, dk, dv,
                               partials.defined() ? partials.data_ptr<acc_t>() : nullptr);
     if (partials.defined()) {
-      // ordered reduction: dbias[r, hd] = sum over parts p (ascending) of the chunk partials of head hd
+      // ordered reduction: dbias[r, hd] = sum over parts p (ascending) of the chunk partials of head hd (reversed
+      // rows: entry r sits at nbias - 1 - r)
       const acc_t* P = partials.data_ptr<acc_t>();
       acc_t* db = dbias.data_ptr<acc_t>();
-      const int64 heads = g.heads;
+      const int64 heads = g.heads, stride = rv.stride;
       at::parallel_for(0, heads, 1, [&](int64 hb, int64 he) {
         for (int64 hd = hb; hd < he; ++hd) {
           const int64 grp = hd / sp.hg, hh = hd % sp.hg;
           for (int64 r = 0; r < nbias; ++r) {
             acc_t s = 0;
-            for (int64 p = 0; p < sp.parts; ++p) s += P[((grp * sp.parts + p) * sp.hg + hh) * nbias + r];
+            for (int64 p = 0; p < sp.parts; ++p) s += P[((grp * sp.parts + p) * sp.hg + hh) * stride + nbias - 1 - r];
             db[r * heads + hd] = s;
           }
         }

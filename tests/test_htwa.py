@@ -129,6 +129,31 @@ def test_cpp_low_precision(dtype, tol):
     _assert_close_all([g.double() for g in got], want, tol)
 
 
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cpp_fp32_official_cases(case):
+    # fp32 takes vector paths fp64 does not: the 8-wide bias-row copies and dbias read-modify-writes over runs of
+    # the reversed bias table (boxes too large for the dense per-class blocks: layers 3-5 here) and the dense blocks.
+    want = _grads("reference", case, batch=2)
+    got = _grads("cpp", case, batch=2, dtype=torch.float32)
+    _assert_close_all([g.double() for g in got], want, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "grid,window,shift,bias_window",
+    [
+        ((16, 8, 8), (16, 4, 4), (0, 2, 2), (16, 4, 4)),  # bias w-window 4: runs closer than 8 apart, scalar scatter
+        ((8, 4, 18), (8, 2, 9), (0, 1, 4), (8, 2, 9)),  # w-window 9: runs cut into 8 + 1
+        ((16, 6, 12), (8, 3, 6), (0, 1, 3), (10, 4, 7)),  # bias_window larger than the window (spec 1.3 quirk)
+    ],
+)
+def test_cpp_fp32_large_boxes(grid, window, shift, bias_window):
+    heads = 2
+    case = HTWACase(0, any(shift), grid, window, shift, bias_window, heads, 32)
+    want = _grads("reference", case, batch=1)
+    got = _grads("cpp", case, batch=1, dtype=torch.float32)
+    _assert_close_all([g.double() for g in got], want, 1e-5)
+
+
 def test_auto_picks_cpp_on_cpu():
     case = CASES[0]
     _, (q, k, v), bias = make_htwa_inputs(case, 1, torch.float64, seed=2)
