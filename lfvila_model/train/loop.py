@@ -18,6 +18,7 @@ What a step does is a `Task` (`lfvila_model.train.tasks`): `task.loss(model, bat
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -69,6 +70,11 @@ class TrainConfig:
     ckpt_every: int = 0  # updates between checkpoints (0: only at the end)
     keep_last: int = 3
     eval_every: int = 0  # updates between evaluations (0: only at the end)
+    # keep the weights of the best evaluation in out_dir/best/ (save_pretrained format, with best.json): the name
+    # of one evaluation metric, a dotted path for nested ones (accuracy, t2v.R@1); higher is better unless
+    # best_mode is "min". The official fine-tuning trainers report their best validation epoch.
+    best_metric: Optional[str] = None
+    best_mode: str = "max"
     device: str = "auto"  # auto | cpu | cuda
     num_threads: Optional[int] = None  # torch CPU threads (None: torch's default); 1 is faster on a busy machine
     progress: bool = True
@@ -89,6 +95,10 @@ class TrainConfig:
             raise ValueError(f"train.max_minutes must be > 0 or null, got {self.max_minutes!r}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise ValueError(f"train.clip_grad must be > 0 or null, got {self.clip_grad!r}")
+        if self.best_mode not in ("max", "min"):
+            raise ValueError(f"train.best_mode must be max or min, got {self.best_mode!r}")
+        if self.best_metric is not None and (not isinstance(self.best_metric, str) or not self.best_metric):
+            raise ValueError(f"train.best_metric must be a metric name or null, got {self.best_metric!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
         self.betas = tuple(self.betas)
@@ -105,6 +115,29 @@ class TrainConfig:
         d = asdict(self)
         d["betas"] = list(self.betas)
         return d
+
+
+def metric_value(metrics: dict, name: str) -> float:
+    """The number at `name` in an evaluation's metrics, a dotted path for nested ones (`t2v.R@1`)."""
+    cur = metrics
+    for part in name.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            raise KeyError(f"train.best_metric {name!r} is not among the evaluation's metrics "
+                           f"{sorted(_metric_names(metrics))}")
+        cur = cur[part]
+    if isinstance(cur, bool) or not isinstance(cur, (int, float)):
+        raise TypeError(f"train.best_metric {name!r} must name a number, got {type(cur).__name__}")
+    return float(cur)
+
+
+def _metric_names(metrics: dict, prefix: str = "") -> list:
+    out = []
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out += _metric_names(v, f"{prefix}{k}.")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append(f"{prefix}{k}")
+    return out
 
 
 class Trainer:
@@ -166,7 +199,9 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0
         self.schedule_fitted = False
+        self.best: Optional[dict] = None  # {"step", "metric", "value"} of the best evaluation so far
         self.ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
+        self.best_dir = os.path.join(cfg.out_dir, "best")
 
     # -- helpers ------------------------------------------------------------------------------------------------
 
@@ -182,7 +217,7 @@ class Trainer:
 
     def _state(self) -> dict:
         return {"step": self.step, "train_seconds": self.train_seconds, "total_steps": self.schedule.total_steps,
-                "schedule_fitted": self.schedule_fitted}
+                "schedule_fitted": self.schedule_fitted, "best": self.best}
 
     def save(self) -> str:
         path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler,
@@ -203,6 +238,7 @@ class Trainer:
         self.train_seconds = float(st.get("train_seconds", 0.0))
         self.schedule.total_steps = int(st.get("total_steps", self.schedule.total_steps))
         self.schedule_fitted = bool(st.get("schedule_fitted", False))
+        self.best = st.get("best")
         self.scheduler.load_state_dict(trainer["scheduler"])
         if self.dist.is_main:
             self.log.info("resumed from %s at step %d", path, self.step)
@@ -238,10 +274,26 @@ class Trainer:
             with torch.no_grad(), self._autocast():
                 out = self.evaluate_fn(self.model, self.step) or {}
             self.model.train(was)
+            if self.cfg.best_metric:
+                self._keep_if_best(out)
             if metrics_logger is not None and out:
                 metrics_logger.log(self.step, {k: v for k, v in out.items() if isinstance(v, (int, float))}, "eval")
         barrier()
         return out
+
+    def _keep_if_best(self, metrics: dict) -> None:
+        name = self.cfg.best_metric
+        value = metric_value(metrics, name)
+        better = self.best is None or (value > self.best["value"] if self.cfg.best_mode == "max"
+                                       else value < self.best["value"])
+        if not better:
+            return
+        from ..checkpoint import atomic_write_bytes, save_pretrained
+
+        save_pretrained(self.model, self.best_dir)
+        self.best = {"step": self.step, "metric": name, "value": value}
+        atomic_write_bytes(os.path.join(self.best_dir, "best.json"), (json.dumps(self.best, indent=2) + "\n").encode())
+        self.log.info("best %s so far: %.4g at step %d (weights in %s)", name, value, self.step, self.best_dir)
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
@@ -256,8 +308,6 @@ class Trainer:
                                   f"that run, or choose another out_dir")
         if self.dist.is_main:
             os.makedirs(cfg.out_dir, exist_ok=True)
-            import json
-
             with open(os.path.join(cfg.out_dir, "run_config.json"), "w") as f:
                 json.dump(self.run_config, f, indent=2, default=str)
         mlog = MetricLogger(cfg.out_dir, enabled=self.dist.is_main, tensorboard=cfg.tensorboard,
@@ -370,4 +420,6 @@ class Trainer:
         mlog.close()
         summary = {"steps": self.step, "train_minutes": self.train_seconds / 60.0, "stop_reason": stop_reason,
                    "total_steps": self.schedule.total_steps, "eval": last_eval}
+        if self.cfg.best_metric:
+            summary["best"] = self.best
         return summary
