@@ -3,7 +3,9 @@
     python benchmarks/report.py F [--markdown]
 
 For every group it lists each provider's median time, the speed-up of the fused kernel (`cpp`, or the provider
-given with --ours) over each other provider, and the peak extra memory with its ratio to the reference's.
+given with --ours) over each other provider, and the peak extra memory with its ratio to the reference's. Paired
+groups (reference and ours timed in alternating rounds) get a second table: both medians and the median, min and
+max of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -18,12 +20,36 @@ def load(path):
     with open(path) as f:
         data = json.load(f)
     groups = defaultdict(dict)
+    paired = {}
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
+        if info.get("provider") == "paired":
+            paired[b["group"]] = info
+            continue
         provider = info.get("backend") or info.get("provider") or b["name"]
         groups[b["group"]][provider] = {"median_ms": b["stats"]["median"] * 1e3,
                                         "mem_mb": (info.get("peak_extra_bytes") or 0) / 2**20 or None}
-    return data, groups
+    return data, groups, paired
+
+
+def paired_table(paired):
+    rows = [["group", "rounds", "reference ms", "ours ms", "reference/ours (median of rounds)", "min", "max"]]
+    for name, p in paired.items():
+        rows.append([name, str(p["rounds"]), f"{p['reference_median_ms']:.1f}", f"{p['cpp_median_ms']:.1f}",
+                     f"{p['ratio_median']:.2f}x", f"{p['ratio_min']:.2f}x", f"{p['ratio_max']:.2f}x"])
+    return rows
+
+
+def _print(rows, markdown):
+    if markdown:
+        print("| " + " | ".join(rows[0]) + " |")
+        print("|" + " --- |" * len(rows[0]))
+        for r in rows[1:]:
+            print("| " + " | ".join(r) + " |")
+    else:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
 
 
 def table(groups, ours, baseline="reference"):
@@ -60,21 +86,17 @@ def main(argv=None):
                              "(default: cpp,auto)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
-    data, groups = load(args.json_file)
+    data, groups, paired = load(args.json_file)
     rows = table(groups, tuple(args.ours.split(",")))
     mi = data.get("machine_info", {})
     print(f"machine: {mi.get('cpu', {}).get('brand_raw', platform.processor())}, "
           f"{mi.get('cpu', {}).get('count', '?')} cores; python {mi.get('python_version', '?')}; "
           f"date {data.get('datetime', '?')}")
-    if args.markdown:
-        print("| " + " | ".join(rows[0]) + " |")
-        print("|" + " --- |" * len(rows[0]))
-        for r in rows[1:]:
-            print("| " + " | ".join(r) + " |")
-    else:
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    if len(rows) > 1:
+        _print(rows, args.markdown)
+    if paired:
+        print()
+        _print(paired_table(paired), args.markdown)
 
 
 if __name__ == "__main__":

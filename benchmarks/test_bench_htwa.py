@@ -6,13 +6,19 @@ Providers: `reference` (the naive official path: roll, partition, matmul, bias, 
 Peak extra memory per forward+backward case is measured in a fresh subprocess and stored in extra_info.
 Benchmarks measure; they never assert speed. `python benchmarks/report.py RESULTS.json` prints the table.
 
-Environment knobs: LFVILA_BENCH_BATCH (default 1), LFVILA_BENCH_ROUNDS (default 5), LFVILA_BENCH_MEMORY=0 to
-skip the memory probes, LFVILA_BENCH_LAYERS=0,5 to run some layers only.
+`test_htwa_paired` times the reference and ours alternately, round by round (forward+backward), and records the
+median of the per-round ratios: this VM's speed drifts by up to +-20 % over minutes, so two medians taken a minute
+apart (the groups above) can disagree by more than the effect measured; alternating rounds see the same machine.
+
+Environment knobs: LFVILA_BENCH_BATCH (default 1), LFVILA_BENCH_ROUNDS (default 5), LFVILA_BENCH_PAIRED_ROUNDS
+(default 10), LFVILA_BENCH_MEMORY=0 to skip the memory probes, LFVILA_BENCH_LAYERS=0,5 to run some layers only.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 import pytest
 
@@ -22,6 +28,7 @@ from lfvila_kernels.shapes import official_cases
 
 BATCH = int(os.environ.get("LFVILA_BENCH_BATCH", "1"))
 ROUNDS = int(os.environ.get("LFVILA_BENCH_ROUNDS", "5"))
+PAIRED_ROUNDS = int(os.environ.get("LFVILA_BENCH_PAIRED_ROUNDS", "10"))
 MEMORY = os.environ.get("LFVILA_BENCH_MEMORY", "1") != "0"
 LAYERS = {int(x) for x in os.environ.get("LFVILA_BENCH_LAYERS", "0,1,2,3,4,5").split(",")}
 
@@ -46,3 +53,28 @@ def test_htwa(benchmark, case, backend, mode):
     if MEMORY and mode == "fwd+bwd":
         benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(spec)
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_htwa_paired(benchmark, case):
+    runs = {b: build(htwa_spec(case.name, b, "fwd+bwd", BATCH)) for b in ("reference", "cpp")}
+    for run in runs.values():
+        run()  # warm-up
+    times = {b: [] for b in runs}
+
+    def paired():
+        for i in range(PAIRED_ROUNDS):
+            for b in (("reference", "cpp") if i % 2 == 0 else ("cpp", "reference")):
+                t0 = time.perf_counter()
+                runs[b]()
+                times[b].append(time.perf_counter() - t0)
+
+    benchmark.group = f"htwa paired {case.name} fwd+bwd B={BATCH}"
+    benchmark.pedantic(paired, rounds=1, warmup_rounds=0, iterations=1)
+    ratios = sorted(r / o for r, o in zip(times["reference"], times["cpp"]))
+    benchmark.extra_info.update({
+        "provider": "paired", "case": case.name, "rounds": PAIRED_ROUNDS,
+        "reference_median_ms": statistics.median(times["reference"]) * 1e3,
+        "cpp_median_ms": statistics.median(times["cpp"]) * 1e3,
+        "ratio_median": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
+    })
