@@ -139,6 +139,16 @@ def test_how2qa_fixed_fps_and_header_fallback(how2qa_root, tok8, monkeypatch):
     assert fallback["span_labels"].tolist() == [0, 0, 1, 1, 1]
 
 
+def test_how2qa_reads_each_header_once(how2qa_root, tok8, monkeypatch):
+    calls = []
+    real = Q.video_fps
+    monkeypatch.setattr(Q, "video_fps", lambda path: calls.append(path) or real(path))
+    ds = Q.How2QADataset([how2qa_record("a")], how2qa_root, tok8, num_frames=5, size=(H, W), train=False)
+    first, second = ds[0], ds[0]
+    assert len(calls) == 1 and first["fps"] == second["fps"] == real(calls[0])
+    assert first["span_labels"].tolist() == second["span_labels"].tolist()
+
+
 def test_how2qa_train_span_labels_follow_the_jittered_frames(how2qa_root, tok8):
     ds = Q.How2QADataset([how2qa_record("a", span=(1.5, 3.0))], how2qa_root, tok8, num_frames=5, size=(H, W),
                          train=True, seed=3)

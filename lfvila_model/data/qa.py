@@ -171,6 +171,7 @@ class How2QADataset(_WholeVideoDataset):
         if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
             raise ValueError(f"fps must be a positive number or None (the video's own rate), got {fps!r}")
         self.fps = None if fps is None else float(fps)
+        self._fps_of: dict[str, float] = {}
         for i, r in enumerate(records):
             if len(r.answers) != self.num_choices:
                 raise ValueError(f"record {i} ({r.clip_id!r}) has {len(r.answers)} answers; every record needs "
@@ -188,7 +189,12 @@ class How2QADataset(_WholeVideoDataset):
     def _fps(self, path: str) -> float:
         if self.fps is not None:
             return self.fps
-        return video_fps(path) or HOW2QA_DEFAULT_FPS
+        # one header read per video and process (DataLoader workers each keep their own), not one per item: with
+        # the frame cache the header is the only file access left
+        fps = self._fps_of.get(path)
+        if fps is None:
+            fps = self._fps_of[path] = video_fps(path) or HOW2QA_DEFAULT_FPS
+        return fps
 
     def _item(self, index: int, video: torch.Tensor, idx: np.ndarray, path: str) -> dict[str, Any]:
         r = self.records[index]
