@@ -147,7 +147,8 @@ struct BoxTokens {
   // Runs of keys with consecutive bias positions: key j0 + c (c < len) sits at A = a0 + c. With a reversed bias
   // table a run's bias values are 8 adjacent floats, so a bias row is built with 8-wide copies and a dS row
   // scattered into dbias with 8-wide read-modify-writes instead of one element at a time. `spaced`: every two runs'
-  // starts are at least 8 apart in A, so the 8-wide windows of one row never overlap (true for w windows >= 5).
+  // starts are at least 8 apart in A, so the 8-wide windows of one row never overlap (true when the bias
+  // window's w extent is at least 5: rows of A are 2 * Bw - 1 apart).
   std::vector<int32_t> rj0, ra0, rlen;
   bool spaced = false;
 };
@@ -170,7 +171,6 @@ struct View {
   T* at(int64 b, int64 t, int64 h, int64 w, int64 hd) const {
     return p + b * s[0] + t * s[1] + h * s[2] + w * s[3] + hd * s[4];
   }
-  // Prefetch the D-element rows of heads [hd0, hd0 + hg) of one token.
 };
 
 template <typename T>
