@@ -19,12 +19,7 @@ MEAN0, STD0 = 0.485, 0.229
 L = 10  # tokens per sentence in these tests
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def level(i):

@@ -12,12 +12,7 @@ from lfvila_model.train.loop import TrainConfig, Trainer, metric_value
 from lfvila_model.train.tasks import PretrainTask
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(out, values, snapshots, **kw):

@@ -14,13 +14,7 @@ from lfvila_model.train.loop import TrainConfig, Trainer
 from lfvila_model.train.tasks import PretrainTask
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # OpenMP with 2 threads on a busy 2-core machine is 10x slower than 1 thread for these tiny shapes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(out, seed=0, **kw):
