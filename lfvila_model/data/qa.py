@@ -28,6 +28,7 @@ A missing, truncated or undecodable video does not raise: the item comes back as
 
 from __future__ import annotations
 
+import abc
 import os
 from typing import Any, Sequence
 
@@ -85,8 +86,9 @@ def _check_labels(labels: Sequence[int], num_labels: int | None, what: str, ids:
     return num_labels
 
 
-class _WholeVideoDataset(_VideoTextDataset):
-    """Records with one video each at ``<video_root>/<id><ext>``, sampled as the retrieval dataset does."""
+class _WholeVideoDataset(_VideoTextDataset, abc.ABC):
+    """Records with one video each at ``<video_root>/<id><ext>``, sampled as the retrieval dataset does. A dataset
+    of this kind says only what its item holds (`_item`); reading the video and skipping unreadable ones is here."""
 
     def __init__(self, records: list, ids: list[str], video_root: str | os.PathLike,
                  tokenizer: ParagraphTokenizer | None, num_frames: int, size: tuple[int, int], train: bool,
@@ -123,9 +125,9 @@ class _WholeVideoDataset(_VideoTextDataset):
         except VideoReadError as e:  # from decoding, or from reading the header in _item (How2QA's frame rate)
             return self._skip(index, e)
 
+    @abc.abstractmethod
     def _item(self, index: int, video: torch.Tensor, idx: np.ndarray, path: str) -> dict[str, Any]:
         """The item of a readable video: `video`, its frame indices `idx` in the file and its `path`."""
-        raise NotImplementedError
 
     def _base_item(self, index: int, video: torch.Tensor, label: int) -> dict[str, Any]:
         return {"video": video, "index": index, "video_id": self._ids[index], "label": int(label)}
