@@ -340,7 +340,7 @@ struct BoxPair {
   }
 };
 
-// Softmax helpers over one row of length np (a multiple of the vector width); entries >= n are padding.
+// Row helpers: a row has np entries (a multiple of the vector width), those >= n are padding.
 
 // row[j] = Rq[A[j]] for j < n (Rq: the reversed table at base - A[q]); row needs 8 slots past n. For float the runs
 // are copied 8 wide in order, each copy's overhang overwritten by the next one.
@@ -575,7 +575,6 @@ inline int64 choose_group(int64 heads, int64 per_head_bytes, int64 items_per_gro
 // Per-thread state shared by forward and backward: the boxes, the dense bias blocks of the current class.
 template <typename acc_t>
 struct ClassBias {
-  bool enabled = false;
   int64 key = -1;  // class * heads + first head of the group the blocks were built for
   acc_t* dense = nullptr;  // hg blocks of nm x NP
   int64 block = 0;         // nm * NP
@@ -643,7 +642,6 @@ void fwd_impl(const Geom& g, const at::Tensor& q, const at::Tensor& k, const at:
     Scratch<acc_t> mem;
     ClassBias<acc_t> cb;
     PrefetchPlan pq;
-    cb.enabled = dense;
     cb.block = nm * NP;
     acc_t* heads_mem = mem.get(hg * per_head + R * NP /*S*/ + R * Dp /*O*/ + R /*1/l*/ + NP + 8 /*bias row*/ +
                                (dense ? hg * cb.block : 0));
@@ -721,7 +719,6 @@ void fwd_impl(const Geom& g, const at::Tensor& q, const at::Tensor& k, const at:
       }
     }
   });
-
 }
 
 std::tuple<at::Tensor, at::Tensor> htwa_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -735,7 +732,6 @@ std::tuple<at::Tensor, at::Tensor> htwa_fwd_cpu(const at::Tensor& q_in, const at
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({g.B, g.T, g.H, g.W, g.heads}, q.options().dtype(acc));
   if (q.numel() == 0) return {out, lse};
-  const int64 nbias = num_bias_rows(g);
   RevBias rv;
   const at::Tensor biasR = reversed_bias(bias, g, acc, rv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "htwa_fwd_cpu", [&] {
@@ -752,7 +748,6 @@ std::tuple<at::Tensor, at::Tensor> htwa_fwd_cpu(const at::Tensor& q_in, const at
 // Work split of the backward: head groups of hg heads; each group's B * nbox boxes in `parts` fixed chunks.
 struct BwdSplit {
   int64 hg, groups, parts, items_per_group;
-  bool dense;  // dense per-class bias and dS blocks (small boxes, several boxes of a class per chunk)
   int64 chunks() const { return groups * parts; }
 };
 
@@ -764,15 +759,12 @@ int64 bwd_per_head(const Geom& g) {
 }
 
 template <typename acc_t>
-BwdSplit bwd_split(const Geom& g, bool has_bias) {
+BwdSplit bwd_split(const Geom& g) {
   BwdSplit sp;
   sp.items_per_group = g.B * g.nbox;
-  const int64 ipg = sp.items_per_group;
-  sp.hg = choose_group(g.heads, bwd_per_head<acc_t>(g) * static_cast<int64>(sizeof(acc_t)), ipg);
+  sp.hg = choose_group(g.heads, bwd_per_head<acc_t>(g) * static_cast<int64>(sizeof(acc_t)), sp.items_per_group);
   sp.groups = g.heads / sp.hg;
-  sp.parts = std::max<int64>(1, std::min<int64>(ipg, (kBiasChunks + sp.groups - 1) / sp.groups));
-  const int64 NP = round_up(g.nmax, VecOf<acc_t>::L);
-  sp.dense = has_bias && g.nmax * NP * static_cast<int64>(sizeof(acc_t)) <= kDenseBytesBwd && ipg >= 2 * sp.parts;
+  sp.parts = std::max<int64>(1, std::min<int64>(sp.items_per_group, (kBiasChunks + sp.groups - 1) / sp.groups));
   return sp;
 }
 
@@ -787,7 +779,8 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
   const int64 R = std::min(kRowBlock, nm);
   const int64 per_head = bwd_per_head<acc_t>(g);
   const int64 hg = sp.hg, parts = sp.parts, ipg = sp.items_per_group;
-  const bool dense = biasR && sp.dense;
+  // dense per-class bias and dS blocks: small boxes, and several boxes of a class per chunk
+  const bool dense = biasR && nm * NP * static_cast<int64>(sizeof(acc_t)) <= kDenseBytesBwd && ipg >= 2 * parts;
 
   at::parallel_for(0, sp.chunks(), 1, [&](int64 cbegin, int64 cend) {
     BoxPair boxes;
@@ -795,7 +788,6 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
     Scratch<acc_t> mem;
     ClassBias<acc_t> cb;
     PrefetchPlan pq;
-    cb.enabled = dense;
     cb.block = nm * NP;
     acc_t* heads_mem =
         mem.get(hg * per_head + 2 * R * NP + 8 /*S dP*/ + R * Dp /*dQ*/ + NP + 8 /*bias row*/ +
@@ -891,7 +883,7 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
             pq.add(dK, b2, hd2, hg, D, true);
             pq.add(dV, b2, hd2, hg, D, true);
             pq.add(LSE, b2, hd2, hg, 1, false);
-            pq.start(boxes.peek(g, g.order[bb2 / g.B]), 2 * hg * n);  // softmax rows + output rows
+            pq.start(boxes.peek(g, g.order[bb2 / g.B]), 3 * hg * n);  // softmax, dQ and dK/dV rows
           }
         }
         if (dense) {
@@ -961,7 +953,6 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
       if (dense) flush(pbias);
     }
   });
-
 }
 
 // The backward into caller-provided dq, dk, dv (any strides with stride(-1) == 1: separate tensors, or the three
@@ -997,7 +988,7 @@ at::Tensor htwa_bwd_into(
   const at::Tensor biasR = reversed_bias(bias, g, acc, rv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "htwa_bwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const BwdSplit sp = bwd_split<acc_t>(g, bias.has_value());
+    const BwdSplit sp = bwd_split<acc_t>(g);
     if (bias.has_value()) partials = at::empty({sp.chunks() * sp.hg, rv.stride}, q.options().dtype(acc));
     bwd_impl<scalar_t, acc_t>(g, sp, dout, q, k, v, biasR.defined() ? biasR.data_ptr<acc_t>() : nullptr, rv, lse,
                               static_cast<acc_t>(scale), dq, dk, dv,

@@ -73,39 +73,8 @@ LFVILA_INLINE float hmax(VecOf<float>::type v) {
 }
 #endif
 
-// exp for 8 floats (Cephes-style: 2^n * poly(r), |r| <= ln2/2), about 1-2 ulp; exactly 0 below -87.33
-// (where expf would be subnormal), and x is clamped above at 88.
-LFVILA_INLINE VecOf<float>::type exp_f8(VecOf<float>::type x) {
-  using V = VecOf<float>::type;
-  using I = VecOf<float>::itype;
-  const V lo = splat<V>(-87.33654f), hi = splat<V>(88.0f);
-  const I under = x < lo;  // also true for -inf
-  x = x > hi ? hi : x;
-  x = x < lo ? lo : x;
-  V fx = x * 1.44269504088896341f;
-  fx = (fx + 12582912.f) - 12582912.f;  // round to nearest (|fx| < 2^22)
-  V r = x - fx * 0.693359375f;
-  r = r - fx * -2.12194440e-4f;
-  V y = splat<V>(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  I n = __builtin_convertvector(fx, I);
-  I bits = (n + 127) << 23;
-  V p2;
-  std::memcpy(&p2, &bits, sizeof(V));
-  y = y * p2;
-  I yi;
-  std::memcpy(&yi, &y, sizeof(V));
-  yi = yi & ~under;
-  std::memcpy(&y, &yi, sizeof(V));
-  return y;
-}
-
-// exp_f8 for x <= 0 (softmax arguments s - max or s - lse): no upper clamp.
+// exp for 8 floats x <= 0 (softmax arguments s - max or s - lse, so no upper clamp): Cephes-style 2^n * poly(r),
+// |r| <= ln2/2, about 1-2 ulp; exactly 0 below -87.33 (where expf would be subnormal) and for -inf.
 LFVILA_INLINE VecOf<float>::type exp_f8_nonpos(VecOf<float>::type x) {
   using V = VecOf<float>::type;
   using I = VecOf<float>::itype;
