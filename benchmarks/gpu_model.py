@@ -54,23 +54,26 @@ def run_model_suite(device: str, dry_run: bool) -> list[dict]:
     rows = []
     rounds = 1 if dry_run else 5
     for backend in ("auto", "reference"):
-        model, video, ids, mask = _setup(backend, device, dry_run)
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        times = _time_step(model, video, ids, mask, device, rounds)
-        row = {"part": "model", "preset": "lfvila-tiny" if dry_run else "lfvila-official",
-               "batch": video.shape[0], "frames": video.shape[2], "backend": backend,
-               "step_ms": statistics.median(times)}
-        if device == "cuda":
-            row["peak_extra_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        row = {"part": "model", "preset": "lfvila-tiny" if dry_run else "lfvila-official", "backend": backend}
         rows.append(row)
-        del model, video, ids, mask
+        try:  # one backend running out of memory must not lose the other's row
+            model, video, ids, mask = _setup(backend, device, dry_run)
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            times = _time_step(model, video, ids, mask, device, rounds)
+            row.update(batch=video.shape[0], frames=video.shape[2], step_ms=statistics.median(times))
+            if device == "cuda":
+                row["peak_extra_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+            del model, video, ids, mask
+        except torch.OutOfMemoryError as exc:
+            row["error"] = f"out of memory: {str(exc)[:160]}"
         if device == "cuda":
             torch.cuda.empty_cache()
     fused, ref = rows
-    fused["speedup_vs_reference"] = ref["step_ms"] / fused["step_ms"]
-    if "peak_extra_gb" in fused:
+    if "step_ms" in fused and "step_ms" in ref:
+        fused["speedup_vs_reference"] = ref["step_ms"] / fused["step_ms"]
+    if "peak_extra_gb" in fused and "peak_extra_gb" in ref:
         fused["memory_vs_reference"] = fused["peak_extra_gb"] / ref["peak_extra_gb"]
     return rows

@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +29,9 @@ def _parse(argv):
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for gpu_suite.json")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU via the Triton interpreter")
     p.add_argument("--only", default="htwa,losses,cuda,model", help="comma-separated parts to run")
+    p.add_argument("--json", default="gpu_suite.json", help="file name of the report under --out")
+    p.add_argument("--htwa-budget", type=float, default=170.0,
+                   help="seconds the HTWA part may spend (FlexAttention, compiled per shape, gets what is left)")
     return p.parse_args(argv)
 
 
@@ -54,9 +58,16 @@ def main(argv=None):
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_suite: no CUDA device; use --dry-run to exercise the suite on the CPU")
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
     report = {
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
+        "triton": triton_version,
         "dry_run": args.dry_run,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "parts": {},
@@ -69,25 +80,31 @@ def main(argv=None):
         "model": ("benchmarks.gpu_model", "run_model_suite"),
     }
     failures = 0
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, args.json)
+    print(f"gpu_suite: {report['device']}, torch {report['torch']}, triton {triton_version}, parts {parts}",
+          flush=True)
     for part in parts:
         module, fn = runners[part]
         t0 = time.time()
         try:
             mod = __import__(module, fromlist=[fn])
-            rows = getattr(mod, fn)(device, args.dry_run)
+            kwargs = {"budget_s": args.htwa_budget} if part == "htwa" else {}
+            rows = getattr(mod, fn)(device, args.dry_run, **kwargs)
             status = "ok"
         except ModuleNotFoundError as exc:
             rows, status = [], f"missing: {exc}"
         except Exception as exc:  # keep the other parts' results: GPU time is too scarce to lose them
             rows, status = [], f"error: {type(exc).__name__}: {exc}"
+            traceback.print_exc()
             failures += 1
         report["parts"][part] = {"status": status, "seconds": round(time.time() - t0, 1), "rows": rows}
         print(f"\n== {part}: {status} ({time.time() - t0:.1f} s)")
         _print_table(rows)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "gpu_suite.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+        # written after every part: a run stopped at its time limit still leaves what it measured
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+        sys.stdout.flush()
     print(f"\nwrote {path}")
     return 1 if failures else 0
 

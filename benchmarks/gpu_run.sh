@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole GPU check as one command for a lent H100/H200 (see benchmarks/gpu_suite.py):
+#   bash benchmarks/gpu_run.sh            # results and logs under $OUT (or /tmp/lfvila_gpu)
+# 1. builds lfvila_kernels._C (CPU + CUDA kernels, sm_90) in place, in the background, while
+# 2. the Triton parts (HTWA, losses) run on the GPU; then
+# 3. the CUDA-kernel part and the model step run in a fresh process that loads the new extension.
+# Every stage has its own time limit, and each report is written part by part, so a stage that runs long or
+# breaks never costs the others' results. GPU time is scarce: the whole run is sized for about 5 minutes.
+set -u
+OUT=${OUT:-/tmp/lfvila_gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $PY -c "import sys, torch, triton, transformers; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  nproc
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+t0=$(date +%s)
+( MAX_JOBS=${MAX_JOBS:-12} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} LFVILA_FORCE_CUDA=1 \
+    timeout "${BUILD_LIMIT:-330}" $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+  echo "build rc=$? after $(( $(date +%s) - t0 )) s" >> "$OUT/build.log" ) &
+build=$!
+
+timeout "${TRITON_LIMIT:-230}" $PY benchmarks/gpu_suite.py --only "${TRITON_PARTS:-htwa,losses}" \
+  --json triton.json --out "$OUT" --htwa-budget "${HTWA_BUDGET:-150}" 2>&1 | tee "$OUT/triton.log"
+echo "triton parts done after $(( $(date +%s) - t0 )) s"
+
+wait $build
+tail -n 4 "$OUT/build.log"
+timeout "${CUDA_LIMIT:-200}" $PY benchmarks/gpu_suite.py --only "${CUDA_PARTS:-cuda,model}" \
+  --json cuda_model.json --out "$OUT" 2>&1 | tee "$OUT/cuda_model.log"
+echo "all done after $(( $(date +%s) - t0 )) s"
