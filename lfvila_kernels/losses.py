@@ -2,10 +2,11 @@
 
 - `info_nce_loss`: the video-paragraph loss VPC (spec 3.1), a symmetric InfoNCE. Same three layers as
   `htwa.py`: `lfvila::info_nce_fwd` / `lfvila::info_nce_bwd` are functional torch.library custom ops (fake kernel
-  right below each) dispatching to the C++ CPU kernel (csrc/info_nce_cpu.cpp) or the Triton kernels
-  (triton/info_nce.py); `register_autograd` ties them together; the public function checks, picks the backend
-  and calls the op. With `distributed=True` each rank computes its local rows against the gathered global
-  columns (and the symmetric part likewise), with rank-offset positives.
+  right below each) dispatching to the C++ CPU kernel (csrc/info_nce_cpu.cpp), the Triton kernels
+  (triton/info_nce.py) or the row-panel GEMMs of _info_nce_chunked.py; `register_autograd` ties them
+  together; the public function checks, picks the backend and calls the op. With `distributed=True` each
+  rank computes its local rows against the gathered global columns (and the symmetric part likewise), with
+  rank-offset positives.
 - `temporal_contrastive_loss`: the multimodal temporal contrastive loss MTC (spec 3.2). Its logits are
   (B, K, V + len(rolls)) -- a few hundred numbers -- so it is written in plain PyTorch (gather, batched dot,
   log-sum-exp, tie mask, masked mean: a handful of small ops, no Python loop); a custom kernel would not pay
@@ -27,7 +28,7 @@ from ._checks import check_info_nce_args, check_mtc_args
 
 __all__ = ["info_nce_loss", "temporal_contrastive_loss", "sample_mtc_indices", "gather_with_grad"]
 
-LOSS_BACKENDS = ("auto", "cpp", "cuda", "triton", "reference")
+LOSS_BACKENDS = ("auto", "cpp", "cuda", "triton", "chunked", "reference")
 MTC_BACKENDS = ("auto", "torch", "reference")
 _CPU_ORDER = ("cpp",)
 _CUDA_ORDER = ("triton", "cuda")
@@ -67,6 +68,10 @@ def _info_nce_fwd(
         from .triton.info_nce import info_nce_fwd_triton
 
         return info_nce_fwd_triton(a, b, temperature, offset, symmetric)
+    if backend == "chunked":
+        from ._info_nce_chunked import info_nce_fwd_chunked
+
+        return info_nce_fwd_chunked(a, b, temperature, offset, symmetric)
     return _compiled().info_nce_fwd(a, b, 1.0 / float(temperature), offset, symmetric)
 
 
@@ -91,6 +96,10 @@ def _info_nce_bwd(
         from .triton.info_nce import info_nce_bwd_triton
 
         return info_nce_bwd_triton(dloss, a, b, temperature, lse_row, lse_col, offset, symmetric)
+    if backend == "chunked":
+        from ._info_nce_chunked import info_nce_bwd_chunked
+
+        return info_nce_bwd_chunked(dloss, a, b, temperature, lse_row, lse_col, offset, symmetric)
     return _compiled().info_nce_bwd(dloss, a, b, lse_row, lse_col, 1.0 / float(temperature), offset, symmetric)
 
 
@@ -193,6 +202,8 @@ def _temperature_tensor(temperature, like: Tensor) -> Tensor:
 
 
 def _resolve_backend(backend: str, device: str, dtype: torch.dtype) -> str:
+    if backend == "chunked":  # plain torch: runs on any device and dtype, nothing to check
+        return backend
     return _backends.resolve("info_nce_fwd", backend, device, dtype, _CPU_ORDER, _CUDA_ORDER)
 
 
@@ -242,7 +253,8 @@ def info_nce_loss(
             this is the local loss.
         group: process group for `distributed` (default: the world).
         backend: "auto" (C++ on CPU, Triton on CUDA), "cpp", "cuda" (csrc CUDA kernel), "triton" (CUDA, or CPU
-            with TRITON_INTERPRET=1) or
+            with TRITON_INTERPRET=1), "chunked" (any device: a in row panels, each panel's logits one
+            cuBLAS/BLAS GEMM with fp32 output, O(panel x N) scratch; see _info_nce_chunked.py) or
             "reference" (plain PyTorch, materialises the logits: the naive baseline).
 
     Returns:
@@ -250,7 +262,8 @@ def info_nce_loss(
         the reference backend returns the inputs' dtype.
 
     Memory: the fused backends keep O(N) log-sum-exp state and O(tile^2) scratch per thread; the gradients are
-    recomputed tile by tile in the backward.
+    recomputed tile by tile in the backward. "chunked" keeps one row panel's logits (R x N, R chosen for a
+    256 MiB fp32 budget, `_info_nce_chunked.PANEL_BUDGET_BYTES`) and recomputes them panel by panel.
     """
     check_info_nce_args(a, b, temperature, symmetric, check_value=not torch.compiler.is_compiling())
     if not isinstance(distributed, bool):

@@ -26,7 +26,7 @@ from lfvila_kernels.reference import info_nce_reference
 
 WORLD = 2
 N_LOCAL, D = 40, 24
-CASES = [("cpp", True), ("cpp", False), ("reference", True)]
+CASES = [("cpp", True), ("cpp", False), ("chunked", True), ("chunked", False), ("reference", True)]
 
 
 def _global_batch():
