@@ -1,8 +1,9 @@
 """GPU part of the one-shot suite for the contrastive losses: `run_loss_suite(device, dry_run)`.
 
-1. Checks: `info_nce_loss(backend="triton")` against the fp64 reference (loss, da, db, dtemperature), symmetric
-   and not, fp32 / bf16, sizes that are not block multiples.
-2. Timing: fused (Triton) vs naive (reference, materialises the N x N logits) forward + backward, bf16,
+1. Checks: `info_nce_loss(backend=...)` of each fused backend (Triton; the cuBLAS row-panel `chunked` one where
+   present) against the fp64 reference (loss, da, db, dtemperature), symmetric and not, fp32 / bf16, sizes that
+   are not block multiples.
+2. Timing: each fused backend vs naive (reference, materialises the N x N logits) forward + backward, bf16,
    D = 1024, N up to 65536, CUDA events; peak extra memory from `torch.cuda.max_memory_allocated`. A naive case
    that runs out of memory is recorded as such, not raised.
 
@@ -42,18 +43,26 @@ def _loss_and_grads(backend, a, b, t, symmetric):
     return (loss.detach(),) + grads
 
 
-def _check(device, n, d, dtype_name, symmetric):
+def _fused_backends():
+    """The fused backends to check and time: Triton, and the cuBLAS row-panel one where this version has it."""
+    from lfvila_kernels.losses import LOSS_BACKENDS
+
+    return [b for b in ("triton", "chunked") if b in LOSS_BACKENDS]
+
+
+def _check(device, n, d, dtype_name, symmetric, backend="triton"):
     dtype = getattr(torch, dtype_name)
     a, b = _features(n, d, dtype, device, seed=n + d)
     t = torch.tensor(0.05, dtype=torch.float64, device=device)
-    got = _loss_and_grads("triton", a, b, t, symmetric)
+    got = _loss_and_grads(backend, a, b, t, symmetric)
     ref = _loss_and_grads("reference", a.double(), b.double(), t, symmetric)
     errs = {}
     for name, g, r in zip(("loss", "da", "db", "dtemp"), got, ref):
         errs[name] = ((g.double() - r).abs().max() / r.abs().max().clamp(min=1e-30)).item()
     worst = max(errs.values())
     return {
-        "part": "losses", "kind": "check", "n": n, "d": d, "dtype": dtype_name, "symmetric": symmetric,
+        "part": "losses", "kind": "check", "backend": backend, "n": n, "d": d, "dtype": dtype_name,
+        "symmetric": symmetric,
         **{f"err_{k}": v for k, v in errs.items()}, "ok": bool(worst <= TOL[dtype_name]),
     }
 
@@ -72,7 +81,7 @@ def _time(device, n, d, dtype, backend, reps):
         b.grad = None
 
     row = {"part": "losses", "kind": "timing", "n": n, "d": d, "dtype": str(dtype).replace("torch.", ""),
-           "backend": "fused" if backend != "reference" else "naive", "mode": "fwd+bwd"}
+           "backend": backend if backend != "reference" else "naive", "mode": "fwd+bwd"}
     try:
         if device == "cuda":
             torch.cuda.synchronize()
@@ -109,18 +118,20 @@ def _time(device, n, d, dtype, backend, reps):
 def run_loss_suite(device, dry_run: bool) -> list[dict]:
     """Checks then timings (see the module docstring); returns one dict per row."""
     device = str(torch.device(device).type)
-    fused = "triton"
-    rows = [_check(device, *c) for c in (CHECKS_DRY if dry_run else CHECKS_GPU)]
+    fused = _fused_backends()
+    rows = [_check(device, *c, backend=f) for f in fused for c in (CHECKS_DRY if dry_run else CHECKS_GPU)]
     d = 24 if dry_run else 1024
     for n in TIMING_DRY if dry_run else TIMING_GPU:
         reps = 1 if dry_run else (3 if n <= 16384 else 2)
-        fused_row = _time(device, n, d, torch.bfloat16, fused, reps)
         naive_row = _time(device, n, d, torch.bfloat16, "reference", 1 if n >= 65536 else reps)
-        if fused_row.get("ms") and naive_row.get("ms"):
-            fused_row["speedup_vs_naive"] = naive_row["ms"] / fused_row["ms"]
-        if fused_row.get("peak_extra_mb") and naive_row.get("peak_extra_mb"):
-            fused_row["mem_ratio_vs_naive"] = fused_row["peak_extra_mb"] / naive_row["peak_extra_mb"]
-        rows += [fused_row, naive_row]
+        for f in fused:
+            fused_row = _time(device, n, d, torch.bfloat16, f, reps)
+            if fused_row.get("ms") and naive_row.get("ms"):
+                fused_row["speedup_vs_naive"] = naive_row["ms"] / fused_row["ms"]
+            if fused_row.get("peak_extra_mb") and naive_row.get("peak_extra_mb"):
+                fused_row["mem_ratio_vs_naive"] = fused_row["peak_extra_mb"] / naive_row["peak_extra_mb"]
+            rows.append(fused_row)
+        rows.append(naive_row)
     return rows
 
 

@@ -26,6 +26,17 @@ t0=$(date +%s)
   echo "build rc=$? after $(( $(date +%s) - t0 )) s" >> "$OUT/build.log" ) &
 build=$!
 
+# 0. optional (TUNE_BUDGET=seconds): the HTWA Triton launch-settings sweep; the stages below then run with its
+#    best settings (LFVILA_HTWA_TUNE), recorded in their reports
+if [ "${TUNE_BUDGET:-0}" != 0 ]; then
+  rm -f /tmp/lfvila_htwa_best.json
+  timeout $(( TUNE_BUDGET + 60 )) $PY benchmarks/gpu_htwa_tune.py --out "$OUT" --budget "$TUNE_BUDGET" \
+    --best-out /tmp/lfvila_htwa_best.json > "$OUT/tune.log" 2>&1
+  tail -n 40 "$OUT/tune.log"
+  [ -s /tmp/lfvila_htwa_best.json ] && export LFVILA_HTWA_TUNE=/tmp/lfvila_htwa_best.json
+  echo "tune done after $(( $(date +%s) - t0 )) s"
+fi
+
 timeout "${TRITON_LIMIT:-230}" $PY benchmarks/gpu_suite.py --only "${TRITON_PARTS:-htwa,losses}" \
   --json triton.json --out "$OUT" --htwa-budget "${HTWA_BUDGET:-150}" 2>&1 | tee "$OUT/triton.log"
 echo "triton parts done after $(( $(date +%s) - t0 )) s"

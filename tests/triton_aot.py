@@ -52,14 +52,15 @@ def main(sm: int = 90) -> int:
         q = torch.empty(1, 1, 1, 1, 1, D, dtype=dtypes[dt])
         for backward in (False, True):
             cfg = tk._settings(q, window, backward=backward)
-            nw = tk._launch_kw(cfg)["num_warps"]
+            nw = tk._launch_kw(cfg, backward=backward)["num_warps"]
             consts = dict(WH=window[1], WW=window[2], BH=bias_window[1], BW=bias_window[2], HAS_BIAS=has_bias, **cfg)
             common = dict(Q=dt, K=dt, V=dt, BIAS="fp32", LSE="fp32")
             if not backward:
                 build(tk._htwa_fwd_kernel, dict(common, OUT=dt), consts, ("qk_scale",), nw)
             else:
                 build(tk._htwa_bwd_dq_kernel, dict(common, OUT=dt, DOUT=dt, DELTA="fp32", DQ=dt, PART="fp32",
-                                                   UNITS="i32", CHUNK_PTR="i32"), consts, ("scale", "qk_scale"), nw)
+                                                   UNITS="i32", CHUNK_PTR="i32"), dict(consts, DBIAS=has_bias),
+                      ("scale", "qk_scale"), nw)
                 build(tk._htwa_bwd_dkdv_kernel, dict(common, DOUT=dt, DELTA="fp32", DK=dt, DV=dt), consts,
                       ("scale", "qk_scale"), nw)
     build(tk._chunk_sum_kernel, dict(PART="fp32", OUT="fp32"), dict(BLOCK=512), (), 4)

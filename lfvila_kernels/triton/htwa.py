@@ -60,6 +60,10 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 _WORKSPACE_BYTES = 64 << 20  # dbias workspace budget (see the module docstring)
 BLOCK_OVERRIDE: Optional[int] = None  # tests only: force the tile size (a power of 2 >= 16)
+# GPU tuning experiments only (benchmarks/gpu_htwa_tune.py): {"fwd" | "bwd": {"block": int, "warps": int,
+# "stages": int}, "no_dbias_rmw": True}. "no_dbias_rmw" skips the dQ kernel's dbias workspace updates to time
+# them; its dbias is then WRONG. Empty (the default) means the settings below.
+TUNE: dict = {}
 
 
 def _interpreted() -> bool:
@@ -106,11 +110,14 @@ def _off(tt, hh, ww, st, sh, sw):
 
 
 @triton.jit
-def _bias_q(r_q, head, HEADS, BT, BH: tl.constexpr, BW: tl.constexpr):
-    """Query side of the bias offset: (row, head) -> row * HEADS + head = bq - bk with bq = (R_q + R0) * HEADS
-    + head and bk = R_k * HEADS, so a tile costs one 2D subtraction (module docstring)."""
+def _bias_q(r_q, head, BT, BH: tl.constexpr, BW: tl.constexpr):
+    """Query side of the bias offset into the TRANSPOSED table (heads, nbias): (head, row) -> head * nbias + row
+    = bq - R_k with bq = head * nbias + R_q + R0, so a tile costs one 2D subtraction (module docstring). Keys
+    adjacent along w read adjacent table entries (R_k + 1), so a warp's gather is coalesced; in the (nbias,
+    heads) layout they were `heads` entries apart, one memory sector per lane."""
     R0 = ((BT - 1) * (2 * BH - 1) + (BH - 1)) * (2 * BW - 1) + (BW - 1)
-    return (r_q + R0) * HEADS + head
+    nbias = (2 * BT - 1) * (2 * BH - 1) * (2 * BW - 1)
+    return head * nbias + (r_q + R0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -125,7 +132,7 @@ def _htwa_fwd_kernel(
     svb, svt, svh, svw, svn,
     sob, sot, soh, sow, son,
     slb, slt, slh, slw, sln,
-    T, H, W, HEADS, D, OT, OH, OW, NBH, NBW, N_TILES, qk_scale,
+    T, H, W, HEADS, D: tl.constexpr, OT, OH, OW, NBH, NBW, N_TILES, qk_scale,
     WT, WH: tl.constexpr, WW: tl.constexpr,
     BT, BH: tl.constexpr, BW: tl.constexpr,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -134,7 +141,7 @@ def _htwa_fwd_kernel(
     """One (box, query tile) x one (batch, head): online-softmax attention over the box's key tiles.
 
     Pointers: Q, K, V (B, T, H, W, heads, D) of any strides with unit last stride (s?b, s?t, s?h, s?w, s?n:
-    batch, frame, row, column, head strides in elements); BIAS (nbias, heads) contiguous fp32 (unused when
+    batch, frame, row, column, head strides in elements); BIAS the TRANSPOSED table (heads, nbias) contiguous (unused when
     HAS_BIAS is False); OUT (strides so*), LSE (B, T, H, W, heads) accumulator dtype (strides sl*).
     Runtime: T, H, W grid; HEADS; D head dim; OT/OH/OW window origin offsets (module docstring); NBH, NBW boxes
     along h, w; N_TILES query tiles per box; qk_scale = scale * log2(e).
@@ -161,7 +168,7 @@ def _htwa_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
-    bq = _bias_q(r_q, head, HEADS, BT, BH, BW)
+    bq = _bias_q(r_q, head, BT, BH, BW)
     q_off = _off(tq, hq, wq, sqt, sqh, sqw)
     q = tl.load(Q + (b.to(tl.int64) * sqb + head * sqn) + q_off[:, None] + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
@@ -187,7 +194,7 @@ def _htwa_fwd_kernel(
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
         if HAS_BIAS:
-            bias = tl.load(BIAS + (bq[:, None] - (r_k * HEADS)[None, :]), mask=m_ok[:, None] & n_ok[None, :],
+            bias = tl.load(BIAS + (bq[:, None] - r_k[None, :]), mask=m_ok[:, None] & n_ok[None, :],
                            other=0.0)
             s += bias.to(ACC) * 1.4426950408889634
         s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -220,10 +227,10 @@ def _htwa_bwd_dq_kernel(
     svb, svt, svh, svw, svn,
     sob, sot, soh, sow, son,
     slb, slt, slh, slw, sln,
-    T, H, W, HEADS, D, OT, OH, OW, NBOX, NBH, NBW, scale, qk_scale,
+    T, H, W, HEADS, D: tl.constexpr, OT, OH, OW, NBOX, NBH, NBW, scale, qk_scale,
     WT, WH: tl.constexpr, WW: tl.constexpr,
     BT, BH: tl.constexpr, BW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DBIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One (chunk, query tile, head): for each unit (batch, box) of the chunk, in order, dQ of the tile,
@@ -233,7 +240,8 @@ def _htwa_bwd_dq_kernel(
     Pointers: Q, K, V strided like the forward; OUT, DOUT, DQ contiguous-like with strides so*; LSE, DELTA with
     strides sl*; UNITS int32 list of b * NBOX + box, grouped by chunk; CHUNK_PTR int32 (n_chunks + 1) offsets
     into UNITS. All units of a chunk share one box class, hence one tile -> (n_q) map: this program is the only
-    writer of its PART rows (module docstring). Constexprs as in the forward. Grid: (n_chunks, N_TILES, HEADS).
+    writer of its PART rows (module docstring). Constexprs as in the forward, plus DBIAS (update the workspace:
+    HAS_BIAS, except in timing experiments, see TUNE). Grid: (n_chunks, N_TILES, HEADS).
     """
     chunk = tl.program_id(0)
     tile = tl.program_id(1)
@@ -258,7 +266,7 @@ def _htwa_bwd_dq_kernel(
             m_ok = offs_m < nb
             md = m_ok[:, None] & d_ok[None, :]
             tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
-            bq = _bias_q(r_q, head, HEADS, BT, BH, BW)
+            bq = _bias_q(r_q, head, BT, BH, BW)
             q_off = _off(tq, hq, wq, sqt, sqh, sqw)
             o_off = _off(tq, hq, wq, sot, soh, sow)
             l_off = _off(tq, hq, wq, slt, slh, slw)
@@ -292,13 +300,13 @@ def _htwa_bwd_dq_kernel(
                 mn = m_ok[:, None] & n_ok[None, :]
                 s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
                 if HAS_BIAS:
-                    bias = tl.load(BIAS + (bq[:, None] - (r_k * HEADS)[None, :]), mask=mn, other=0.0)
+                    bias = tl.load(BIAS + (bq[:, None] - r_k[None, :]), mask=mn, other=0.0)
                     s += bias.to(ACC) * 1.4426950408889634
                 p = tl.where(mn, tl.exp2(s - lse2[:, None]), 0.0)
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC).to(ACC)
                 ds = p * (dp - delta[:, None])
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC).to(ACC)
-                if HAS_BIAS:
+                if DBIAS:
                     # read-modify-write of this program's own workspace slice: in-window indices are unique
                     # inside a box, so no two elements of the tile share an address
                     pp = part + n_q[:, None] * NWIN + n_k[None, :]
@@ -317,7 +325,7 @@ def _htwa_bwd_dkdv_kernel(
     svb, svt, svh, svw, svn,
     sob, sot, soh, sow, son,
     slb, slt, slh, slw, sln,
-    T, H, W, HEADS, D, OT, OH, OW, NBH, NBW, N_TILES, scale, qk_scale,
+    T, H, W, HEADS, D: tl.constexpr, OT, OH, OW, NBH, NBW, N_TILES, scale, qk_scale,
     WT, WH: tl.constexpr, WW: tl.constexpr,
     BT, BH: tl.constexpr, BW: tl.constexpr,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -346,7 +354,7 @@ def _htwa_bwd_dkdv_kernel(
     d_ok = offs_d < D
     nd = n_ok[:, None] & d_ok[None, :]
     tk, hk, wk, n_k, r_k = _decode(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
-    bk = r_k * HEADS
+    bk = r_k
     k_off = _off(tk, hk, wk, skt, skh, skw)
     v_off = _off(tk, hk, wk, svt, svh, svw)
     k = tl.load(K + (b.to(tl.int64) * skb + head * skn) + k_off[:, None] + offs_d[None, :], mask=nd, other=0.0)
@@ -365,7 +373,7 @@ def _htwa_bwd_dkdv_kernel(
         m_ok = offs_m < nb
         md = m_ok[:, None] & d_ok[None, :]
         tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
-        bq = _bias_q(r_q, head, HEADS, BT, BH, BW)
+        bq = _bias_q(r_q, head, BT, BH, BW)
         q_off = _off(tq, hq, wq, sqt, sqh, sqw)
         o_off = _off(tq, hq, wq, sot, soh, sow)
         l_off = _off(tq, hq, wq, slt, slh, slw)
@@ -458,16 +466,31 @@ def _settings(q, window, backward=False):
     # runs programs one by one in Python: one tile per box (<= 256), so fewer, larger programs.
     cap = 256 if upcast else (32 if dot_fp32 or block_d > 64 or backward else 64)
     block = min(cap, max(16, triton.next_power_of_2(nwin)))
+    block_m = block_n = block
+    tune = TUNE.get("bwd" if backward else "fwd", {})
+    if not upcast and "block" in tune:
+        block_m = block_n = min(tune["block"], max(16, triton.next_power_of_2(nwin)))
+    if not upcast and not backward:  # the backward's two kernels share one tile count: square tiles only
+        block_m = min(tune.get("block_m", block_m), max(16, triton.next_power_of_2(nwin)))
+        block_n = min(tune.get("block_n", block_n), max(16, triton.next_power_of_2(nwin)))
     if BLOCK_OVERRIDE is not None:
-        block = BLOCK_OVERRIDE
+        block_m = block_n = BLOCK_OVERRIDE
     # fp32 inputs: exact fp32 products (no TF32), the contract's accuracy; 16-bit: tensor cores
-    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, UPCAST=upcast,
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=upcast,
                 DOT_PREC="ieee" if dot_fp32 else "tf32")
 
 
-def _launch_kw(cfg):
+def _launch_kw(cfg, backward=False):
     """4 warps; 8 for D > 64, where the (BLOCK, D) fp32 accumulators spill at 4 (ptxas, sm_90, D = 128)."""
-    return {} if _interpreted() else dict(num_warps=8 if cfg["BLOCK_D"] > 64 else 4)
+    if _interpreted():
+        return {}
+    kw = dict(num_warps=8 if cfg["BLOCK_D"] > 64 else 4)
+    tune = TUNE.get("bwd" if backward else "fwd", {})
+    if "warps" in tune:
+        kw["num_warps"] = tune["warps"]
+    if "stages" in tune:
+        kw["num_stages"] = tune["stages"]
+    return kw
 
 
 def _strides5(x):
@@ -498,7 +521,7 @@ def htwa_fwd_triton(q, k, v, bias: Optional[torch.Tensor], window, shift, bias_w
     has_bias = bias is not None
     grid = (nbt * nbh * nbw * n_tiles, heads, B)
     _htwa_fwd_kernel[grid](
-        q, k, v, bias if has_bias else q, out, lse,
+        q, k, v, bias.t().contiguous() if has_bias else q, out, lse,
         *_strides5(q), *_strides5(k), *_strides5(v), *_strides5(out), *lse.stride(),
         *geo, nbh, nbw, n_tiles, float(scale) * _LOG2E,
         *window, *bias_window, HAS_BIAS=has_bias, **cfg, **_launch_kw(cfg),
@@ -519,7 +542,8 @@ def _box_classes(L, window, origin):
 
 def _target_programs(device) -> int:
     if device.type == "cuda":
-        return 16 * torch.cuda.get_device_properties(device).multi_processor_count
+        per_sm = TUNE.get("programs_per_sm", 16)
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return 8  # interpreter: small, so that tests see several chunks of several units
 
 
@@ -606,11 +630,12 @@ def htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, s
             else torch.empty(0, dtype=acc, device=q.device))
     strides = (*_strides5(q), *_strides5(k), *_strides5(v), *_strides5(out), *lse.stride())
     consts = dict(WT=window[0], WH=window[1], WW=window[2], BT=bias_window[0], BH=bias_window[1],
-                  BW=bias_window[2], HAS_BIAS=has_bias, **cfg, **_launch_kw(cfg))
-    bias_arg = bias if has_bias else q
+                  BW=bias_window[2], HAS_BIAS=has_bias, **cfg, **_launch_kw(cfg, backward=True))
+    bias_arg = bias.t().contiguous() if has_bias else q  # (heads, nbias): see _bias_q
     _htwa_bwd_dq_kernel[(n_chunks, n_tiles, heads)](
         q, k, v, bias_arg, out, dout, lse, delta, dq, part, units, chunk_ptr, *strides,
-        *geo, nbt * nbh * nbw, nbh, nbw, float(scale), float(scale) * _LOG2E, **consts,
+        *geo, nbt * nbh * nbw, nbh, nbw, float(scale), float(scale) * _LOG2E,
+        DBIAS=has_bias and not TUNE.get("no_dbias_rmw", False), **consts,
     )
     _htwa_bwd_dkdv_kernel[(nbt * nbh * nbw * n_tiles, heads, B)](
         q, k, v, bias_arg, dout, lse, delta, dk, dv, *strides,
