@@ -31,7 +31,9 @@ __all__ = ["info_nce_loss", "temporal_contrastive_loss", "sample_mtc_indices", "
 LOSS_BACKENDS = ("auto", "cpp", "cuda", "triton", "chunked", "reference")
 MTC_BACKENDS = ("auto", "torch", "reference")
 _CPU_ORDER = ("cpp",)
-_CUDA_ORDER = ("triton", "cuda")
+# CUDA: the row-panel GEMMs first. On an H100 (bf16, D = 1024, fwd+bwd, 2026-11-26) they took 2.4 / 18 / 309 ms
+# at N = 4096 / 16384 / 65536 against 4.6 / 58 / 903 ms for the Triton tiles (benchmarks/RESULTS.md).
+_CUDA_ORDER = ("chunked", "triton", "cuda")
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -252,7 +254,7 @@ def info_nce_loss(
             the full loss on every rank). All ranks must use the same n. Without an initialised process group
             this is the local loss.
         group: process group for `distributed` (default: the world).
-        backend: "auto" (C++ on CPU, Triton on CUDA), "cpp", "cuda" (csrc CUDA kernel), "triton" (CUDA, or CPU
+        backend: "auto" (C++ on CPU, chunked on CUDA), "cpp", "cuda" (csrc CUDA kernel), "triton" (CUDA, or CPU
             with TRITON_INTERPRET=1), "chunked" (any device: a in row panels, each panel's logits one
             cuBLAS/BLAS GEMM with fp32 output, O(panel x N) scratch; see _info_nce_chunked.py) or
             "reference" (plain PyTorch, materialises the logits: the naive baseline).
