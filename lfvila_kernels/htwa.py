@@ -109,8 +109,9 @@ _htwa_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # Packed variant: q, k, v as the slices of one (B, T, H, W, 3, heads, D) tensor (the qkv projection's output). Its
-# backward returns that tensor's gradient in one piece: the C++ kernel writes dq, dk, dv straight into it, where
-# the unpacked op's three gradients would be stacked into it by autograd (one extra copy of the qkv gradient).
+# backward returns that tensor's gradient in one piece: the C++ and Triton kernels write dq, dk, dv straight into
+# it, where the unpacked op's three gradients would be stacked into it by autograd (one extra copy of the qkv
+# gradient).
 
 
 @torch.library.custom_op("lfvila::htwa_fwd_qkv", mutates_args=())
@@ -148,6 +149,12 @@ def _htwa_bwd_packed(
     q, k, v = qkv.unbind(4)
     if backend == "cpp":
         return _ext.ops().htwa_bwd_packed(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale)
+    if backend == "triton":  # writes dq, dk, dv into the slices of one gradient too
+        from .triton.htwa import htwa_bwd_triton
+
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        _, _, _, dbias = htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale, dqkv=dqkv)
+        return dqkv, dbias
     # other backends return three gradients; stack them here
     dq, dk, dv, dbias = _htwa_bwd(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale, backend)
     return torch.stack((dq, dk, dv), 4), dbias
