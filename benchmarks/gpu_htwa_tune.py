@@ -81,7 +81,7 @@ def main(argv=None):
 
     import torch
 
-    from lfvila_kernels import htwa_attention
+    from lfvila_kernels import htwa_attention_qkv
     from lfvila_kernels.shapes import official_cases
     from lfvila_kernels.triton import htwa as tk
 
@@ -116,9 +116,8 @@ def main(argv=None):
 
     def call(c, no_bias=False):
         qkv, table, _ = inputs[c.name]
-        q, k, v = qkv.unbind(4)
-        return htwa_attention(q, k, v, None if no_bias else table, window=c.window, shift=c.shift,
-                              bias_window=c.bias_window, backend="triton")
+        return htwa_attention_qkv(qkv, None if no_bias else table, window=c.window, shift=c.shift,
+                                  bias_window=c.bias_window, backend="triton")
 
     def fwdbwd(c, no_bias=False):
         qkv, table, dout = inputs[c.name]
@@ -141,13 +140,12 @@ def main(argv=None):
     ref_ms = {}
     for c in cases:
         qkv, table, dout = inputs[c.name]
-        q, k, v = qkv.unbind(4)
 
         def ref():
             qkv.grad = None
             table.grad = None
-            htwa_attention(q, k, v, table, window=c.window, shift=c.shift, bias_window=c.bias_window,
-                           backend="reference").backward(dout)
+            htwa_attention_qkv(qkv, table, window=c.window, shift=c.shift, bias_window=c.bias_window,
+                               backend="reference").backward(dout)
 
         ref_ms[c.name] = _median_ms(ref, reps, sync)
     report["reference_fwdbwd_ms"] = ref_ms
