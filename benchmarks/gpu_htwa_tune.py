@@ -36,6 +36,8 @@ FWD_VARIANTS = {
 # its time budget).
 BWD_VARIANTS = {
     "default": {},
+    "small_fused": {"small_fused": True},  # one kernel for layers 0-1 (windows <= 64 tokens); others unchanged
+    "small_fused_w2": {"small_fused": True, "small_warps": 2},
     "s1": {"bwd": {"stages": 1}},
     "w4": {"bwd": {"warps": 4}},
     "w1": {"bwd": {"warps": 1}},

@@ -231,3 +231,29 @@ def test_packed_qkv_gradient_written_in_place(with_bias, monkeypatch):
     if with_bias:
         errs["dbias"] = _rel(tab.grad, ref_db)
     assert all(e <= 1e-4 for e in errs.values()), errs
+
+
+_SMALL = [c for c in _CASES if c.window[0] * c.window[1] * c.window[2] <= tk.SMALL_BOX_MAX]
+
+
+@pytest.mark.parametrize("case", _SMALL, ids=[c.name for c in _SMALL])
+def test_small_box_one_kernel_backward(case, monkeypatch):
+    """The one-kernel backward for windows of <= 64 tokens (opt-in: TUNE["small_fused"]) on the official
+    layer 0/1 geometries: output and every gradient against the fp64 reference. The interpreter's chunk plan puts
+    several units in a chunk, so dS is summed over units in registers before its one store."""
+    monkeypatch.setitem(tk.TUNE, "small_fused", True)
+    tk._chunk_plan.cache_clear()
+    q, k, v, table, dout = _inputs(2, case.grid, 2, case.head_dim, case.bias_window, torch.float32)
+    _check(q, k, v, table, dout, 1e-4, window=case.window, shift=case.shift, bias_window=case.bias_window)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_small_box_one_kernel_backward_ragged(bias, monkeypatch):
+    """Same, on a grid ragged at both ends of every axis (several box classes), D padded 20 -> 32, the
+    bias_window quirk, strides unrelated to each other (head-major storage)."""
+    monkeypatch.setitem(tk.TUNE, "small_fused", True)
+    tk._chunk_plan.cache_clear()
+    kw = dict(window=(2, 3, 4), shift=(1, 1, 2), bias_window=(3, 3, 5))
+    q, k, v, table, dout = _inputs(2, (5, 7, 9), 2, 20, kw["bias_window"], torch.float32, bias=bias,
+                                   layout="heads")
+    _check(q, k, v, table, dout, 1e-4, **kw)

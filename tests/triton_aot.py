@@ -63,6 +63,14 @@ def main(sm: int = 90) -> int:
                       ("scale", "qk_scale"), nw)
                 build(tk._htwa_bwd_dkdv_kernel, dict(common, DOUT=dt, DELTA="fp32", DK=dt, DV=dt), consts,
                       ("scale", "qk_scale"), nw)
+                nwin = window[0] * window[1] * window[2]
+                if nwin <= tk.SMALL_BOX_MAX and D <= 64:  # the one-kernel backward (opt-in, TUNE["small_fused"])
+                    small = dict(WH=window[1], WW=window[2], BH=bias_window[1], BW=bias_window[2],
+                                 HAS_BIAS=has_bias, UPCAST=cfg["UPCAST"], DOT_PREC=cfg["DOT_PREC"],
+                                 BLOCK=max(16, triton.next_power_of_2(nwin)), BLOCK_D=cfg["BLOCK_D"])
+                    ptrs = dict(common, OUT=dt, DOUT=dt, DQ=dt, DK=dt, DV=dt, PART="fp32", UNITS="i32",
+                                CHUNK_PTR="i32")
+                    build(tk._htwa_bwd_small_kernel, ptrs, small, ("scale", "qk_scale"), 4)
     build(tk._chunk_sum_kernel, dict(PART="fp32", OUT="fp32"), dict(BLOCK=512), (), 4)
     build(tk._dbias_gather_kernel, dict(DENSE="fp32", ROW_PTR="i32", PAIRS="i32", DBIAS="fp32"),
           dict(BLOCK_R=32, BLOCK_J=32), (), 4)

@@ -61,7 +61,8 @@ _LN2 = 0.6931471805599453
 _WORKSPACE_BYTES = 64 << 20  # dbias workspace budget (see the module docstring)
 BLOCK_OVERRIDE: Optional[int] = None  # tests only: force the tile size (a power of 2 >= 16)
 # GPU tuning experiments only (benchmarks/gpu_htwa_tune.py): {"fwd" | "bwd": {"block": int, "warps": int,
-# "stages": int}, "no_dbias_rmw": True}. "no_dbias_rmw" skips the dQ kernel's dbias workspace updates to time
+# "stages": int}, "programs_per_sm": int, "small_fused": True (one-kernel backward for windows of <= 64 tokens),
+# "small_warps": int, "no_dbias_rmw": True}. "no_dbias_rmw" skips the dQ kernel's dbias workspace updates to time
 # them; its dbias is then WRONG. Empty (the default) means the settings below.
 TUNE: dict = {}
 
@@ -141,8 +142,8 @@ def _htwa_fwd_kernel(
     """One (box, query tile) x one (batch, head): online-softmax attention over the box's key tiles.
 
     Pointers: Q, K, V (B, T, H, W, heads, D) of any strides with unit last stride (s?b, s?t, s?h, s?w, s?n:
-    batch, frame, row, column, head strides in elements); BIAS the TRANSPOSED table (heads, nbias) contiguous (unused when
-    HAS_BIAS is False); OUT (strides so*), LSE (B, T, H, W, heads) accumulator dtype (strides sl*).
+    batch, frame, row, column, head strides in elements); BIAS the TRANSPOSED table (heads, nbias) contiguous
+    (unused when HAS_BIAS is False); OUT (strides so*), LSE (B, T, H, W, heads) accumulator dtype (strides sl*).
     Runtime: T, H, W grid; HEADS; D head dim; OT/OH/OW window origin offsets (module docstring); NBH, NBW boxes
     along h, w; N_TILES query tiles per box; qk_scale = scale * log2(e).
     WT, BT: temporal window and bias window (runtime: LF-VILA's layers differ only there, so they share one
@@ -406,6 +407,90 @@ def _htwa_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _htwa_bwd_small_kernel(
+    Q, K, V, BIAS, OUT, DOUT, LSE, DQ, DK, DV, PART, UNITS, CHUNK_PTR,
+    sqb, sqt, sqh, sqw, sqn,
+    skb, skt, skh, skw, skn,
+    svb, svt, svh, svw, svn,
+    sob, sot, soh, sow, son,
+    slb, slt, slh, slw, sln,
+    sgb, sgt, sgh, sgw, sgn,
+    T, H, W, HEADS, D: tl.constexpr, OT, OH, OW, NBOX, NBH, NBW, scale, qk_scale,
+    WT, WH: tl.constexpr, WW: tl.constexpr,
+    BT, BH: tl.constexpr, BW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The whole backward of boxes that fit one BLOCK x BLOCK tile (windows of <= 64 tokens: LF-VILA's layers 0
+    and 1), one (chunk, head) per program: for each unit (batch, box) of the chunk, in order, P and dS once, then
+    dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO, where the two-kernel path computes P and dS twice. The chunk's
+    units share one box class (same tile -> in-window index map), so dS is summed over them in registers and
+    written to PART[chunk, head] once, with plain stores (this program owns that slice; no read-modify-write).
+    Strides as in the dQ kernel. Grid: (n_chunks, HEADS)."""
+    chunk = tl.program_id(0)
+    head = tl.program_id(1)
+    ACC = LSE.dtype.element_ty
+    NWIN = WT * WH * WW
+    u_lo = tl.load(CHUNK_PTR + chunk)
+    u_hi = tl.load(CHUNK_PTR + chunk + 1)
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    ds_sum = tl.zeros([BLOCK, BLOCK], dtype=ACC)
+    n_q = offs  # set by the first unit; identical for every unit of the chunk (one box class)
+    ok2 = (offs[:, None] < 0) & (offs[None, :] < 0)
+    for ui in range(u_lo, u_hi):
+        unit = tl.load(UNITS + ui)
+        b = unit // NBOX
+        box = unit % NBOX
+        t0, lt, ct = _box(box // (NBH * NBW), T, OT, WT)
+        h0, lh, ch = _box((box // NBW) % NBH, H, OH, WH)
+        w0, lw, cw = _box(box % NBW, W, OW, WW)
+        nb = lt * lh * lw
+        ok = offs < nb
+        md = ok[:, None] & d_ok[None, :]
+        ok2 = ok[:, None] & ok[None, :]
+        tt, hh, ww, n_q, r = _decode(offs, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+        bb = b.to(tl.int64)
+        q = tl.load(Q + (bb * sqb + head * sqn) + _off(tt, hh, ww, sqt, sqh, sqw)[:, None] + offs_d[None, :],
+                    mask=md, other=0.0)
+        k = tl.load(K + (bb * skb + head * skn) + _off(tt, hh, ww, skt, skh, skw)[:, None] + offs_d[None, :],
+                    mask=md, other=0.0)
+        v = tl.load(V + (bb * svb + head * svn) + _off(tt, hh, ww, svt, svh, svw)[:, None] + offs_d[None, :],
+                    mask=md, other=0.0)
+        o_ptr = (bb * sob + head * son) + _off(tt, hh, ww, sot, soh, sow)[:, None] + offs_d[None, :]
+        do = tl.load(DOUT + o_ptr, mask=md, other=0.0)
+        o = tl.load(OUT + o_ptr, mask=md, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+            do = do.to(tl.float32)
+        l_ptr = (bb * slb + head * sln) + _off(tt, hh, ww, slt, slh, slw)
+        lse2 = tl.load(LSE + l_ptr, mask=ok, other=0.0) * 1.4426950408889634
+        delta = tl.sum(do.to(ACC) * o.to(ACC), 1)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
+        if HAS_BIAS:
+            bq = _bias_q(r, head, BT, BH, BW)
+            s += tl.load(BIAS + (bq[:, None] - r[None, :]), mask=ok2, other=0.0).to(ACC) * 1.4426950408889634
+        p = tl.where(ok2, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC).to(ACC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC).to(ACC) * scale
+        dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC).to(ACC) * scale
+        dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC).to(ACC)
+        g_ptr = (bb * sgb + head * sgn) + _off(tt, hh, ww, sgt, sgh, sgw)[:, None] + offs_d[None, :]
+        tl.store(DQ + g_ptr, dq.to(DQ.dtype.element_ty), mask=md)
+        tl.store(DK + g_ptr, dk.to(DK.dtype.element_ty), mask=md)
+        tl.store(DV + g_ptr, dv.to(DV.dtype.element_ty), mask=md)
+        if HAS_BIAS:
+            ds_sum += ds
+    if HAS_BIAS:
+        part = PART + (chunk * HEADS + head).to(tl.int64) * (NWIN * NWIN)
+        tl.store(part + n_q[:, None] * NWIN + n_q[None, :], ds_sum.to(PART.dtype.element_ty), mask=ok2)
+
+
+@triton.jit
 def _chunk_sum_kernel(PART, OUT, NCHUNK, M, G, BLOCK: tl.constexpr):
     """One level of the ordered chunk reduction: OUT[g, i] = sum of PART[c, i] for c = g*G, g*G + 1, ...,
     min((g+1)*G, NCHUNK) - 1, in that order. PART (NCHUNK, M), OUT (cdiv(NCHUNK, G), M), both contiguous fp32.
@@ -490,6 +575,18 @@ def _settings(q, window, backward=False):
     # fp32 inputs: exact fp32 products (no TF32), the contract's accuracy; 16-bit: tensor cores
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=upcast,
                 DOT_PREC="ieee" if dot_fp32 else "tf32")
+
+
+SMALL_BOX_MAX = 64  # windows of at most this many tokens can take the one-kernel backward
+
+
+def _small_box_block(nwin: int, block_d: int) -> int:
+    """Tile size of the one-kernel backward (`_htwa_bwd_small_kernel`) when it is to be used, else 0. Opt-in
+    (TUNE["small_fused"]) until a GPU run has timed it against the two-kernel path; the tests force it on. Not
+    for D > 64, where its seven tiles spill (ptxas, sm_90: 8 KB a thread at D = 128)."""
+    if not TUNE.get("small_fused", False) or nwin > SMALL_BOX_MAX or block_d > 64:
+        return 0
+    return max(16, triton.next_power_of_2(nwin))
 
 
 def _launch_kw(cfg, backward=False):
@@ -643,28 +740,41 @@ def htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, s
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dk = torch.empty_like(dq)
         dv = torch.empty_like(dq)
-    delta = torch.empty(q.shape[:5], dtype=acc, device=q.device)
     geo, (nbt, nbh, nbw) = _geometry_args(q, window, shift)
     cfg = _settings(q, window, backward=True)
     nwin = window[0] * window[1] * window[2]
     n_tiles = triton.cdiv(nwin, cfg["BLOCK_M"])
     has_bias = bias is not None
+    small = _small_box_block(nwin, cfg["BLOCK_D"])
+    if small:
+        n_tiles = 1
     units, chunk_ptr, n_chunks = _chunk_plan(B, (T, H, W), window, shift, heads, n_tiles, has_bias, q.device)
     part = (torch.zeros((n_chunks, heads, nwin, nwin), dtype=acc, device=q.device) if has_bias
             else torch.empty(0, dtype=acc, device=q.device))
     strides = (*_strides5(q), *_strides5(k), *_strides5(v), *_strides5(out), *lse.stride(), *_strides5(dq))
-    consts = dict(WT=window[0], WH=window[1], WW=window[2], BT=bias_window[0], BH=bias_window[1],
-                  BW=bias_window[2], HAS_BIAS=has_bias, **cfg, **_launch_kw(cfg, backward=True))
+    geometry = dict(WT=window[0], WH=window[1], WW=window[2], BT=bias_window[0], BH=bias_window[1],
+                    BW=bias_window[2], HAS_BIAS=has_bias)
     bias_arg = bias.t().contiguous() if has_bias else q  # (heads, nbias): see _bias_q
-    _htwa_bwd_dq_kernel[(n_chunks, n_tiles, heads)](
-        q, k, v, bias_arg, out, dout, lse, delta, dq, part, units, chunk_ptr, *strides,
-        *geo, nbt * nbh * nbw, nbh, nbw, float(scale), float(scale) * _LOG2E,
-        DBIAS=has_bias and not TUNE.get("no_dbias_rmw", False), **consts,
-    )
-    _htwa_bwd_dkdv_kernel[(nbt * nbh * nbw * n_tiles, heads, B)](
-        q, k, v, bias_arg, dout, lse, delta, dk, dv, *strides,
-        *geo, nbh, nbw, n_tiles, float(scale), float(scale) * _LOG2E, **consts,
-    )
+    if small:
+        launch = {} if _interpreted() else dict(num_warps=TUNE.get("small_warps", 4))
+        _htwa_bwd_small_kernel[(n_chunks, heads)](
+            q, k, v, bias_arg, out, dout, lse, dq, dk, dv, part, units, chunk_ptr, *strides,
+            *geo, nbt * nbh * nbw, nbh, nbw, float(scale), float(scale) * _LOG2E,
+            UPCAST=cfg["UPCAST"], DOT_PREC=cfg["DOT_PREC"], BLOCK=small, BLOCK_D=cfg["BLOCK_D"], **geometry,
+            **launch,
+        )
+    else:
+        delta = torch.empty(q.shape[:5], dtype=acc, device=q.device)  # <dO, O> per row: dQ kernel -> dK/dV kernel
+        consts = dict(geometry, **cfg, **_launch_kw(cfg, backward=True))
+        _htwa_bwd_dq_kernel[(n_chunks, n_tiles, heads)](
+            q, k, v, bias_arg, out, dout, lse, delta, dq, part, units, chunk_ptr, *strides,
+            *geo, nbt * nbh * nbw, nbh, nbw, float(scale), float(scale) * _LOG2E,
+            DBIAS=has_bias and not TUNE.get("no_dbias_rmw", False), **consts,
+        )
+        _htwa_bwd_dkdv_kernel[(nbt * nbh * nbw * n_tiles, heads, B)](
+            q, k, v, bias_arg, dout, lse, delta, dk, dv, *strides,
+            *geo, nbh, nbw, n_tiles, float(scale), float(scale) * _LOG2E, **consts,
+        )
     if not has_bias:
         return dq, dk, dv, torch.empty(0, dtype=acc, device=q.device)
     dense = _sum_chunks(part.view(n_chunks, heads * nwin * nwin))
