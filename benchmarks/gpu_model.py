@@ -50,6 +50,19 @@ def _time_step(model, video, ids, mask, device: str, rounds: int) -> list[float]
     return times
 
 
+def _profile_step(model, video, ids, mask, top: int = 12) -> list[dict]:
+    """Device time of one more step by kernel (torch.profiler), largest first: where the step's time goes, so the
+    next optimisation is chosen from a measurement."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _time_step(model, video, ids, mask, "cuda", 1)
+    events = [(e.key, e.device_time_total / 2e3) for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda x: -x[1])  # the profiled call ran the step twice (warm-up + 1): per step = total / 2
+    total = sum(ms for _, ms in events)
+    return [{"kernel": k[:100], "ms": round(ms, 3), "share": round(ms / total, 3)} for k, ms in events[:top]]
+
+
 def run_model_suite(device: str, dry_run: bool) -> list[dict]:
     rows = []
     rounds = 1 if dry_run else 5
@@ -66,6 +79,7 @@ def run_model_suite(device: str, dry_run: bool) -> list[dict]:
             row.update(batch=video.shape[0], frames=video.shape[2], step_ms=statistics.median(times))
             if device == "cuda":
                 row["peak_extra_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+                row["top_kernels"] = _profile_step(model, video, ids, mask)
             del model, video, ids, mask
         except torch.OutOfMemoryError as exc:
             row["error"] = f"out of memory: {str(exc)[:160]}"

@@ -40,12 +40,18 @@ def _print_table(rows):
         return
     keys = []
     for r in rows:
-        keys += [k for k in r if k not in keys]
+        keys += [k for k, v in r.items() if k not in keys and not isinstance(v, (list, dict))]
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     cells = [keys] + [[fmt(r.get(k, "")) for k in keys] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(keys))]
     for c in cells:
         print("  ".join(x.rjust(w) for x, w in zip(c, widths)))
+    for r in rows:  # nested results (e.g. a profile's top kernels) below the table, one line each
+        for k, v in r.items():
+            if isinstance(v, list) and v:
+                print(f"{k} of {r.get('backend', r.get('case', ''))}:")
+                for item in v:
+                    print("   ", json.dumps(item))
 
 
 def main(argv=None):
