@@ -1,7 +1,7 @@
 """GPU part of the one-shot suite for the contrastive losses: `run_loss_suite(device, dry_run)`.
 
 1. Checks: `info_nce_loss(backend=...)` of each fused backend (Triton; the cuBLAS row-panel `chunked` one where
-   present) against the fp64 reference (loss, da, db, dtemperature), symmetric and not, fp32 / bf16, sizes that
+   present, with its torch and its Triton epilogue) against the fp64 reference (loss, da, db, dtemperature), symmetric and not, fp32 / bf16, sizes that
    are not block multiples.
 2. Timing: each fused backend vs naive (reference, materialises the N x N logits) forward + backward, bf16,
    D = 1024, N up to 65536, CUDA events; peak extra memory from `torch.cuda.max_memory_allocated`. A naive case
@@ -33,12 +33,21 @@ def _features(n, d, dtype, device, seed):
     return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
 
 
+def _run_backend(backend: str) -> str:
+    """The `info_nce_loss` backend for a row name: "chunked_triton" is "chunked" with its Triton epilogue (an
+    opt-in module setting, switched here for the call: see lfvila_kernels/_info_nce_chunked.py)."""
+    from lfvila_kernels import _info_nce_chunked
+
+    _info_nce_chunked.EPILOGUE = "triton" if backend == "chunked_triton" else "torch"
+    return "chunked" if backend == "chunked_triton" else backend
+
+
 def _loss_and_grads(backend, a, b, t, symmetric):
     from lfvila_kernels import info_nce_loss
 
     x, y = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
     tt = t.detach().clone().requires_grad_()
-    loss = info_nce_loss(x, y, tt, symmetric=symmetric, backend=backend)
+    loss = info_nce_loss(x, y, tt, symmetric=symmetric, backend=_run_backend(backend))
     grads = torch.autograd.grad(loss * 1.3, (x, y, tt))
     return (loss.detach(),) + grads
 
@@ -47,7 +56,8 @@ def _fused_backends():
     """The fused backends to check and time: Triton, and the cuBLAS row-panel one where this version has it."""
     from lfvila_kernels.losses import LOSS_BACKENDS
 
-    return [b for b in ("triton", "chunked") if b in LOSS_BACKENDS]
+    names = [b for b in ("triton", "chunked") if b in LOSS_BACKENDS]
+    return names + (["chunked_triton"] if "chunked" in names else [])
 
 
 def _check(device, n, d, dtype_name, symmetric, backend="triton"):
@@ -68,6 +78,7 @@ def _check(device, n, d, dtype_name, symmetric, backend="triton"):
 
 
 def _time(device, n, d, dtype, backend, reps):
+    run_as = _run_backend(backend)
     from lfvila_kernels import info_nce_loss
 
     a, b = _features(n, d, dtype, device, seed=1)
@@ -75,7 +86,7 @@ def _time(device, n, d, dtype, backend, reps):
     b.requires_grad_()
 
     def step():
-        loss = info_nce_loss(a, b, 0.05, backend=backend)
+        loss = info_nce_loss(a, b, 0.05, backend=run_as)
         loss.backward()
         a.grad = None
         b.grad = None
@@ -120,6 +131,7 @@ def run_loss_suite(device, dry_run: bool) -> list[dict]:
     device = str(torch.device(device).type)
     fused = _fused_backends()
     rows = [_check(device, *c, backend=f) for f in fused for c in (CHECKS_DRY if dry_run else CHECKS_GPU)]
+    _run_backend("chunked")  # leave the module setting at its default
     d = 24 if dry_run else 1024
     for n in TIMING_DRY if dry_run else TIMING_GPU:
         reps = 1 if dry_run else (3 if n <= 16384 else 2)
@@ -132,6 +144,7 @@ def run_loss_suite(device, dry_run: bool) -> list[dict]:
                 fused_row["mem_ratio_vs_naive"] = fused_row["peak_extra_mb"] / naive_row["peak_extra_mb"]
             rows.append(fused_row)
         rows.append(naive_row)
+    _run_backend("chunked")
     return rows
 
 

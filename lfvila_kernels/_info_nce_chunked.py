@@ -44,7 +44,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["info_nce_fwd_chunked", "info_nce_bwd_chunked", "choose_panel_rows", "PANEL_BUDGET_BYTES"]
+__all__ = ["info_nce_fwd_chunked", "info_nce_bwd_chunked", "choose_panel_rows", "PANEL_BUDGET_BYTES", "EPILOGUE"]
+
+# The elementwise work on each fp32 panel: "torch" (eager passes; measured, the default) or "triton" (one pass
+# per quantity, triton/info_nce_epilogue.py, with the backward's db from column panels instead of an fp32
+# accumulation over row panels: see `_bwd_two_pass`). "triton" applies to fp32-accumulated inputs where Triton
+# runs (CUDA, or the interpreter in tests); it is opt-in until a GPU run has timed it (benchmarks/gpu_losses.py
+# times both).
+EPILOGUE = "torch"
 
 # Live fp32 scratch per panel (~3 x R x M x 4 bytes). 256 MiB gives R = 320 rows at M = 65536 in fp32: each
 # panel's GEMM is then 320 x 65536 x D, large enough to run at full tensor-core speed.
@@ -139,6 +146,8 @@ def info_nce_fwd_chunked(a: Tensor, b: Tensor, temperature: Tensor, offset: int,
     N, M = a.shape[0], b.shape[0]
     R = _rows(N, M, acc, panel_rows)
     gemm = _Gemm(a, b, acc)
+    if _triton_epilogue(a, acc):
+        return _fwd_fused(a, gemm, scale, offset, symmetric, R)
     bt = gemm.b.t()
     lse_row = a.new_empty((N,), dtype=acc)
     pos = a.new_empty((N,), dtype=acc)
@@ -171,6 +180,9 @@ def info_nce_bwd_chunked(dloss: Tensor, a: Tensor, b: Tensor, temperature: Tenso
     R = _rows(N, M, acc, panel_rows)
     gemm = _Gemm(a, b, acc)
     g = dloss.detach().to(device=a.device, dtype=acc).reshape(())
+    if _triton_epilogue(a, acc):
+        C = _rows(M, N, acc, panel_rows)  # columns per db panel: the same scratch bound, transposed
+        return _bwd_two_pass(g, a, b, gemm, scale, lse_row, lse_col, offset, symmetric, R, C)
     unit = g * scale / N  # s w_r: the factor of every H_p product
     w_pos = g * scale * (1.0 / N + 1.0 / M) if symmetric else unit  # s (w_r + w_c) of the positives
     ratio = N / M  # w_c / w_r
@@ -211,3 +223,85 @@ def info_nce_bwd_chunked(dloss: Tensor, a: Tensor, b: Tensor, temperature: Tenso
         p1 = min(p0 + R, N)
         db[p0 + offset : p1 + offset].sub_(a[p0:p1].to(acc) * w_pos)
     return da, db.to(b.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the "triton" epilogue (EPILOGUE above)
+
+
+def _triton_epilogue(a: Tensor, acc: torch.dtype) -> bool:
+    if EPILOGUE != "triton" or acc != torch.float32:
+        return False
+    from ._backends import can_run_triton
+
+    return can_run_triton(a.device, a.dtype)
+
+
+def _fwd_fused(a: Tensor, gemm: _Gemm, scale: Tensor, offset: int, symmetric: bool, R: int):
+    """The forward with one Triton pass per log-sum-exp direction over each panel's unscaled fp32 logits."""
+    from .triton import info_nce_epilogue as ep
+
+    N = a.shape[0]
+    s1 = scale.reshape(1)
+    bt = gemm.b.t()
+    lse_row = a.new_empty((N,), dtype=torch.float32)
+    pos = a.new_empty((N,), dtype=torch.float32)
+    lse_col = None
+    for p0 in range(0, N, R):
+        p1 = min(p0 + R, N)
+        z = gemm.mm(gemm.operand(a[p0:p1]), bt)  # (r, M), unscaled: the kernels apply the scale as they read
+        lse_row[p0:p1] = ep.row_lse(z, s1)
+        pos[p0:p1] = z.diagonal(p0 + offset) * scale
+        if symmetric:
+            col = ep.col_lse(z, s1)
+            lse_col = col if lse_col is None else torch.logaddexp(lse_col, col)
+        del z
+    loss = (lse_row - pos).mean()
+    if symmetric:
+        loss = loss + (lse_col - pos).mean()
+    else:
+        lse_col = a.new_empty((0,), dtype=torch.float32)
+    return loss, lse_row, lse_col
+
+
+def _bwd_two_pass(g, a, b, gemm: _Gemm, scale, lse_row, lse_col, offset, symmetric, R, C):
+    """da from row panels and db from column panels, each gradient block one GEMM written once. The row-panel
+    path instead adds every panel's (M, D) fp32 partial of db into an accumulator: at N = M = 65536, D = 1024
+    that is ~1 GB of memory traffic per panel, 205 times, against one extra logits GEMM here."""
+    from .triton import info_nce_epilogue as ep
+
+    N, M = a.shape[0], b.shape[0]
+    s1 = scale.reshape(1)
+    unit = g * scale / N
+    w_pos = g * scale * (1.0 / N + 1.0 / M) if symmetric else unit
+    ratio = N / M
+    lse_r = lse_row.to(torch.float32).contiguous()
+    lse_c = lse_col.to(torch.float32).contiguous() if symmetric else None
+    h_dtype = a.dtype if gemm.low else torch.float32
+    a_op = gemm.operand(a)
+    da = torch.empty_like(a, memory_format=torch.contiguous_format)
+    for p0 in range(0, N, R):
+        p1 = min(p0 + R, N)
+        z = gemm.mm(gemm.operand(a[p0:p1]), gemm.b.t())  # (r, M)
+        h = ep.probs(z, s1, lse_r[p0:p1], lse_c, ratio, h_dtype)
+        del z
+        da_p = gemm.mm(h, gemm.b).mul_(unit)
+        del h
+        da_p.sub_(gemm.b[p0 + offset : p1 + offset].to(torch.float32) * w_pos)  # the positives' -1 terms
+        da[p0:p1] = da_p
+        del da_p
+    db = torch.empty_like(b, memory_format=torch.contiguous_format)
+    for q0 in range(0, M, C):
+        q1 = min(q0 + C, M)
+        z = gemm.mm(a_op, gemm.b[q0:q1].t())  # (N, c): every row of a against these columns
+        h = ep.probs(z, s1, lse_r, None if lse_c is None else lse_c[q0:q1], ratio, h_dtype)
+        del z
+        db_q = gemm.mm(h.t(), a_op).mul_(unit)  # (c, D)
+        del h
+        # column j's positive is row j - offset, where that row exists
+        i0, i1 = max(q0 - offset, 0), min(q1 - offset, N)
+        if i1 > i0:
+            db_q[i0 + offset - q0 : i1 + offset - q0].sub_(a[i0:i1].to(torch.float32) * w_pos)
+        db[q0:q1] = db_q
+        del db_q
+    return da, db

@@ -38,6 +38,22 @@ def main():
             if dtype == "bf16":
                 assert "mma" in k.asm["ptx"], "expected tensor-core dots for bf16"
             print(f"compiled {fn.__name__} {dtype} has_x={constexprs.get('HAS_X')} ptx={len(k.asm['ptx'])}")
+    # the chunked backend's epilogues (fp32 panels in, fp32 or 16-bit probabilities out), at the GPU tile sizes
+    from lfvila_kernels.triton import info_nce_epilogue as ep
+
+    lse_sig = {"Z": "*fp32", "LSE": "*fp32", "SCALE": "*fp32", "R": "i32", "C": "i32", "stride_z": "i32",
+               "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
+    epilogues = [(ep._row_lse_kernel, lse_sig, {"BLOCK_R": 2, "BLOCK_C": 1024}),
+                 (ep._col_lse_kernel, lse_sig, {"BLOCK_R": 16, "BLOCK_C": 256})]
+    for h in ("bf16", "fp32"):
+        sig = {"Z": "*fp32", "H": "*" + h, "LR": "*fp32", "LC": "*fp32", "SCALE": "*fp32", "R": "i32", "C": "i32",
+               "stride_z": "i32", "stride_h": "i32", "ratio": "fp32", "SYM": "constexpr", "BLOCK_R": "constexpr",
+               "BLOCK_C": "constexpr"}
+        epilogues.append((ep._probs_kernel, sig, {"SYM": True, "BLOCK_R": 16, "BLOCK_C": 512}))
+    for fn, signature, constexprs in epilogues:
+        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET,
+                           options={"num_warps": 4})
+        print(f"compiled {fn.__name__} ptx={len(k.asm['ptx'])}")
 
 
 if __name__ == "__main__":

@@ -202,3 +202,80 @@ def test_chunked_bad_offset_and_panel_rows():
         chunked.info_nce_fwd_chunked(a, b, t, 0, True)
     with pytest.raises(ValueError, match="panel_rows must be a positive int"):
         chunked.info_nce_fwd_chunked(a, b, t, 0, False, panel_rows=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the Triton epilogue (EPILOGUE = "triton"), through the interpreter
+
+
+@pytest.fixture
+def triton_epilogue(monkeypatch):
+    pytest.importorskip("triton")
+    from lfvila_kernels._backends import triton_interpreted
+
+    if not torch.cuda.is_available() and not triton_interpreted():
+        pytest.fail("the Triton epilogue tests need TRITON_INTERPRET=1 before triton is imported (conftest.py)")
+    monkeypatch.setattr(chunked, "EPILOGUE", "triton")
+
+
+@pytest.mark.parametrize("r,c", [(1, 1), (64, 1024), (37, 1500), (130, 70)], ids=lambda v: str(v))
+def test_epilogue_kernels_match_torch(triton_epilogue, r, c):
+    """row_lse / col_lse / probs against torch on fp32 panels, ragged against the kernels' tiles, with logits
+    spread over +-40 (scale 20) so the online max matters."""
+    from lfvila_kernels.triton import info_nce_epilogue as ep
+
+    g = torch.Generator().manual_seed(r * 7 + c)
+    z = torch.rand(r, c, generator=g) * 4 - 2
+    scale = torch.tensor([20.0])
+    zs = z.double() * 20.0
+    torch.testing.assert_close(ep.row_lse(z, scale).double(), torch.logsumexp(zs, 1), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(ep.col_lse(z, scale).double(), torch.logsumexp(zs, 0), rtol=1e-6, atol=1e-5)
+    lr, lc = torch.logsumexp(zs, 1), torch.logsumexp(zs, 0)
+    want = torch.exp(zs - lr[:, None]) + 0.5 * torch.exp(zs - lc[None, :])
+    got = ep.probs(z, scale, lr.float(), lc.float(), 0.5, torch.float32)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    got = ep.probs(z, scale, lr.float(), None, 0.5, torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), torch.exp(zs - lr[:, None]), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("n,d", [(37, 20), (200, 33)], ids=lambda v: str(v))
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "rows"])
+def test_chunked_triton_epilogue_fp32(small_panels, triton_epilogue, n, d, symmetric):
+    """The fused forward and the two-pass backward (da from row panels, db from column panels) in fp32 against
+    the fp64 reference: loss and the gradients of a, b and temperature, several 64-row/column panels."""
+    a, b = _features(n, d, seed=n + d)
+    t = torch.tensor(0.07, dtype=torch.float64)
+    got = _run(info_nce_loss, a.float(), b.float(), t.float(), 1.7, symmetric=symmetric, backend="chunked")
+    ref = _run(info_nce_reference, a, b, t, 1.7, symmetric=symmetric)
+    assert _rel_err(got[0], ref[0]) <= 1e-6
+    for name, g, r in zip(("da", "db", "dtemperature"), got[1:], ref[1:]):
+        assert _rel_err(g, r) <= 2e-5, name
+
+
+@pytest.mark.parametrize("n,m,offset", [(70, 300, 150), (1, 400, 399), (130, 260, 0)])
+def test_chunked_triton_epilogue_offset(small_panels, triton_epilogue, n, m, offset):
+    """The rectangular rank-offset form: column panels of b where some columns have no positive row."""
+    a, b = _features(n, 24, seed=n + m, m=m)
+    t = torch.tensor(0.3)
+    x, y = a.float().requires_grad_(), b.float().requires_grad_()
+    loss, _, _ = torch.ops.lfvila.info_nce_fwd(x, y, t, offset, False, "chunked")
+    da, db = torch.autograd.grad(loss * 0.6, (x, y))
+    x2, y2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ref = info_nce_reference(x2, y2, 0.3, symmetric=False, offset=offset)
+    rda, rdb = torch.autograd.grad(ref * 0.6, (x2, y2))
+    assert _rel_err(loss, ref.detach()) <= 1e-6
+    assert _rel_err(da, rda) <= 2e-5 and _rel_err(db, rdb) <= 2e-5
+
+
+def test_chunked_triton_epilogue_deterministic_and_fp64_untouched(small_panels, triton_epilogue):
+    """Bitwise equal on a second call; fp64 inputs keep the torch epilogue (the kernels are fp32): fp64-exact."""
+    a, b = _features(150, 40, seed=2)
+    t = torch.tensor(0.05)
+    first = _run(info_nce_loss, a.float(), b.float(), t, 1.0, backend="chunked")
+    again = _run(info_nce_loss, a.float(), b.float(), t, 1.0, backend="chunked")
+    assert all(torch.equal(g, h) for g, h in zip(first, again))
+    t64 = torch.tensor(0.05, dtype=torch.float64)
+    got = _run(info_nce_loss, a, b, t64, 1.0, backend="chunked")
+    ref = _run(info_nce_reference, a, b, t64, 1.0)
+    assert all(_rel_err(g, r) <= 1e-10 for g, r in zip(got, ref))
