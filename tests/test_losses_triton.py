@@ -140,4 +140,4 @@ def test_triton_kernels_compile_for_sm90():
     env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == 6, proc.stdout
+    assert proc.stdout.count("compiled") == 10, proc.stdout  # 6 loss kernel variants + 4 chunked epilogues
