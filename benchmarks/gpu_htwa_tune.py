@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -48,25 +47,18 @@ BWD_VARIANTS = {
 }
 
 
-def _median_ms(fn, reps, sync):
+def _median_ms(fn, reps):
+    """Median CUDA-event time (benchmarks/gpu_cuda.py's timer); on the CPU (dry run) one wall-clock call."""
     import torch
 
-    fn()
-    fn()
-    sync()
     if not torch.cuda.is_available():
+        fn()
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        times.append((s, e))
-    sync()
-    return statistics.median(a.elapsed_time(b) for a, b in times)
+    from benchmarks.gpu_cuda import _time_ms
+
+    return _time_ms(fn, reps)
 
 
 def main(argv=None):
@@ -149,7 +141,7 @@ def main(argv=None):
             htwa_attention_qkv(qkv, table, window=c.window, shift=c.shift, bias_window=c.bias_window,
                                backend="reference").backward(dout)
 
-        ref_ms[c.name] = _median_ms(ref, reps, sync)
+        ref_ms[c.name] = _median_ms(ref, reps)
     report["reference_fwdbwd_ms"] = ref_ms
     save()
 
@@ -188,11 +180,11 @@ def main(argv=None):
                         def fn():
                             with torch.no_grad():
                                 call(c)
-                        row[c.name] = round(_median_ms(fn, reps, sync), 4)
+                        row[c.name] = round(_median_ms(fn, reps), 4)
                         with torch.no_grad():
                             err = rel(call(c), base[c.name][0])
                     else:
-                        row[c.name] = round(_median_ms(lambda: fwdbwd(c, no_bias), reps, sync), 4)
+                        row[c.name] = round(_median_ms(lambda: fwdbwd(c, no_bias), reps), 4)
                         dq, db = fwdbwd(c, no_bias)
                         err = rel(dq, base[c.name][1])
                         if not (no_bias or tune.get("no_dbias_rmw")):

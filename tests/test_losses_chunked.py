@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lfvila_kernels import _info_nce_chunked as chunked
 from lfvila_kernels import info_nce_loss
 from lfvila_kernels.reference import info_nce_reference
+from _loss_common import loss_and_grads, unit_features
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -24,19 +24,8 @@ def small_panels(monkeypatch):
     monkeypatch.setattr(chunked, "PANEL_BUDGET_BYTES", 1)
 
 
-def _features(n, d, seed, m=None):
-    g = torch.Generator().manual_seed(seed)
-    a = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-    b = F.normalize(torch.randn(m or n, d, generator=g, dtype=torch.float64), dim=1)
-    return a, b
-
-
-def _run(fn, a, b, t, upstream, **kw):
-    """(loss, da, db, dtemperature) of upstream * loss on fresh leaf copies."""
-    x, y = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
-    tt = t.detach().clone().requires_grad_()
-    loss = fn(x, y, tt, **kw)
-    return (loss.detach(),) + torch.autograd.grad(loss * upstream, (x, y, tt))
+_features = unit_features
+_run = loss_and_grads
 
 
 def _rel_err(got, ref):

@@ -10,13 +10,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed")
 
 from lfvila_kernels import info_nce_loss  # noqa: E402
 from lfvila_kernels._backends import triton_interpreted  # noqa: E402
 from lfvila_kernels.reference import info_nce_reference  # noqa: E402
+from _loss_common import loss_and_grads, unit_features  # noqa: E402
 
 if not torch.cuda.is_available() and not triton_interpreted():
     pytest.fail(
@@ -32,18 +32,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-def _features(n, d, seed, m=None):
-    g = torch.Generator().manual_seed(seed)
-    a = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-    b = F.normalize(torch.randn(m or n, d, generator=g, dtype=torch.float64), dim=1)
-    return a, b
-
-
-def _run(fn, a, b, t, upstream, **kw):
-    x, y = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
-    tt = t.detach().clone().requires_grad_()
-    loss = fn(x, y, tt, **kw)
-    return (loss.detach(),) + torch.autograd.grad(loss * upstream, (x, y, tt))
+_features = unit_features
+_run = loss_and_grads
 
 
 # float64 runs only through the interpreter: the Triton backend refuses it on the GPU (can_run_triton)
