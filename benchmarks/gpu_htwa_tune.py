@@ -37,6 +37,8 @@ BWD_VARIANTS = {
     "default": {},
     "small_fused": {"small_fused": True},  # one kernel for layers 0-1 (windows <= 64 tokens); others unchanged
     "small_fused_w2": {"small_fused": True, "small_warps": 2},
+    "dbias_kernel": {"dbias_kernel": True},  # dbias workspace from its own kernel: no read-modify-write
+    "small_fused+dbias_kernel": {"small_fused": True, "dbias_kernel": True},
     "s1": {"bwd": {"stages": 1}},
     "w4": {"bwd": {"warps": 4}},
     "w1": {"bwd": {"warps": 1}},

@@ -257,3 +257,26 @@ def test_small_box_one_kernel_backward_ragged(bias, monkeypatch):
     q, k, v, table, dout = _inputs(2, (5, 7, 9), 2, 20, kw["bias_window"], torch.float32, bias=bias,
                                    layout="heads")
     _check(q, k, v, table, dout, 1e-4, **kw)
+
+
+@pytest.mark.parametrize("block", [None, 16], ids=["one-tile", "tiles16"])
+def test_dbias_kernel_without_read_modify_write(block, monkeypatch):
+    """The dbias workspace from its own kernel (opt-in: TUNE["dbias_kernel"]) on a ragged, shifted grid with the
+    bias_window quirk: with one tile per box and with 16-token tiles (several query x key tile pairs and units
+    per chunk), every gradient against the fp64 reference."""
+    monkeypatch.setitem(tk.TUNE, "dbias_kernel", True)
+    if block is not None:
+        monkeypatch.setattr(tk, "BLOCK_OVERRIDE", block)
+    tk._chunk_plan.cache_clear()
+    kw = dict(window=(3, 3, 4), shift=(1, 1, 2), bias_window=(4, 3, 5))
+    q, k, v, table, dout = _inputs(2, (5, 7, 9), 2, 20, kw["bias_window"], torch.float32)
+    _check(q, k, v, table, dout, 1e-4, **kw)
+
+
+def test_dbias_kernel_official_large_window(monkeypatch):
+    """Same on the largest official window (layer 5: 480 tokens, one box class, reduced batch)."""
+    monkeypatch.setitem(tk.TUNE, "dbias_kernel", True)
+    tk._chunk_plan.cache_clear()
+    case = next(c for c in _CASES if c.name == "layer5")
+    q, k, v, table, dout = _inputs(1, case.grid, 1, case.head_dim, case.bias_window, torch.float32)
+    _check(q, k, v, table, dout, 1e-4, window=case.window, shift=case.shift, bias_window=case.bias_window)

@@ -63,6 +63,10 @@ def main(sm: int = 90) -> int:
                       ("scale", "qk_scale"), nw)
                 build(tk._htwa_bwd_dkdv_kernel, dict(common, DOUT=dt, DELTA="fp32", DK=dt, DV=dt), consts,
                       ("scale", "qk_scale"), nw)
+                if has_bias:  # the dbias workspace's own kernel (opt-in, TUNE["dbias_kernel"])
+                    dconsts = {k: v for k, v in consts.items() if k != "HAS_BIAS"}
+                    build(tk._htwa_bwd_dbias_kernel, dict(common, DOUT=dt, DELTA="fp32", PART="fp32", UNITS="i32",
+                                                          CHUNK_PTR="i32"), dconsts, ("qk_scale",), nw)
                 nwin = window[0] * window[1] * window[2]
                 if nwin <= tk.SMALL_BOX_MAX and D <= 64:  # the one-kernel backward (opt-in, TUNE["small_fused"])
                     small = dict(WH=window[1], WW=window[2], BH=bias_window[1], BW=bias_window[2],

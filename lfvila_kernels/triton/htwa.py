@@ -62,7 +62,8 @@ _WORKSPACE_BYTES = 64 << 20  # dbias workspace budget (see the module docstring)
 BLOCK_OVERRIDE: Optional[int] = None  # tests only: force the tile size (a power of 2 >= 16)
 # GPU tuning experiments only (benchmarks/gpu_htwa_tune.py): {"fwd" | "bwd": {"block": int, "warps": int,
 # "stages": int}, "programs_per_sm": int, "small_fused": True (one-kernel backward for windows of <= 64 tokens),
-# "small_warps": int, "no_dbias_rmw": True}. "no_dbias_rmw" skips the dQ kernel's dbias workspace updates to time
+# "small_warps": int, "dbias_kernel": True (the dbias workspace from its own kernel, no read-modify-write),
+# "no_dbias_rmw": True}. "no_dbias_rmw" skips the dQ kernel's dbias workspace updates to time
 # them; its dbias is then WRONG. Empty (the default) means the settings below.
 TUNE: dict = {}
 
@@ -404,6 +405,85 @@ def _htwa_bwd_dkdv_kernel(
     ptrs = (b.to(tl.int64) * sgb + head * sgn) + kd_off[:, None] + offs_d[None, :]
     tl.store(DK + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=nd)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=nd)
+
+
+@triton.jit
+def _htwa_bwd_dbias_kernel(
+    Q, K, V, BIAS, DOUT, LSE, DELTA, PART, UNITS, CHUNK_PTR,
+    sqb, sqt, sqh, sqw, sqn,
+    skb, skt, skh, skw, skn,
+    svb, svt, svh, svw, svn,
+    sob, sot, soh, sow, son,
+    slb, slt, slh, slw, sln,
+    T, H, W, HEADS, D: tl.constexpr, OT, OH, OW, NBOX, NBH, NBW, N_TILES, qk_scale,
+    WT, WH: tl.constexpr, WW: tl.constexpr,
+    BT, BH: tl.constexpr, BW: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dbias workspace without read-modify-write (opt-in, TUNE["dbias_kernel"]): one (chunk, query tile x key
+    tile, head) per program recomputes P and dS of that tile pair for each unit of the chunk (DELTA from the dQ
+    kernel, run with DBIAS=False), sums dS over the units in registers and stores PART[chunk, head] once. The
+    chunk's units share one box class, so the tile pair maps to the same in-window (n_q, n_k) block for all of
+    them. Costs two more products per tile pair and unit than the dQ kernel's in-loop update, which it replaces.
+    Strides as in the dQ kernel. Grid: (n_chunks, N_TILES * N_TILES, HEADS)."""
+    chunk = tl.program_id(0)
+    pair = tl.program_id(1)
+    head = tl.program_id(2)
+    tq_i = pair // N_TILES
+    tk_j = pair % N_TILES
+    ACC = LSE.dtype.element_ty
+    NWIN = WT * WH * WW
+    u_lo = tl.load(CHUNK_PTR + chunk)
+    u_hi = tl.load(CHUNK_PTR + chunk + 1)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_m = tq_i * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tk_j * BLOCK_N + tl.arange(0, BLOCK_N)
+    ds_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    n_q = offs_m  # set by the units; identical for every unit of the chunk (one box class)
+    n_k = offs_n
+    mn = (offs_m[:, None] < 0) & (offs_n[None, :] < 0)
+    for ui in range(u_lo, u_hi):
+        unit = tl.load(UNITS + ui)
+        b = unit // NBOX
+        box = unit % NBOX
+        t0, lt, ct = _box(box // (NBH * NBW), T, OT, WT)
+        h0, lh, ch = _box((box // NBW) % NBH, H, OH, WH)
+        w0, lw, cw = _box(box % NBW, W, OW, WW)
+        nb = lt * lh * lw
+        m_ok = offs_m < nb
+        n_ok = offs_n < nb
+        mn = m_ok[:, None] & n_ok[None, :]
+        md = m_ok[:, None] & d_ok[None, :]
+        nd = n_ok[:, None] & d_ok[None, :]
+        tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+        tk, hk, wk, n_k, r_k = _decode(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+        bb = b.to(tl.int64)
+        q = tl.load(Q + (bb * sqb + head * sqn) + _off(tq, hq, wq, sqt, sqh, sqw)[:, None] + offs_d[None, :],
+                    mask=md, other=0.0)
+        do = tl.load(DOUT + (bb * sob + head * son) + _off(tq, hq, wq, sot, soh, sow)[:, None] + offs_d[None, :],
+                     mask=md, other=0.0)
+        k = tl.load(K + (bb * skb + head * skn) + _off(tk, hk, wk, skt, skh, skw)[:, None] + offs_d[None, :],
+                    mask=nd, other=0.0)
+        v = tl.load(V + (bb * svb + head * svn) + _off(tk, hk, wk, svt, svh, svw)[:, None] + offs_d[None, :],
+                    mask=nd, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        l_ptr = (bb * slb + head * sln) + _off(tq, hq, wq, slt, slh, slw)
+        lse2 = tl.load(LSE + l_ptr, mask=m_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + l_ptr, mask=m_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
+        bq = _bias_q(r_q, head, BT, BH, BW)
+        s += tl.load(BIAS + (bq[:, None] - r_k[None, :]), mask=mn, other=0.0).to(ACC) * 1.4426950408889634
+        p = tl.where(mn, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC).to(ACC)
+        ds_sum += p * (dp - delta[:, None])
+    part = PART + (chunk * HEADS + head).to(tl.int64) * (NWIN * NWIN)
+    tl.store(part + n_q[:, None] * NWIN + n_k[None, :], ds_sum.to(PART.dtype.element_ty), mask=mn)
 
 
 @triton.jit
@@ -766,11 +846,18 @@ def htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, s
     else:
         delta = torch.empty(q.shape[:5], dtype=acc, device=q.device)  # <dO, O> per row: dQ kernel -> dK/dV kernel
         consts = dict(geometry, **cfg, **_launch_kw(cfg, backward=True))
+        dbias_kernel = has_bias and TUNE.get("dbias_kernel", False)
         _htwa_bwd_dq_kernel[(n_chunks, n_tiles, heads)](
             q, k, v, bias_arg, out, dout, lse, delta, dq, part, units, chunk_ptr, *strides,
             *geo, nbt * nbh * nbw, nbh, nbw, float(scale), float(scale) * _LOG2E,
-            DBIAS=has_bias and not TUNE.get("no_dbias_rmw", False), **consts,
+            DBIAS=has_bias and not dbias_kernel and not TUNE.get("no_dbias_rmw", False), **consts,
         )
+        if dbias_kernel:  # the workspace from its own kernel (reads the DELTA the dQ kernel just wrote)
+            _htwa_bwd_dbias_kernel[(n_chunks, n_tiles * n_tiles, heads)](
+                q, k, v, bias_arg, dout, lse, delta, part, units, chunk_ptr, *strides[:25],
+                *geo, nbt * nbh * nbw, nbh, nbw, n_tiles, float(scale) * _LOG2E,
+                **{k_: v_ for k_, v_ in consts.items() if k_ != "HAS_BIAS"},
+            )
         _htwa_bwd_dkdv_kernel[(nbt * nbh * nbw * n_tiles, heads, B)](
             q, k, v, bias_arg, dout, lse, delta, dk, dv, *strides,
             *geo, nbh, nbw, n_tiles, float(scale), float(scale) * _LOG2E, **consts,
