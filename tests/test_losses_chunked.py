@@ -199,9 +199,9 @@ def test_chunked_bad_offset_and_panel_rows():
 
 @pytest.fixture
 def triton_epilogue(monkeypatch):
-    pytest.importorskip("triton")
-    from lfvila_kernels._backends import triton_interpreted
+    from lfvila_kernels._backends import triton_available, triton_interpreted
 
+    assert triton_available() is None, triton_available()  # a test dependency: missing is a failure, not a skip
     if not torch.cuda.is_available() and not triton_interpreted():
         pytest.fail("the Triton epilogue tests need TRITON_INTERPRET=1 before triton is imported (conftest.py)")
     monkeypatch.setattr(chunked, "EPILOGUE", "triton")
