@@ -19,6 +19,11 @@ log = logging.getLogger("lfvila_kernels")
 HTWA_BACKENDS = ("auto", "cpp", "cuda", "triton", "flex", "sdpa", "reference")
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of every backend: fp64 for fp64 inputs, fp32 for the rest (fp32, fp16, bf16)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _fail(raise_error: bool, backend: str, why: str) -> bool:
     if raise_error:
         raise RuntimeError(f"backend={backend!r} cannot run: {why}")

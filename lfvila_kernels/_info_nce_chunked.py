@@ -44,11 +44,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._backends import acc_dtype as _acc_dtype, can_run_triton
+
 __all__ = ["info_nce_fwd_chunked", "info_nce_bwd_chunked", "choose_panel_rows", "PANEL_BUDGET_BYTES", "EPILOGUE"]
 
 # The elementwise work on each fp32 panel: "torch" (eager passes; measured, the default) or "triton" (one pass
 # per quantity, triton/info_nce_epilogue.py, with the backward's db from column panels instead of an fp32
-# accumulation over row panels: see `_bwd_two_pass`). "triton" applies to fp32-accumulated inputs where Triton
+# accumulation over row panels: see `_db_from_columns`). "triton" applies to fp32-accumulated inputs where Triton
 # runs (CUDA, or the interpreter in tests); it is opt-in until a GPU run has timed it (benchmarks/gpu_losses.py
 # times both).
 EPILOGUE = "torch"
@@ -59,10 +61,6 @@ PANEL_BUDGET_BYTES = 256 * 2**20
 _PANEL_MULTIPLE = 64
 _SCRATCH_COPIES = 3
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def choose_panel_rows(n: int, m: int, acc_dtype: torch.dtype, budget_bytes: Optional[int] = None) -> int:
@@ -85,7 +83,7 @@ def _has_fp32_out_mm(device_type: str, dtype: torch.dtype) -> bool:
     try:
         x = torch.ones((1, 1), dtype=dtype, device=device_type)
         return torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
-    except (RuntimeError, NotImplementedError, TypeError):
+    except (RuntimeError, TypeError):  # NotImplementedError (the CPU) is a RuntimeError
         return False
 
 
@@ -146,21 +144,20 @@ def info_nce_fwd_chunked(a: Tensor, b: Tensor, temperature: Tensor, offset: int,
     N, M = a.shape[0], b.shape[0]
     R = _rows(N, M, acc, panel_rows)
     gemm = _Gemm(a, b, acc)
-    if _triton_epilogue(a, acc):
-        return _fwd_fused(a, gemm, scale, offset, symmetric, R)
+    lse_of = _lse_fused if _triton_epilogue(a, acc) else _lse_torch
     bt = gemm.b.t()
     lse_row = a.new_empty((N,), dtype=acc)
     pos = a.new_empty((N,), dtype=acc)
     lse_col = None
     for p0 in range(0, N, R):
         p1 = min(p0 + R, N)
-        z = gemm.mm(gemm.operand(a[p0:p1]), bt).mul_(scale)  # (r, M) logits of rows p0..p1-1
-        torch.logsumexp(z, 1, out=lse_row[p0:p1])
-        pos[p0:p1] = z.diagonal(p0 + offset)  # z[i - p0, i + offset]: the positives, fully inside since N+offset<=M
+        z = gemm.mm(gemm.operand(a[p0:p1]), bt)  # (r, M) unscaled logits of rows p0..p1-1
+        row, pos_p, col = lse_of(z, scale, p0 + offset, symmetric)
+        lse_row[p0:p1] = row
+        pos[p0:p1] = pos_p
         if symmetric:
-            col = torch.logsumexp(z, 0)
             lse_col = col if lse_col is None else torch.logaddexp(lse_col, col)
-        del z  # before the next panel's GEMM allocates its logits: one panel live at a time
+        del z, row, pos_p, col  # before the next panel's GEMM allocates its logits: one panel live at a time
     loss = (lse_row - pos).mean()
     if symmetric:
         loss = loss + (lse_col - pos).mean()
@@ -179,44 +176,38 @@ def info_nce_bwd_chunked(dloss: Tensor, a: Tensor, b: Tensor, temperature: Tenso
     N, M = a.shape[0], b.shape[0]
     R = _rows(N, M, acc, panel_rows)
     gemm = _Gemm(a, b, acc)
+    fused = _triton_epilogue(a, acc)
+    probs = _probs_fused if fused else _probs_torch
     g = dloss.detach().to(device=a.device, dtype=acc).reshape(())
-    if _triton_epilogue(a, acc):
-        C = _rows(M, N, acc, panel_rows)  # columns per db panel: the same scratch bound, transposed
-        return _bwd_two_pass(g, a, b, gemm, scale, lse_row, lse_col, offset, symmetric, R, C)
     unit = g * scale / N  # s w_r: the factor of every H_p product
     w_pos = g * scale * (1.0 / N + 1.0 / M) if symmetric else unit  # s (w_r + w_c) of the positives
     ratio = N / M  # w_c / w_r
-    neg_lse_row = -lse_row.to(acc)
-    neg_lse_col = -lse_col.to(acc) if symmetric else None
+    lse_r = lse_row.to(acc).contiguous()
+    lse_c = lse_col.to(acc).contiguous() if symmetric else None
     h_dtype = a.dtype if gemm.low else acc  # H_p as the GEMM operand (16 bits on the `low` path)
     da = torch.empty_like(a, memory_format=torch.contiguous_format)
-    db = torch.zeros((M, b.shape[1]), dtype=acc, device=a.device)  # sum_p H_p^T a_p, scaled after the loop
-    db_part = torch.empty_like(db) if gemm.low else None  # the fp32-output GEMM cannot accumulate into db
+    if not fused:  # db summed over the row panels (the Triton path takes it from column panels instead)
+        db = torch.zeros((M, b.shape[1]), dtype=acc, device=a.device)  # sum_p H_p^T a_p, scaled after the loop
+        db_part = torch.empty_like(db) if gemm.low else None  # the fp32-output GEMM cannot accumulate into db
     for p0 in range(0, N, R):
         p1 = min(p0 + R, N)
         a_p = gemm.operand(a[p0:p1])
-        z = gemm.mm(a_p, gemm.b.t())  # unscaled logits; addcmul below applies s and -lse in one pass
-        if symmetric:
-            p_row = torch.addcmul(neg_lse_row[p0:p1, None], z, scale).exp_()
-            p_col = torch.addcmul(neg_lse_col[None, :], z, scale, out=z).exp_()
-            # H_p = P_row + (N / M) P_col, written straight in the operand dtype (no separate cast pass)
-            h = torch.add(p_row, p_col, alpha=ratio, out=p_row if h_dtype == acc else z.new_empty(z.shape,
-                                                                                                 dtype=h_dtype))
-            del p_row, p_col
-        else:
-            p_row = torch.addcmul(neg_lse_row[p0:p1, None], z, scale, out=z)
-            h = torch.exp(p_row, out=z if h_dtype == acc else z.new_empty(z.shape, dtype=h_dtype))
-            del p_row
+        z = gemm.mm(a_p, gemm.b.t())  # unscaled logits; the epilogue applies s and -lse
+        h = probs(z, scale, lse_r[p0:p1], lse_c, ratio, h_dtype)
         del z
         da_p = gemm.mm(h, gemm.b).mul_(unit)  # (r, D)
         da_p.sub_(gemm.b[p0 + offset : p1 + offset].to(acc) * w_pos)  # the positives' -1 terms
         da[p0:p1] = da_p
         del da_p
-        if db_part is None:
-            db.addmm_(h.t(), a_p)
-        else:
-            db.add_(gemm.mm(h.t(), a_p, out=db_part))
+        if not fused:
+            if db_part is None:
+                db.addmm_(h.t(), a_p)
+            else:
+                db.add_(gemm.mm(h.t(), a_p, out=db_part))
         del h
+    if fused:
+        return da, _db_from_columns(a, b, gemm, scale, lse_r, lse_c, ratio, h_dtype, unit, w_pos, offset,
+                                    _rows(M, N, acc, panel_rows))
     db.mul_(unit)
     # the positives' -1 terms of db, a panel at a time (an upcast copy of a stays O(R D))
     for p0 in range(0, N, R):
@@ -226,82 +217,69 @@ def info_nce_bwd_chunked(dloss: Tensor, a: Tensor, b: Tensor, temperature: Tenso
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the "triton" epilogue (EPILOGUE above)
+# panel epilogues: "torch" (eager passes) and "triton" (triton/info_nce_epilogue.py), chosen by EPILOGUE
 
 
 def _triton_epilogue(a: Tensor, acc: torch.dtype) -> bool:
-    if EPILOGUE != "triton" or acc != torch.float32:
-        return False
-    from ._backends import can_run_triton
-
-    return can_run_triton(a.device, a.dtype)
+    return EPILOGUE == "triton" and acc == torch.float32 and can_run_triton(a.device, a.dtype)
 
 
-def _fwd_fused(a: Tensor, gemm: _Gemm, scale: Tensor, offset: int, symmetric: bool, R: int):
-    """The forward with one Triton pass per log-sum-exp direction over each panel's unscaled fp32 logits."""
+def _lse_torch(z: Tensor, scale: Tensor, diag: int, symmetric: bool):
+    """(row log-sum-exps, positives at column i + diag, column log-sum-exps or None) of scale * z; scales z in
+    place."""
+    z.mul_(scale)
+    return torch.logsumexp(z, 1), z.diagonal(diag), (torch.logsumexp(z, 0) if symmetric else None)
+
+
+def _lse_fused(z: Tensor, scale: Tensor, diag: int, symmetric: bool):
+    """As `_lse_torch`, one Triton pass over z per direction; z is left unscaled."""
     from .triton import info_nce_epilogue as ep
 
-    N = a.shape[0]
     s1 = scale.reshape(1)
-    bt = gemm.b.t()
-    lse_row = a.new_empty((N,), dtype=torch.float32)
-    pos = a.new_empty((N,), dtype=torch.float32)
-    lse_col = None
-    for p0 in range(0, N, R):
-        p1 = min(p0 + R, N)
-        z = gemm.mm(gemm.operand(a[p0:p1]), bt)  # (r, M), unscaled: the kernels apply the scale as they read
-        lse_row[p0:p1] = ep.row_lse(z, s1)
-        pos[p0:p1] = z.diagonal(p0 + offset) * scale
-        if symmetric:
-            col = ep.col_lse(z, s1)
-            lse_col = col if lse_col is None else torch.logaddexp(lse_col, col)
-        del z
-    loss = (lse_row - pos).mean()
-    if symmetric:
-        loss = loss + (lse_col - pos).mean()
-    else:
-        lse_col = a.new_empty((0,), dtype=torch.float32)
-    return loss, lse_row, lse_col
+    return ep.row_lse(z, s1), z.diagonal(diag) * scale, (ep.col_lse(z, s1) if symmetric else None)
 
 
-def _bwd_two_pass(g, a, b, gemm: _Gemm, scale, lse_row, lse_col, offset, symmetric, R, C):
-    """da from row panels and db from column panels, each gradient block one GEMM written once. The row-panel
-    path instead adds every panel's (M, D) fp32 partial of db into an accumulator: at N = M = 65536, D = 1024
-    that is ~1 GB of memory traffic per panel, 205 times, against one extra logits GEMM here."""
+def _probs_torch(z: Tensor, scale: Tensor, lse_r: Tensor, lse_c: Optional[Tensor], ratio: float,
+                 h_dtype: torch.dtype) -> Tensor:
+    """H = exp(s z - lse_r[:, None]) (+ ratio exp(s z - lse_c[None, :])) in h_dtype, with addcmul applying s and
+    -lse in one pass; z is consumed (overwritten)."""
+    acc = z.dtype
+    if lse_c is not None:
+        p_row = torch.addcmul(-lse_r[:, None], z, scale).exp_()
+        p_col = torch.addcmul(-lse_c[None, :], z, scale, out=z).exp_()
+        # H_p = P_row + (N / M) P_col, written straight in the operand dtype (no separate cast pass)
+        return torch.add(p_row, p_col, alpha=ratio,
+                         out=p_row if h_dtype == acc else z.new_empty(z.shape, dtype=h_dtype))
+    p_row = torch.addcmul(-lse_r[:, None], z, scale, out=z)
+    return torch.exp(p_row, out=z if h_dtype == acc else z.new_empty(z.shape, dtype=h_dtype))
+
+
+def _probs_fused(z: Tensor, scale: Tensor, lse_r: Tensor, lse_c: Optional[Tensor], ratio: float,
+                 h_dtype: torch.dtype) -> Tensor:
+    """As `_probs_torch`, one Triton pass; z is left as it is."""
     from .triton import info_nce_epilogue as ep
 
+    return ep.probs(z, scale.reshape(1), lse_r, lse_c, ratio, h_dtype)
+
+
+def _db_from_columns(a, b, gemm: _Gemm, scale, lse_r, lse_c, ratio, h_dtype, unit, w_pos, offset, C):
+    """db from column panels of C columns, each block one GEMM written once (the Triton epilogue's backward). The
+    row-panel path instead adds every panel's (M, D) fp32 partial of db into an accumulator: at N = M = 65536,
+    D = 1024 that is ~1 GB of memory traffic per panel, 205 times, against one extra logits GEMM here."""
     N, M = a.shape[0], b.shape[0]
-    s1 = scale.reshape(1)
-    unit = g * scale / N
-    w_pos = g * scale * (1.0 / N + 1.0 / M) if symmetric else unit
-    ratio = N / M
-    lse_r = lse_row.to(torch.float32).contiguous()
-    lse_c = lse_col.to(torch.float32).contiguous() if symmetric else None
-    h_dtype = a.dtype if gemm.low else torch.float32
     a_op = gemm.operand(a)
-    da = torch.empty_like(a, memory_format=torch.contiguous_format)
-    for p0 in range(0, N, R):
-        p1 = min(p0 + R, N)
-        z = gemm.mm(gemm.operand(a[p0:p1]), gemm.b.t())  # (r, M)
-        h = ep.probs(z, s1, lse_r[p0:p1], lse_c, ratio, h_dtype)
-        del z
-        da_p = gemm.mm(h, gemm.b).mul_(unit)
-        del h
-        da_p.sub_(gemm.b[p0 + offset : p1 + offset].to(torch.float32) * w_pos)  # the positives' -1 terms
-        da[p0:p1] = da_p
-        del da_p
     db = torch.empty_like(b, memory_format=torch.contiguous_format)
     for q0 in range(0, M, C):
         q1 = min(q0 + C, M)
         z = gemm.mm(a_op, gemm.b[q0:q1].t())  # (N, c): every row of a against these columns
-        h = ep.probs(z, s1, lse_r, None if lse_c is None else lse_c[q0:q1], ratio, h_dtype)
+        h = _probs_fused(z, scale, lse_r, None if lse_c is None else lse_c[q0:q1], ratio, h_dtype)
         del z
         db_q = gemm.mm(h.t(), a_op).mul_(unit)  # (c, D)
         del h
         # column j's positive is row j - offset, where that row exists
         i0, i1 = max(q0 - offset, 0), min(q1 - offset, N)
         if i1 > i0:
-            db_q[i0 + offset - q0 : i1 + offset - q0].sub_(a[i0:i1].to(torch.float32) * w_pos)
+            db_q[i0 + offset - q0 : i1 + offset - q0].sub_(a[i0:i1].to(db_q.dtype) * w_pos)
         db[q0:q1] = db_q
         del db_q
-    return da, db
+    return db

@@ -13,16 +13,13 @@ import torch
 from torch import Tensor
 
 from . import _backends, _ext
+from ._backends import acc_dtype as _acc_dtype
 from ._checks import check_htwa_args
 
 __all__ = ["htwa_attention", "htwa_attention_qkv"]
 
 _CPU_ORDER = ("cpp",)
 _CUDA_ORDER = ("triton", "cuda")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------------------------

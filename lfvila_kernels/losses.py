@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backends, _ext
+from ._backends import acc_dtype as _acc_dtype
 from ._checks import check_info_nce_args, check_mtc_args
 
 __all__ = ["info_nce_loss", "temporal_contrastive_loss", "sample_mtc_indices", "gather_with_grad"]
@@ -34,10 +35,6 @@ _CPU_ORDER = ("cpp",)
 # CUDA: the row-panel GEMMs first. On an H100 (bf16, D = 1024, fwd+bwd, 2026-11-26) they took 2.4 / 18 / 309 ms
 # at N = 4096 / 16384 / 65536 against 4.6 / 58 / 903 ms for the Triton tiles (benchmarks/RESULTS.md).
 _CUDA_ORDER = ("chunked", "triton", "cuda")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -204,8 +201,6 @@ def _temperature_tensor(temperature, like: Tensor) -> Tensor:
 
 
 def _resolve_backend(backend: str, device: str, dtype: torch.dtype) -> str:
-    if backend == "chunked":  # plain torch: runs on any device and dtype, nothing to check
-        return backend
     return _backends.resolve("info_nce_fwd", backend, device, dtype, _CPU_ORDER, _CUDA_ORDER)
 
 

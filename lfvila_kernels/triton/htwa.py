@@ -47,12 +47,13 @@ the chunk sum tree. (The reference materialises B * boxes * heads * N^2 attentio
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from .._backends import acc_dtype as _acc_dtype, triton_interpreted as _interpreted
 
 __all__ = ["htwa_fwd_triton", "htwa_bwd_triton"]
 
@@ -66,10 +67,6 @@ BLOCK_OVERRIDE: Optional[int] = None  # tests only: force the tile size (a power
 # "no_dbias_rmw": True}. "no_dbias_rmw" skips the dQ kernel's dbias workspace updates to time
 # them; its dbias is then WRONG. Empty (the default) means the settings below.
 TUNE: dict = {}
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -688,10 +685,6 @@ def _launch_kw(cfg, backward=False):
 
 def _strides5(x):
     return tuple(x.stride())[:5]
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _geometry_args(q, window, shift):

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backends import triton_interpreted
+from .._backends import acc_dtype as _acc_dtype, triton_interpreted
 
 
 @triton.jit
@@ -143,10 +143,6 @@ def _flags(dtype: torch.dtype, device: torch.device):
     upcast = triton_interpreted() or dtype in (torch.float32, torch.float64)
     ieee = dtype in (torch.float32, torch.float64)
     return acc, upcast, ieee
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _lse(x: torch.Tensor, y: torch.Tensor, params: torch.Tensor) -> torch.Tensor:

@@ -18,13 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backends import triton_interpreted as _interpreted
+
 __all__ = ["row_lse", "col_lse", "probs"]
-
-
-def _interpreted() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -104,25 +100,27 @@ def _check(z: torch.Tensor):
                          f"strides {z.stride()}")
 
 
+def _lse(z: torch.Tensor, scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """logsumexp of scale * z over `dim` (1: the row walk, 0: the column walk) of an (R, C) fp32 panel."""
+    _check(z)
+    R, C = z.shape
+    out = torch.empty(z.shape[1 - dim], dtype=torch.float32, device=z.device)
+    kernel, kind = (_row_lse_kernel, "row") if dim == 1 else (_col_lse_kernel, "col")
+    br, bc = _blocks(kind)
+    grid = triton.cdiv(R, br) if dim == 1 else triton.cdiv(C, bc)
+    kernel[(grid,)](z, out, scale, R, C, z.stride(0), BLOCK_R=br, BLOCK_C=bc)
+    return out
+
+
 def row_lse(z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(R, C) fp32 panel -> (R,) fp32 logsumexp of scale * z along the columns; scale a one-element fp32 tensor
     on z's device."""
-    _check(z)
-    R, C = z.shape
-    out = torch.empty(R, dtype=torch.float32, device=z.device)
-    br, bc = _blocks("row")
-    _row_lse_kernel[(triton.cdiv(R, br),)](z, out, scale, R, C, z.stride(0), BLOCK_R=br, BLOCK_C=bc)
-    return out
+    return _lse(z, scale, 1)
 
 
 def col_lse(z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(R, C) fp32 panel -> (C,) fp32 logsumexp of scale * z along the rows (scale as in `row_lse`)."""
-    _check(z)
-    R, C = z.shape
-    out = torch.empty(C, dtype=torch.float32, device=z.device)
-    br, bc = _blocks("col")
-    _col_lse_kernel[(triton.cdiv(C, bc),)](z, out, scale, R, C, z.stride(0), BLOCK_R=br, BLOCK_C=bc)
-    return out
+    return _lse(z, scale, 0)
 
 
 def probs(z: torch.Tensor, scale: torch.Tensor, lse_r: torch.Tensor, lse_c, ratio: float,
