@@ -174,18 +174,24 @@ def test_info_nce_noncontiguous_rows():
 # opcheck and torch.compile
 
 
-def test_opcheck_info_nce_ops():
-    a, b = make_features(40, 12, torch.float64, seed=4)
+@pytest.mark.parametrize("backend,n", [("cpp", 40), ("chunked", 70)])
+def test_opcheck_info_nce_ops(backend, n, monkeypatch):
+    """opcheck of both ops on a compiled and a plain-torch backend; "chunked" with 64-row panels (70 rows: two)."""
+    from lfvila_kernels import _info_nce_chunked
+
+    monkeypatch.setattr(_info_nce_chunked, "PANEL_BUDGET_BYTES", 1)
+    a, b = make_features(n, 12, torch.float64, seed=4)
     t = torch.tensor(0.2, dtype=torch.float64)
     quick = ("test_schema", "test_autograd_registration", "test_faketensor")  # the full set once, these elsewhere
     x, y, tt = a.clone().requires_grad_(), b.clone().requires_grad_(), t.clone().requires_grad_()
-    torch.library.opcheck(torch.ops.lfvila.info_nce_fwd.default, (x, y, tt, 0, True, "cpp"))
-    torch.library.opcheck(torch.ops.lfvila.info_nce_fwd.default, (x[:10], y, tt, 30, False, "cpp"), test_utils=quick)
+    torch.library.opcheck(torch.ops.lfvila.info_nce_fwd.default, (x, y, tt, 0, True, backend))
+    torch.library.opcheck(torch.ops.lfvila.info_nce_fwd.default, (x[:10], y, tt, 30, False, backend),
+                          test_utils=quick)
     for symmetric in (True, False):
-        loss, lse_row, lse_col = torch.ops.lfvila.info_nce_fwd(a, b, t, 0, symmetric, "cpp")
+        loss, lse_row, lse_col = torch.ops.lfvila.info_nce_fwd(a, b, t, 0, symmetric, backend)
         torch.library.opcheck(
             torch.ops.lfvila.info_nce_bwd.default,
-            (torch.tensor(1.3, dtype=torch.float64), a, b, t, lse_row, lse_col, 0, symmetric, "cpp"),
+            (torch.tensor(1.3, dtype=torch.float64), a, b, t, lse_row, lse_col, 0, symmetric, backend),
             test_utils=quick,
         )
 

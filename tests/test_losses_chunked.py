@@ -165,23 +165,6 @@ def test_chunked_scratch_is_one_panel(small_panels):
     assert _rel_err(da, ref[1]) <= 1e-10 and _rel_err(db, ref[2]) <= 1e-10
 
 
-def test_opcheck_chunked_ops(small_panels):
-    a, b = _features(70, 12, seed=4)
-    t = torch.tensor(0.2, dtype=torch.float64)
-    quick = ("test_schema", "test_autograd_registration", "test_faketensor")
-    x, y, tt = a.clone().requires_grad_(), b.clone().requires_grad_(), t.clone().requires_grad_()
-    torch.library.opcheck(torch.ops.lfvila.info_nce_fwd.default, (x, y, tt, 0, True, "chunked"))
-    torch.library.opcheck(torch.ops.lfvila.info_nce_fwd.default, (x[:10], y, tt, 30, False, "chunked"),
-                          test_utils=quick)
-    for symmetric in (True, False):
-        _, lse_row, lse_col = torch.ops.lfvila.info_nce_fwd(a, b, t, 0, symmetric, "chunked")
-        torch.library.opcheck(
-            torch.ops.lfvila.info_nce_bwd.default,
-            (torch.tensor(1.3, dtype=torch.float64), a, b, t, lse_row, lse_col, 0, symmetric, "chunked"),
-            test_utils=quick,
-        )
-
-
 def test_chunked_bad_offset_and_panel_rows():
     a, b = _features(10, 4, seed=1, m=20)
     t = torch.tensor(0.1, dtype=torch.float64)

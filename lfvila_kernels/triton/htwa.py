@@ -83,6 +83,16 @@ def _box(j, L, O, WN):
 
 
 @triton.jit
+def _box3(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW):
+    """Box `box` of the grid (t-major, NBH x NBW boxes per frame slab): its first token (t0, h0, w0), its extent
+    along h and w (lh, lw), the in-window coordinates of its first token (ct, ch, cw) and its token count nb."""
+    t0, lt, ct = _box(box // (NBH * NBW), T, OT, WT)
+    h0, lh, ch = _box((box // NBW) % NBH, H, OH, WH)
+    w0, lw, cw = _box(box % NBW, W, OW, WW)
+    return t0, h0, w0, lh, lw, ct, ch, cw, lt * lh * lw
+
+
+@triton.jit
 def _decode(idx, t0, h0, w0, lh, lw, ct, ch, cw,
             WH: tl.constexpr, WW: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     """Flat box indices -> (frame, row, column) as int64 (for offsets), in-window index n, bias key R."""
@@ -154,10 +164,7 @@ def _htwa_fwd_kernel(
     b = tl.program_id(2)
     box = pid // N_TILES
     tile = pid % N_TILES
-    t0, lt, ct = _box(box // (NBH * NBW), T, OT, WT)
-    h0, lh, ch = _box((box // NBW) % NBH, H, OH, WH)
-    w0, lw, cw = _box(box % NBW, W, OW, WW)
-    nb = lt * lh * lw
+    t0, h0, w0, lh, lw, ct, ch, cw, nb = _box3(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW)
     if tile * BLOCK_M >= nb:
         return
     ACC = LSE.dtype.element_ty
@@ -257,10 +264,7 @@ def _htwa_bwd_dq_kernel(
         unit = tl.load(UNITS + ui)
         b = unit // NBOX
         box = unit % NBOX
-        t0, lt, ct = _box(box // (NBH * NBW), T, OT, WT)
-        h0, lh, ch = _box((box // NBW) % NBH, H, OH, WH)
-        w0, lw, cw = _box(box % NBW, W, OW, WW)
-        nb = lt * lh * lw
+        t0, h0, w0, lh, lw, ct, ch, cw, nb = _box3(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW)
         if tile * BLOCK_M < nb:
             offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
             m_ok = offs_m < nb
@@ -343,10 +347,7 @@ def _htwa_bwd_dkdv_kernel(
     b = tl.program_id(2)
     box = pid // N_TILES
     tile = pid % N_TILES
-    t0, lt, ct = _box(box // (NBH * NBW), T, OT, WT)
-    h0, lh, ch = _box((box // NBW) % NBH, H, OH, WH)
-    w0, lw, cw = _box(box % NBW, W, OW, WW)
-    nb = lt * lh * lw
+    t0, h0, w0, lh, lw, ct, ch, cw, nb = _box3(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW)
     if tile * BLOCK_N >= nb:
         return
     ACC = LSE.dtype.element_ty
@@ -445,10 +446,7 @@ def _htwa_bwd_dbias_kernel(
         unit = tl.load(UNITS + ui)
         b = unit // NBOX
         box = unit % NBOX
-        t0, lt, ct = _box(box // (NBH * NBW), T, OT, WT)
-        h0, lh, ch = _box((box // NBW) % NBH, H, OH, WH)
-        w0, lw, cw = _box(box % NBW, W, OW, WW)
-        nb = lt * lh * lw
+        t0, h0, w0, lh, lw, ct, ch, cw, nb = _box3(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW)
         m_ok = offs_m < nb
         n_ok = offs_n < nb
         mn = m_ok[:, None] & n_ok[None, :]
@@ -520,10 +518,7 @@ def _htwa_bwd_small_kernel(
         unit = tl.load(UNITS + ui)
         b = unit // NBOX
         box = unit % NBOX
-        t0, lt, ct = _box(box // (NBH * NBW), T, OT, WT)
-        h0, lh, ch = _box((box // NBW) % NBH, H, OH, WH)
-        w0, lw, cw = _box(box % NBW, W, OW, WW)
-        nb = lt * lh * lw
+        t0, h0, w0, lh, lw, ct, ch, cw, nb = _box3(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW)
         ok = offs < nb
         md = ok[:, None] & d_ok[None, :]
         ok2 = ok[:, None] & ok[None, :]
