@@ -791,15 +791,15 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
     cb.block = nm * NP;
     acc_t* heads_mem =
         mem.get(hg * per_head + 2 * R * NP + 8 /*S dP*/ + R * Dp /*dQ*/ + NP + 8 /*bias row*/ +
-                (dense ? 2 * hg * cb.block : 0));
+                (dense ? 2 * hg * cb.block + 8 : 0));
     acc_t* S = heads_mem + hg * per_head;
     acc_t* dP = S + R * NP;
     acc_t* dQb = dP + R * NP + 8;  // dbias_row reads up to 8 past a dS row
     acc_t* brow = dQb + R * Dp;
     cb.dense = brow + NP + 8;
     acc_t* dS_acc = cb.dense + hg * cb.block;  // per class sums of dS (dense path)
-    std::vector<int32_t> acc_A(dense ? nm : 0);
-    int64 acc_n = 0;  // tokens of the class held in dS_acc (0: empty)
+    BoxTokens acc_bt;  // the tokens (bias keys, runs) of the class held in dS_acc
+    int64 acc_n = 0;   // its token count (0: empty)
     // per-head scratch layout
     auto Qs_of = [&](int64 hh) { return heads_mem + hh * per_head; };
     auto Ks_of = [&](int64 hh) { return Qs_of(hh) + NP * Dp; };
@@ -817,11 +817,9 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
       for (int64 hh = 0; hh < hg; ++hh) {
         const acc_t* blk = dS_acc + hh * cb.block;
         acc_t* pb = pbias + hh * rv.stride + rv.base;
-        for (int64 i = 0; i < n; ++i) {
-          acc_t* prow = pb - acc_A[i];
-          const acc_t* x = blk + i * np;
-          for (int64 j = 0; j < n; ++j) prow[acc_A[j]] += x[j];
-        }
+        // a row at a time through the runs, 8 wide for float (dbias_row reads up to 8 past a row: the next row,
+        // or the slack after the last block)
+        for (int64 i = 0; i < n; ++i) dbias_row(pb - acc_bt.A[i], blk + i * np, acc_bt);
       }
       acc_n = 0;
     };
@@ -893,7 +891,7 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
             flush(pbias);
             acc_cls = cls;
             acc_n = n;
-            std::copy(bt.A.begin(), bt.A.begin() + n, acc_A.begin());
+            acc_bt = bt;
             std::fill(dS_acc, dS_acc + hg * cb.block, acc_t(0));
           }
         }

@@ -103,12 +103,15 @@ def test_ragged_shifted_quirk_fp64(cfg):
     _assert_close(got, _run(htwa_reference, qkv, table, dout, **kw), 1e-10)
 
 
-def test_many_boxes_dense_bias_path_fp64():
-    # enough boxes per work chunk that the kernel uses its per-class dense bias / dbias blocks in both passes
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_many_boxes_dense_bias_path(dtype, tol):
+    # enough boxes per work chunk that the kernel uses its per-class dense bias / dbias blocks in both passes (in
+    # fp32 the class's dS sums go into dbias 8 wide through the key runs; fp64 goes one element at a time)
     kw = dict(window=(2, 3, 5), shift=(0, 1, 2), bias_window=(2, 3, 5))
     qkv, table, dout = _inputs(2, (4, 12, 40), 2, 32, kw["bias_window"], seed=7)
-    got = _run(_cpp, qkv, table, dout, **kw)
-    _assert_close(got, _run(_dense, qkv, table, dout, **kw), 1e-10)
+    want = _run(_dense, qkv, table, dout, **kw)
+    got = _run(_cpp, qkv.to(dtype), table.to(dtype), dout.to(dtype), **kw)
+    _assert_close(got, want, tol)
 
 
 def test_no_bias_fp64():
