@@ -767,7 +767,8 @@ BwdSplit bwd_split(const Geom& g) {
   sp.items_per_group = g.B * g.nbox;
   sp.hg = choose_group(g.heads, bwd_per_head<acc_t>(g) * static_cast<int64>(sizeof(acc_t)), sp.items_per_group);
   sp.groups = g.heads / sp.hg;
-  sp.parts = std::max<int64>(1, std::min<int64>(sp.items_per_group, (kBiasChunks + sp.groups - 1) / sp.groups));
+  // at least two boxes a chunk where there are two, so the dense per-class dS sums (bwd_impl) pay off
+  sp.parts = std::max<int64>(1, std::min<int64>(sp.items_per_group / 2, (kBiasChunks + sp.groups - 1) / sp.groups));
   return sp;
 }
 
