@@ -908,8 +908,6 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
           zero_rows(dKs, Dp, n, np);
           htwa_simd::transpose(Kt, np, Ks, Dp, np, Dp);
           htwa_simd::transpose(Vt, np, dKs, Dp, np, Dp);
-          zero_rows(dKs, Dp, 0, n);
-          zero_rows(dVs, Dp, 0, n);
           const acc_t* R_h = biasR ? biasR + hd * rv.stride + rv.base : nullptr;
           const acc_t* dense_h = dense ? cb.dense + hh * cb.block : nullptr;
           acc_t* dsacc_h = dense ? dS_acc + hh * cb.block : nullptr;
@@ -937,8 +935,14 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
             }
             // dQ = dS K ; dV += P^T dO ; dK += dS^T (scale q)
             htwa_simd::gemm<acc_t, false>(rb, Dp, n, dP, np, 1, Ks, Dp, dQb, Dp);
-            htwa_simd::gemm<acc_t, true>(n, Dp, rb, S, 1, np, dOs + r0 * Dp, Dp, dVs, Dp);
-            htwa_simd::gemm<acc_t, true>(n, Dp, rb, dP, 1, np, Qs + r0 * Dp, Dp, dKs, Dp);
+            // the first row block writes dK/dV (dKs still holds the v rows, already transposed), later ones add
+            if (r0 == 0) {
+              htwa_simd::gemm<acc_t, false>(n, Dp, rb, S, 1, np, dOs, Dp, dVs, Dp);
+              htwa_simd::gemm<acc_t, false>(n, Dp, rb, dP, 1, np, Qs, Dp, dKs, Dp);
+            } else {
+              htwa_simd::gemm<acc_t, true>(n, Dp, rb, S, 1, np, dOs + r0 * Dp, Dp, dVs, Dp);
+              htwa_simd::gemm<acc_t, true>(n, Dp, rb, dP, 1, np, Qs + r0 * Dp, Dp, dKs, Dp);
+            }
             for (int64 i = 0; i < rb; ++i) {
               const int64 r = r0 + i;
               pq.step();
