@@ -10,8 +10,10 @@ Benchmarks measure; they never assert speed. `python benchmarks/report.py RESULT
 median of the per-round ratios: this VM's speed drifts by up to +-20 % over minutes, so two medians taken a minute
 apart (the groups above) can disagree by more than the effect measured; alternating rounds see the same machine.
 
-Environment knobs: LFVILA_BENCH_BATCH (default 1), LFVILA_BENCH_ROUNDS (default 5), LFVILA_BENCH_PAIRED_ROUNDS
-(default 10), LFVILA_BENCH_MEMORY=0 to skip the memory probes, LFVILA_BENCH_LAYERS=0,5 to run some layers only.
+Environment knobs: LFVILA_BENCH_BATCH (default 1), LFVILA_BENCH_ROUNDS (default 15: with 5, one slow second of
+the VM set a group's median), LFVILA_BENCH_PAIRED_ROUNDS (default 10), LFVILA_BENCH_MEMORY=0 to skip the memory
+probes, LFVILA_BENCH_MEMORY_REPEATS (default 3: the median over that many fresh processes, all kept in extra_info),
+LFVILA_BENCH_LAYERS=0,5 to run some layers only.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from benchmarks.workloads import build, htwa_spec
 from lfvila_kernels.shapes import official_cases
 
 BATCH = int(os.environ.get("LFVILA_BENCH_BATCH", "1"))
-ROUNDS = int(os.environ.get("LFVILA_BENCH_ROUNDS", "5"))
+ROUNDS = int(os.environ.get("LFVILA_BENCH_ROUNDS", "15"))
 PAIRED_ROUNDS = int(os.environ.get("LFVILA_BENCH_PAIRED_ROUNDS", "10"))
 MEMORY = os.environ.get("LFVILA_BENCH_MEMORY", "1") != "0"
+MEMORY_REPEATS = int(os.environ.get("LFVILA_BENCH_MEMORY_REPEATS", "3"))
 LAYERS = {int(x) for x in os.environ.get("LFVILA_BENCH_LAYERS", "0,1,2,3,4,5").split(",")}
 
 CASES = [c for c in official_cases() if c.layer in LAYERS]
@@ -51,7 +54,9 @@ def test_htwa(benchmark, case, backend, mode):
     benchmark.extra_info.update(spec)
     benchmark.extra_info["tokens"] = case.tokens * BATCH
     if MEMORY and mode == "fwd+bwd":
-        benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(spec)
+        samples = []
+        benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(spec, repeats=MEMORY_REPEATS, samples=samples)
+        benchmark.extra_info["peak_extra_bytes_samples"] = samples
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1, iterations=1)
 
 
