@@ -783,8 +783,13 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
   const int64 R = std::min(kRowBlock, nm);
   const int64 per_head = bwd_per_head<acc_t>(g);
   const int64 hg = sp.hg, parts = sp.parts, ipg = sp.items_per_group;
-  // dense per-class bias and dS blocks: small boxes, and several boxes of a class per chunk
-  const bool dense = biasR && nm * NP * static_cast<int64>(sizeof(acc_t)) <= kDenseBytesBwd && ipg >= 2 * parts;
+  // dense per-class bias blocks (as the forward: they are reused while a thread's boxes keep their class and head
+  // group), and dense per-class dS sums for small boxes with several boxes of a class per chunk. Without the dense
+  // bias, each row's bias would be assembled from the reversed table with overlapping 8-wide stores, whose loads
+  // right after cannot be forwarded from the stores (layers 3-4: about a tenth of the kernel outside the GEMMs).
+  const int64 block_bytes = nm * NP * static_cast<int64>(sizeof(acc_t));
+  const bool dense = biasR && block_bytes <= kDenseBytesFwd && ipg >= 2;
+  const bool dense_ds = dense && block_bytes <= kDenseBytesBwd && ipg >= 2 * parts;
 
   at::parallel_for(0, sp.chunks(), 1, [&](int64 cbegin, int64 cend) {
     BoxPair boxes;
@@ -795,13 +800,13 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
     cb.block = nm * NP;
     acc_t* heads_mem =
         mem.get(hg * per_head + 2 * R * NP + 8 /*S dP*/ + R * Dp /*dQ*/ + NP + 8 /*bias row*/ +
-                (dense ? 2 * hg * cb.block + 8 : 0));
+                (dense ? hg * cb.block : 0) + (dense_ds ? hg * cb.block + 8 : 0));
     acc_t* S = heads_mem + hg * per_head;
     acc_t* dP = S + R * NP;
     acc_t* dQb = dP + R * NP + 8;  // dbias_row reads up to 8 past a dS row
     acc_t* brow = dQb + R * Dp;
     cb.dense = brow + NP + 8;
-    acc_t* dS_acc = cb.dense + hg * cb.block;  // per class sums of dS (dense path)
+    acc_t* dS_acc = cb.dense + hg * cb.block;  // per class sums of dS (dense_ds)
     BoxTokens acc_bt;  // the tokens (bias keys, runs) of the class held in dS_acc
     int64 acc_n = 0;   // its token count (0: empty)
     // per-head scratch layout
@@ -891,7 +896,7 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
         if (dense) {
           const int64 cls = g.cls[pos];
           cb.prepare(g, bt, cls, hd0, hg, biasR, rv);
-          if (cls != acc_cls) {
+          if (dense_ds && cls != acc_cls) {
             flush(pbias);
             acc_cls = cls;
             acc_n = n;
@@ -910,7 +915,7 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
           htwa_simd::transpose(Vt, np, dKs, Dp, np, Dp);
           const acc_t* R_h = biasR ? biasR + hd * rv.stride + rv.base : nullptr;
           const acc_t* dense_h = dense ? cb.dense + hh * cb.block : nullptr;
-          acc_t* dsacc_h = dense ? dS_acc + hh * cb.block : nullptr;
+          acc_t* dsacc_h = dense_ds ? dS_acc + hh * cb.block : nullptr;
           acc_t* PR_h = pbias ? pbias + hh * rv.stride + rv.base : nullptr;
 
           for (int64 r0 = 0; r0 < n; r0 += R) {
@@ -956,7 +961,7 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
           }
         }
       }
-      if (dense) flush(pbias);
+      if (dense_ds) flush(pbias);
     }
   });
 }
