@@ -10,11 +10,12 @@
 //
 // Bias row of (query, key) = C + A(query) - A(key), with A linear in the bias_window coordinates (BoxTokens).
 // Boxes come in at most 27 shapes ("classes": per axis a front partial box, full boxes, a ragged end box) and
-// the bias of a box depends on its class only, so boxes are visited class by class: for small boxes the class's
-// dense bias block is built once and added with vector loads, and dbias is accumulated densely per class and
-// scattered into the table once per class run. Larger boxes read the bias from a reversed copy of the table
-// (RevBias), where a w-run of keys has its bias values adjacent: rows are built, and dS rows scattered into
-// dbias, 8 floats at a time. While an item computes, the next item's rows are prefetched (PrefetchPlan).
+// the bias of a box depends on its class only, so boxes are visited class by class: for boxes up to 256 KiB a
+// head (layers 0-4) the class's dense bias block is built once and added with vector loads; for boxes up to
+// 64 KiB (layers 0-2) dbias is also accumulated densely per class and scattered into the table once per class
+// run. The bias table is also kept reversed (RevBias), where a w-run of keys has its bias values adjacent: larger
+// boxes build their bias rows from it, and dS rows (or the dense sums) go into dbias through it, 8 floats at a
+// time. While an item computes, the next item's rows are prefetched (PrefetchPlan).
 // dbias is deterministic: the work is split into a fixed number of chunks (independent of the thread count),
 // each one head group wide with its own partial sums; the partials are summed in chunk order afterwards.
 #include <ATen/ATen.h>
