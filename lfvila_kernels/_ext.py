@@ -17,13 +17,18 @@ def load_error() -> str | None:
     return None
 
 
+def dispatch_has_kernel(qualname: str, device_type: str) -> bool:
+    """True when the dispatcher has a kernel of the op overload `qualname` (e.g. "aten::mm.dtype") for the
+    device type ('cpu', 'cuda', ...): what a call on that device would find, asked without making the call."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, device_type.upper())
+
+
 @torch.compiler.assume_constant_result  # a dispatcher query dynamo cannot trace; constant for a process
 def has_kernel(op: str, device: str) -> bool:
     """True when the compiled op `lfvila_C::<op>` has a kernel for `device` ('cpu' or 'cuda')."""
     if load_error() is not None:
         return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device]
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lfvila_C::{op}", key)
+    return dispatch_has_kernel(f"lfvila_C::{op}", device)
 
 
 def ops():

@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _ext
 from ._backends import acc_dtype as _acc_dtype, can_run_triton
 
 __all__ = ["info_nce_fwd_chunked", "info_nce_bwd_chunked", "choose_panel_rows", "PANEL_BUDGET_BYTES", "EPILOGUE"]
@@ -73,18 +74,12 @@ def choose_panel_rows(n: int, m: int, acc_dtype: torch.dtype, budget_bytes: Opti
 
 
 @functools.lru_cache(maxsize=None)
-def _has_fp32_out_mm(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether torch.mm(x, y, out_dtype=torch.float32) runs for `dtype` inputs on this device type: the
-    `aten::mm.dtype` overload exists from torch 2.8, with kernels for CUDA (and XPU / ROCm in later releases)
-    but not the CPU (NotImplementedError in 2.13). Probed once on a 1 x 1 product rather than guessed from
-    the version."""
-    if "dtype" not in torch.ops.aten.mm.overloads():
-        return False
-    try:
-        x = torch.ones((1, 1), dtype=dtype, device=device_type)
-        return torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
-    except (RuntimeError, TypeError):  # NotImplementedError (the CPU) is a RuntimeError
-        return False
+def _has_fp32_out_mm(device_type: str) -> bool:
+    """Whether torch.mm(x, y, out_dtype=torch.float32) has a kernel on this device type (for fp16 / bf16 inputs,
+    the only ones `_Gemm` passes): the `aten::mm.dtype` overload exists from torch 2.8, with a CUDA kernel (and
+    XPU / ROCm ones in later releases) but none for the CPU (2.13). Asked of the dispatcher, as `_ext.has_kernel`
+    asks it about the compiled ops, rather than guessed from the version."""
+    return "dtype" in torch.ops.aten.mm.overloads() and _ext.dispatch_has_kernel("aten::mm.dtype", device_type)
 
 
 class _Gemm:
@@ -93,7 +88,7 @@ class _Gemm:
 
     def __init__(self, a: Tensor, b: Tensor, acc: torch.dtype):
         self.acc = acc
-        self.low = a.dtype in _HALF and _has_fp32_out_mm(a.device.type, a.dtype)
+        self.low = a.dtype in _HALF and _has_fp32_out_mm(a.device.type)
         self.b = self.operand(b)  # (M, D); the upcast copy, if any, made once
 
     def operand(self, x: Tensor) -> Tensor:

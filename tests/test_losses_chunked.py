@@ -134,6 +134,34 @@ def test_choose_panel_rows():
     assert chunked.choose_panel_rows(1, 10**9, torch.float32) == 1
 
 
+def test_fp32_output_gemm_capability_matches_what_runs():
+    """The dispatcher's answer agrees with a real call on the CPU: no fp32-output 16-bit GEMM there, so the 16-bit
+    inputs take the upcast path."""
+    assert chunked._has_fp32_out_mm("cpu") is False
+    x = torch.ones((2, 2), dtype=torch.bfloat16)
+    if "dtype" in torch.ops.aten.mm.overloads():
+        with pytest.raises(NotImplementedError):
+            torch.mm(x, x, out_dtype=torch.float32)
+    assert chunked._Gemm(x, x, torch.float32).low is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the fp32-output GEMM is CUDA-only)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_output_gemm_on_cuda(dtype):
+    """Torch >= 2.8 has the CUDA kernel and the dispatcher reports it; the 16-bit product then comes back in fp32
+    and matches the fp32 product of the same 16-bit values (older torch: reported absent, the upcast path)."""
+    has = "dtype" in torch.ops.aten.mm.overloads()
+    assert chunked._has_fp32_out_mm("cuda") is has
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(64, 32, device="cuda", generator=g).to(dtype)
+    y = torch.randn(32, 48, device="cuda", generator=g).to(dtype)
+    gemm = chunked._Gemm(x, y.t(), torch.float32)
+    assert gemm.low is has
+    got = gemm.mm(gemm.operand(x), gemm.operand(y))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, x.float() @ y.float(), atol=1e-3, rtol=1e-3)
+
+
 class _LargestOutput(TorchDispatchMode):
     """Records the largest numel of any aten op's output: the logits-sized temporaries are the ops' outputs."""
 
