@@ -19,12 +19,11 @@ LFVILA_BENCH_LAYERS=0,5 to run some layers only.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import pytest
 
 from benchmarks._memory import peak_extra_bytes
+from benchmarks._paired import run_paired
 from benchmarks.workloads import build, htwa_spec
 from lfvila_kernels.shapes import official_cases
 
@@ -63,23 +62,4 @@ def test_htwa(benchmark, case, backend, mode):
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_htwa_paired(benchmark, case):
     runs = {b: build(htwa_spec(case.name, b, "fwd+bwd", BATCH)) for b in ("reference", "cpp")}
-    for run in runs.values():
-        run()  # warm-up
-    times = {b: [] for b in runs}
-
-    def paired():
-        for i in range(PAIRED_ROUNDS):
-            for b in (("reference", "cpp") if i % 2 == 0 else ("cpp", "reference")):
-                t0 = time.perf_counter()
-                runs[b]()
-                times[b].append(time.perf_counter() - t0)
-
-    benchmark.group = f"htwa paired {case.name} fwd+bwd B={BATCH}"
-    benchmark.pedantic(paired, rounds=1, warmup_rounds=0, iterations=1)
-    ratios = sorted(r / o for r, o in zip(times["reference"], times["cpp"]))
-    benchmark.extra_info.update({
-        "provider": "paired", "case": case.name, "rounds": PAIRED_ROUNDS,
-        "reference_median_ms": statistics.median(times["reference"]) * 1e3,
-        "cpp_median_ms": statistics.median(times["cpp"]) * 1e3,
-        "ratio_median": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
-    })
+    run_paired(benchmark, runs, "cpp", PAIRED_ROUNDS, f"htwa paired {case.name} fwd+bwd B={BATCH}", case=case.name)

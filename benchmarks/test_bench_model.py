@@ -18,12 +18,11 @@ they assert nothing about speed.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import pytest
 
 from benchmarks._memory import peak_extra_bytes
+from benchmarks._paired import run_paired
 from benchmarks.workloads import build, model_spec
 
 FRAMES = int(os.environ.get("LFVILA_BENCH_FRAMES", "8"))
@@ -45,23 +44,5 @@ def test_stage1_fwd_bwd(benchmark, backend):
 
 def test_stage1_paired(benchmark):
     runs = {b: build(model_spec(b, FRAMES)) for b in ("reference", "auto")}
-    for run in runs.values():
-        run()  # warm-up
-    times = {b: [] for b in runs}
-
-    def paired():
-        for i in range(PAIRED_ROUNDS):
-            for b in (("reference", "auto") if i % 2 == 0 else ("auto", "reference")):
-                t0 = time.perf_counter()
-                runs[b]()
-                times[b].append(time.perf_counter() - t0)
-
-    benchmark.group = f"model paired stage-1 fwd+bwd B=1 frames={FRAMES}"
-    benchmark.pedantic(paired, rounds=1, warmup_rounds=0, iterations=1)
-    ratios = sorted(r / o for r, o in zip(times["reference"], times["auto"]))
-    benchmark.extra_info.update({
-        "provider": "paired", "frames": FRAMES, "rounds": PAIRED_ROUNDS,
-        "reference_median_ms": statistics.median(times["reference"]) * 1e3,
-        "ours_median_ms": statistics.median(times["auto"]) * 1e3,
-        "ratio_median": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
-    })
+    run_paired(benchmark, runs, "auto", PAIRED_ROUNDS, f"model paired stage-1 fwd+bwd B=1 frames={FRAMES}",
+               frames=FRAMES)
