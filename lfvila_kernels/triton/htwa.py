@@ -119,6 +119,13 @@ def _off(tt, hh, ww, st, sh, sw):
 
 
 @triton.jit
+def _tok(b, head, tt, hh, ww, sb, sn, st, sh, sw):
+    """int64 element offsets of tokens (tt, hh, ww) of batch b and head `head` in a (B, T, H, W, heads, ...) tensor
+    with strides (sb, st, sh, sw, sn); a token's D elements follow at unit stride."""
+    return (b.to(tl.int64) * sb + head * sn) + _off(tt, hh, ww, st, sh, sw)
+
+
+@triton.jit
 def _bias_q(r_q, head, BT, BH: tl.constexpr, BW: tl.constexpr):
     """Query side of the bias offset into the TRANSPOSED table (heads, nbias): (head, row) -> head * nbias + row
     = bq - R_k with bq = head * nbias + R_q + R0, so a tile costs one 2D subtraction (module docstring). Keys
@@ -175,8 +182,7 @@ def _htwa_fwd_kernel(
     d_ok = offs_d < D
     tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
     bq = _bias_q(r_q, head, BT, BH, BW)
-    q_off = _off(tq, hq, wq, sqt, sqh, sqw)
-    q = tl.load(Q + (b.to(tl.int64) * sqb + head * sqn) + q_off[:, None] + offs_d[None, :],
+    q = tl.load(Q + _tok(b, head, tq, hq, wq, sqb, sqn, sqt, sqh, sqw)[:, None] + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -214,11 +220,9 @@ def _htwa_fwd_kernel(
 
     out = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    o_off = _off(tq, hq, wq, sot, soh, sow)
-    tl.store(OUT + (b.to(tl.int64) * sob + head * son) + o_off[:, None] + offs_d[None, :],
+    tl.store(OUT + _tok(b, head, tq, hq, wq, sob, son, sot, soh, sow)[:, None] + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    l_off = _off(tq, hq, wq, slt, slh, slw)
-    tl.store(LSE + (b.to(tl.int64) * slb + head * sln) + l_off, lse, mask=m_ok)
+    tl.store(LSE + _tok(b, head, tq, hq, wq, slb, sln, slt, slh, slw), lse, mask=m_ok)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -271,12 +275,9 @@ def _htwa_bwd_dq_kernel(
             md = m_ok[:, None] & d_ok[None, :]
             tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
             bq = _bias_q(r_q, head, BT, BH, BW)
-            q_off = _off(tq, hq, wq, sqt, sqh, sqw)
-            o_off = _off(tq, hq, wq, sot, soh, sow)
-            l_off = _off(tq, hq, wq, slt, slh, slw)
-            o_base = (b.to(tl.int64) * sob + head * son) + o_off[:, None] + offs_d[None, :]
-            l_ptr = (b.to(tl.int64) * slb + head * sln) + l_off
-            q = tl.load(Q + (b.to(tl.int64) * sqb + head * sqn) + q_off[:, None] + offs_d[None, :], mask=md,
+            o_base = _tok(b, head, tq, hq, wq, sob, son, sot, soh, sow)[:, None] + offs_d[None, :]
+            l_ptr = _tok(b, head, tq, hq, wq, slb, sln, slt, slh, slw)
+            q = tl.load(Q + _tok(b, head, tq, hq, wq, sqb, sqn, sqt, sqh, sqw)[:, None] + offs_d[None, :], mask=md,
                         other=0.0)
             do = tl.load(DOUT + o_base, mask=md, other=0.0)
             o = tl.load(OUT + o_base, mask=md, other=0.0)
@@ -316,8 +317,7 @@ def _htwa_bwd_dq_kernel(
                     pp = part + n_q[:, None] * NWIN + n_k[None, :]
                     cur = tl.load(pp, mask=mn, other=0.0, cache_modifier=".cg")  # L2: coherent across threads
                     tl.store(pp, cur + ds.to(PART.dtype.element_ty), mask=mn)
-            g_off = _off(tq, hq, wq, sgt, sgh, sgw)
-            g_ptr = (b.to(tl.int64) * sgb + head * sgn) + g_off[:, None] + offs_d[None, :]
+            g_ptr = _tok(b, head, tq, hq, wq, sgb, sgn, sgt, sgh, sgw)[:, None] + offs_d[None, :]
             tl.store(DQ + g_ptr, (dq * scale).to(DQ.dtype.element_ty), mask=md)
         # the next unit may read a workspace element that another thread of this program just wrote
         tl.debug_barrier()
@@ -359,10 +359,8 @@ def _htwa_bwd_dkdv_kernel(
     nd = n_ok[:, None] & d_ok[None, :]
     tk, hk, wk, n_k, r_k = _decode(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
     bk = r_k
-    k_off = _off(tk, hk, wk, skt, skh, skw)
-    v_off = _off(tk, hk, wk, svt, svh, svw)
-    k = tl.load(K + (b.to(tl.int64) * skb + head * skn) + k_off[:, None] + offs_d[None, :], mask=nd, other=0.0)
-    v = tl.load(V + (b.to(tl.int64) * svb + head * svn) + v_off[:, None] + offs_d[None, :], mask=nd, other=0.0)
+    k = tl.load(K + _tok(b, head, tk, hk, wk, skb, skn, skt, skh, skw)[:, None] + offs_d[None, :], mask=nd, other=0.0)
+    v = tl.load(V + _tok(b, head, tk, hk, wk, svb, svn, svt, svh, svw)[:, None] + offs_d[None, :], mask=nd, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -399,8 +397,7 @@ def _htwa_bwd_dkdv_kernel(
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC).to(ACC)
 
-    kd_off = _off(tk, hk, wk, sgt, sgh, sgw)
-    ptrs = (b.to(tl.int64) * sgb + head * sgn) + kd_off[:, None] + offs_d[None, :]
+    ptrs = _tok(b, head, tk, hk, wk, sgb, sgn, sgt, sgh, sgw)[:, None] + offs_d[None, :]
     tl.store(DK + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=nd)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=nd)
 
@@ -454,21 +451,20 @@ def _htwa_bwd_dbias_kernel(
         nd = n_ok[:, None] & d_ok[None, :]
         tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
         tk, hk, wk, n_k, r_k = _decode(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
-        bb = b.to(tl.int64)
-        q = tl.load(Q + (bb * sqb + head * sqn) + _off(tq, hq, wq, sqt, sqh, sqw)[:, None] + offs_d[None, :],
-                    mask=md, other=0.0)
-        do = tl.load(DOUT + (bb * sob + head * son) + _off(tq, hq, wq, sot, soh, sow)[:, None] + offs_d[None, :],
+        q = tl.load(Q + _tok(b, head, tq, hq, wq, sqb, sqn, sqt, sqh, sqw)[:, None] + offs_d[None, :], mask=md,
+                    other=0.0)
+        do = tl.load(DOUT + _tok(b, head, tq, hq, wq, sob, son, sot, soh, sow)[:, None] + offs_d[None, :],
                      mask=md, other=0.0)
-        k = tl.load(K + (bb * skb + head * skn) + _off(tk, hk, wk, skt, skh, skw)[:, None] + offs_d[None, :],
-                    mask=nd, other=0.0)
-        v = tl.load(V + (bb * svb + head * svn) + _off(tk, hk, wk, svt, svh, svw)[:, None] + offs_d[None, :],
-                    mask=nd, other=0.0)
+        k = tl.load(K + _tok(b, head, tk, hk, wk, skb, skn, skt, skh, skw)[:, None] + offs_d[None, :], mask=nd,
+                    other=0.0)
+        v = tl.load(V + _tok(b, head, tk, hk, wk, svb, svn, svt, svh, svw)[:, None] + offs_d[None, :], mask=nd,
+                    other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        l_ptr = (bb * slb + head * sln) + _off(tq, hq, wq, slt, slh, slw)
+        l_ptr = _tok(b, head, tq, hq, wq, slb, sln, slt, slh, slw)
         lse2 = tl.load(LSE + l_ptr, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + l_ptr, mask=m_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
@@ -523,14 +519,13 @@ def _htwa_bwd_small_kernel(
         md = ok[:, None] & d_ok[None, :]
         ok2 = ok[:, None] & ok[None, :]
         tt, hh, ww, n_q, r = _decode(offs, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
-        bb = b.to(tl.int64)
-        q = tl.load(Q + (bb * sqb + head * sqn) + _off(tt, hh, ww, sqt, sqh, sqw)[:, None] + offs_d[None, :],
-                    mask=md, other=0.0)
-        k = tl.load(K + (bb * skb + head * skn) + _off(tt, hh, ww, skt, skh, skw)[:, None] + offs_d[None, :],
-                    mask=md, other=0.0)
-        v = tl.load(V + (bb * svb + head * svn) + _off(tt, hh, ww, svt, svh, svw)[:, None] + offs_d[None, :],
-                    mask=md, other=0.0)
-        o_ptr = (bb * sob + head * son) + _off(tt, hh, ww, sot, soh, sow)[:, None] + offs_d[None, :]
+        q = tl.load(Q + _tok(b, head, tt, hh, ww, sqb, sqn, sqt, sqh, sqw)[:, None] + offs_d[None, :], mask=md,
+                    other=0.0)
+        k = tl.load(K + _tok(b, head, tt, hh, ww, skb, skn, skt, skh, skw)[:, None] + offs_d[None, :], mask=md,
+                    other=0.0)
+        v = tl.load(V + _tok(b, head, tt, hh, ww, svb, svn, svt, svh, svw)[:, None] + offs_d[None, :], mask=md,
+                    other=0.0)
+        o_ptr = _tok(b, head, tt, hh, ww, sob, son, sot, soh, sow)[:, None] + offs_d[None, :]
         do = tl.load(DOUT + o_ptr, mask=md, other=0.0)
         o = tl.load(OUT + o_ptr, mask=md, other=0.0)
         if UPCAST:
@@ -538,7 +533,7 @@ def _htwa_bwd_small_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
             do = do.to(tl.float32)
-        l_ptr = (bb * slb + head * sln) + _off(tt, hh, ww, slt, slh, slw)
+        l_ptr = _tok(b, head, tt, hh, ww, slb, sln, slt, slh, slw)
         lse2 = tl.load(LSE + l_ptr, mask=ok, other=0.0) * 1.4426950408889634
         delta = tl.sum(do.to(ACC) * o.to(ACC), 1)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
@@ -551,7 +546,7 @@ def _htwa_bwd_small_kernel(
         dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC).to(ACC) * scale
         dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC).to(ACC) * scale
         dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC).to(ACC)
-        g_ptr = (bb * sgb + head * sgn) + _off(tt, hh, ww, sgt, sgh, sgw)[:, None] + offs_d[None, :]
+        g_ptr = _tok(b, head, tt, hh, ww, sgb, sgn, sgt, sgh, sgw)[:, None] + offs_d[None, :]
         tl.store(DQ + g_ptr, dq.to(DQ.dtype.element_ty), mask=md)
         tl.store(DK + g_ptr, dk.to(DK.dtype.element_ty), mask=md)
         tl.store(DV + g_ptr, dv.to(DV.dtype.element_ty), mask=md)
