@@ -942,13 +942,8 @@ void bwd_impl(const Geom& g, const BwdSplit& sp, const at::Tensor& dout, const a
             // dQ = dS K ; dV += P^T dO ; dK += dS^T (scale q)
             htwa_simd::gemm<acc_t, false>(rb, Dp, n, dP, np, 1, Ks, Dp, dQb, Dp);
             // the first row block writes dK/dV (dKs still holds the v rows, already transposed), later ones add
-            if (r0 == 0) {
-              htwa_simd::gemm<acc_t, false>(n, Dp, rb, S, 1, np, dOs, Dp, dVs, Dp);
-              htwa_simd::gemm<acc_t, false>(n, Dp, rb, dP, 1, np, Qs, Dp, dKs, Dp);
-            } else {
-              htwa_simd::gemm<acc_t, true>(n, Dp, rb, S, 1, np, dOs + r0 * Dp, Dp, dVs, Dp);
-              htwa_simd::gemm<acc_t, true>(n, Dp, rb, dP, 1, np, Qs + r0 * Dp, Dp, dKs, Dp);
-            }
+            htwa_simd::gemm_acc<acc_t>(r0 > 0, n, Dp, rb, S, 1, np, dOs + r0 * Dp, Dp, dVs, Dp);
+            htwa_simd::gemm_acc<acc_t>(r0 > 0, n, Dp, rb, dP, 1, np, Qs + r0 * Dp, Dp, dKs, Dp);
             for (int64 i = 0; i < rb; ++i) {
               const int64 r = r0 + i;
               pq.step();

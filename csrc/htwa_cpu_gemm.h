@@ -165,6 +165,16 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks,
   if (j < nvec) panel<T, 1, ACC>(M, K, A, ars, aks, B + j * L, ldb, C + j * L, ldc);
 }
 
+// gemm with the accumulate flag chosen at run time: C = A B (accumulate false) or C += A B.
+template <typename T>
+inline void gemm_acc(bool accumulate, int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks,
+                     const T* B, int64_t ldb, T* C, int64_t ldc) {
+  if (accumulate)
+    gemm<T, true>(M, N, K, A, ars, aks, B, ldb, C, ldc);
+  else
+    gemm<T, false>(M, N, K, A, ars, aks, B, ldb, C, ldc);
+}
+
 // dst[d * ldd + i] = src[i * lds + d] for i < n, d < m; n and m multiples of the vector width (8 floats /
 // 4 doubles), rows of src and dst must not overlap.
 template <typename T>
