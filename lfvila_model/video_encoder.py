@@ -25,6 +25,7 @@ from lfvila_kernels import htwa_attention_qkv
 from lfvila_kernels.reference import relative_position_index
 
 from .config import VideoEncoderConfig
+from .fused_block import norm_linear, norm_mlp
 
 __all__ = ["VideoEncoder"]
 
@@ -93,16 +94,19 @@ class PatchMerging(nn.Module):
         `(B, T, ceil(H/2), ceil(W/2), 2C)`.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, fused: bool = True):
         super().__init__()
         self.norm = nn.LayerNorm(4 * dim)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.fused = fused  # norm + reduction through fused_block.norm_linear (the normalised 4C not kept)
 
     def forward(self, x: Tensor) -> Tensor:
         H, W = x.shape[2:4]
         if H % 2 or W % 2:
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
         x = torch.cat([x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], dim=-1)
+        if self.fused and torch.is_grad_enabled():
+            return norm_linear(x, self.norm, self.reduction)
         return self.reduction(self.norm(x))
 
 
@@ -149,8 +153,13 @@ class WindowAttention3D(nn.Module):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def forward(self, x: Tensor, window, shift) -> Tensor:
-        B, T, H, W, C = x.shape
-        qkv = self.qkv(x).view(B, T, H, W, 3, self.num_heads, self.head_dim)  # q, k, v read through strides
+        return self.attend(self.qkv(x), window, shift)
+
+    def attend(self, qkv: Tensor, window, shift) -> Tensor:
+        """The attention and output projection from the qkv projection's output `(B, T, H, W, 3C)`."""
+        B, T, H, W, C3 = qkv.shape
+        C = C3 // 3
+        qkv = qkv.view(B, T, H, W, 3, self.num_heads, self.head_dim)  # q, k, v read through strides
         out = htwa_attention_qkv(
             qkv, self.relative_position_bias_table, window=window, shift=shift, bias_window=self.window,
             scale=self.scale, backend=self.backend,
@@ -169,18 +178,19 @@ class SwinBlock3D(nn.Module):
     """
 
     def __init__(self, dim, num_heads, window, shifted: bool, mlp_ratio, qkv_bias, drop, drop_path, backend,
-                 ragged_windows: str):
+                 ragged_windows: str, fused: bool = True):
         super().__init__()
         self.window = tuple(window)
         self.shifted = shifted
         self.ragged_windows = ragged_windows
+        self.fused = fused
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention3D(dim, window, num_heads, qkv_bias, drop, backend)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def _attention(self, x: Tensor) -> Tensor:
+    def _attention(self, x: Tensor, fused: bool) -> Tensor:
         T, H, W = x.shape[1:4]
         window, shift = effective_window_and_shift((T, H, W), self.window, self.shifted)
         pads = [(-n) % w for n, w in zip((T, H, W), window)]
@@ -188,12 +198,22 @@ class SwinBlock3D(nn.Module):
             # Official behaviour (spec 7.8): pad the *normalised* tokens with zeros up to window multiples before
             # the qkv projection; the padded tokens become real keys (their k = qkv bias). Shift and mask then act
             # on the padded grid, exactly as the official roll does.
-            x = F.pad(x, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
+            x = F.pad(self.norm1(x), (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
             return self.attn(x, window, shift)[:, :T, :H, :W]
-        return self.attn(x, window, shift)
+        if fused:
+            return self.attn.attend(norm_linear(x, self.norm1, self.attn.qkv), window, shift)
+        return self.attn(self.norm1(x), window, shift)
+
+    def _use_fused(self) -> bool:
+        # The fused Functions only change what is kept for the backward, so without autograd the plain modules
+        # run; they have no dropout inside, so an active MLP dropout takes the plain modules too.
+        return self.fused and torch.is_grad_enabled() and (self.mlp.drop.p == 0.0 or not self.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self._attention(self.norm1(x)))
+        fused = self._use_fused()
+        x = x + self.drop_path(self._attention(x, fused))
+        if fused:
+            return x + self.drop_path(norm_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -213,10 +233,10 @@ class BasicLayer(nn.Module):
         self.blocks = nn.ModuleList(
             SwinBlock3D(dim, num_heads, window, shifted=j % 2 == 1, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
                         drop=cfg.drop_rate, drop_path=drop_path[j], backend=cfg.attention_backend,
-                        ragged_windows=cfg.ragged_windows)
+                        ragged_windows=cfg.ragged_windows, fused=cfg.fused_blocks)
             for j in range(depth)
         )
-        self.downsample = PatchMerging(dim) if downsample else None
+        self.downsample = PatchMerging(dim, cfg.fused_blocks) if downsample else None
 
     def forward(self, x: Tensor):
         for blk in self.blocks:
@@ -261,7 +281,7 @@ class VideoEncoder(nn.Module):
             start += depth
         self.norm = nn.LayerNorm(cfg.out_dim)
         local_dim = cfg.layer_dim(cfg.local_layer)
-        self.local_feat_proj = PatchMerging(local_dim)
+        self.local_feat_proj = PatchMerging(local_dim, cfg.fused_blocks)
         self.norm_local = nn.LayerNorm(2 * local_dim)
         self.apply(_init_weights)
 

@@ -1,0 +1,158 @@
+"""Memory-saving fused pieces of the Swin block: LayerNorm -> Linear, and LayerNorm -> Linear -> GELU -> Linear.
+
+Why: the video encoder's activations are most of a training step's memory. Per token of a block, the plain
+modules keep 16 C floats for the backward: the block input x and the mid-block residual x2 (the two LayerNorms'
+inputs), both LayerNorm outputs (for the qkv and fc1 weight gradients), qkv (3 C, for the attention), the attention
+output (for proj), and the MLP's pre- and post-GELU activations (4 C each). The two autograd Functions here keep
+only the LayerNorm *input* (which the plain LayerNorm keeps too), its per-token mean and rstd, and the pre-GELU
+activation. The backward recomputes the normalised tokens and the GELU output from them: two elementwise passes
+over tensors the backward streams through anyway, and no extra GEMM. 16 C -> 10 C floats a token, the same
+numbers (the same ops in the same order; gradients equal to the plain modules' up to summation order).
+
+The MLP backward also writes dL/dh into the buffer of the recomputed GELU output once fc2's weight gradient has
+used it: one fewer 4 C allocation, which on a CPU is a fresh mmap that the kernel must fault in page by page.
+
+Under autocast the Functions compute in the dtype autocast gave the projections (recorded in the forward) and
+cast the weight gradients back to the parameters' dtypes, as autograd does for the plain modules.
+
+Dropout is not supported inside them: `SwinBlock3D` uses them only when its dropout rate is 0 or it is in eval
+mode (the official drop_rate is 0).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["norm_linear", "norm_mlp"]
+
+
+def _layer_norm(x2d: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
+    return torch.native_layer_norm(x2d, (x2d.shape[-1],), weight, bias, eps)
+
+
+def _ln_backward(dy: Tensor, x2d: Tensor, mean: Tensor, rstd: Tensor, weight, bias, needs):
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+        dy.to(x2d.dtype), x2d, (x2d.shape[-1],), mean, rstd, weight, bias,
+        [needs[0], weight is not None and needs[1], bias is not None and needs[2]],
+    )
+    return dx, dw, db
+
+
+def _linear_grads(dout: Tensor, inp: Tensor, weight: Tensor, bias: Optional[Tensor], need_w: bool, need_b: bool):
+    """Weight and bias gradients of `inp @ weight.T + bias` in the compute dtype, cast to the parameters' dtypes."""
+    dw = (dout.t() @ inp).to(weight.dtype) if need_w else None
+    db = dout.sum(0).to(bias.dtype) if (need_b and bias is not None) else None
+    return dw, db
+
+
+class _NormLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, eps, w, b):
+        x2d = x.reshape(-1, x.shape[-1])
+        y, mean, rstd = _layer_norm(x2d, ln_w, ln_b, eps)
+        out = F.linear(y, w, b)  # under autocast: cast to the autocast dtype here
+        ctx.eps, ctx.dtype, ctx.x_shape = eps, out.dtype, x.shape
+        ctx.save_for_backward(x2d, ln_w, ln_b, mean, rstd, w, b)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        x2d, ln_w, ln_b, mean, rstd, w, b = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dout = dout.reshape(-1, dout.shape[-1]).to(ctx.dtype)
+        y = _layer_norm(x2d, ln_w, ln_b, ctx.eps)[0].to(ctx.dtype)
+        dw, db = _linear_grads(dout, y, w, b, need[4], need[5])
+        del y
+        dx = dln_w = dln_b = None
+        if need[0] or need[1] or need[2]:
+            dy = dout @ w.to(ctx.dtype)
+            dx, dln_w, dln_b = _ln_backward(dy, x2d, mean, rstd, ln_w, ln_b, need[:3])
+        return _shaped(dx, ctx.x_shape), dln_w, dln_b, None, dw, db
+
+
+class _NormMlp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, eps, w1, b1, w2, b2):
+        x2d = x.reshape(-1, x.shape[-1])
+        y, mean, rstd = _layer_norm(x2d, ln_w, ln_b, eps)
+        h = F.linear(y, w1, b1)
+        del y
+        out = F.linear(F.gelu(h), w2, b2)
+        ctx.eps, ctx.dtype, ctx.x_shape = eps, out.dtype, x.shape
+        ctx.save_for_backward(x2d, ln_w, ln_b, mean, rstd, h, w1, b1, w2, b2)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        x2d, ln_w, ln_b, mean, rstd, h, w1, b1, w2, b2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dt = ctx.dtype
+        dout = dout.reshape(-1, dout.shape[-1]).to(dt)
+        g = F.gelu(h)  # h is in the compute dtype (fc1's output), so g is too
+        dw2, db2 = _linear_grads(dout, g, w2, b2, need[6], need[7])
+        dg = dout @ w2.to(dt)
+        # dL/dh overwrites the recomputed GELU output, which is no longer needed: no fresh 4C buffer.
+        dh = torch.ops.aten.gelu_backward.grad_input(dg, h, grad_input=g)
+        del dg
+        y = _layer_norm(x2d, ln_w, ln_b, ctx.eps)[0].to(dt)
+        dw1, db1 = _linear_grads(dh, y, w1, b1, need[4], need[5])
+        del y
+        dx = dln_w = dln_b = None
+        if need[0] or need[1] or need[2]:
+            dy = dh @ w1.to(dt)
+            del dh
+            dx, dln_w, dln_b = _ln_backward(dy, x2d, mean, rstd, ln_w, ln_b, need[:3])
+        return _shaped(dx, ctx.x_shape), dln_w, dln_b, None, dw1, db1, dw2, db2
+
+
+def _shaped(dx: Optional[Tensor], shape) -> Optional[Tensor]:
+    return None if dx is None else dx.view(shape)
+
+
+def norm_linear(x: Tensor, norm: torch.nn.LayerNorm, linear: torch.nn.Linear) -> Tensor:
+    """`linear(norm(x))`, keeping only x and the LayerNorm statistics for the backward.
+
+    Args:
+        x: `(..., C)`.
+        norm: LayerNorm over C (elementwise affine or not).
+        linear: Linear with in_features C.
+    Returns:
+        `(..., linear.out_features)`.
+    """
+    _check(x, norm, linear.in_features, "linear")
+    return _NormLinear.apply(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
+
+
+def norm_mlp(x: Tensor, norm: torch.nn.LayerNorm, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> Tensor:
+    """`fc2(gelu(fc1(norm(x))))` (exact erf GELU), keeping only x, the LayerNorm statistics and `fc1`'s output for
+    the backward.
+
+    Args:
+        x: `(..., C)`.
+        norm: LayerNorm over C.
+        fc1: Linear C -> hidden; fc2: Linear hidden -> C_out.
+    Returns:
+        `(..., fc2.out_features)`.
+    """
+    _check(x, norm, fc1.in_features, "fc1")
+    if fc2.in_features != fc1.out_features:
+        raise ValueError(f"fc2.in_features={fc2.in_features} must equal fc1.out_features={fc1.out_features}")
+    return _NormMlp.apply(x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+
+
+def _check(x: Tensor, norm: torch.nn.LayerNorm, in_features: int, name: str) -> None:
+    if len(norm.normalized_shape) != 1:
+        raise ValueError(f"norm must normalise the last axis only, got normalized_shape={tuple(norm.normalized_shape)}")
+    C = norm.normalized_shape[0]
+    if x.shape[-1] != C or in_features != C:
+        raise ValueError(
+            f"x's last axis ({x.shape[-1]}), norm.normalized_shape ({C}) and {name}.in_features ({in_features}) "
+            f"must be equal"
+        )
