@@ -209,10 +209,12 @@ class LFVILAPretrain(_CrossModalMixin, LFVILABase):
         `sentences` `(B, M, E)` (`video` and `paragraph` are `(B, M * E)` with `global_features="ordered"`)."""
         M = self.config.num_clips
         local = self.config.mtc_video_features == "local"
+        # Text first: autograd runs the later-built graph first, so the video tower's backward comes first and frees
+        # its activations (most of a step's memory) before the text tower's parameter gradients are allocated.
+        sent, para, _ = self.encode_text(input_ids, attention_mask)
         pooled, pooled_local = self.video_tokens(video, return_local=local)
         clips = clip_means(pooled, M)  # B, M, C
         clip_src = clip_means(pooled_local, M) if local else clips
-        sent, para, _ = self.encode_text(input_ids, attention_mask)
         mode = self.config.global_features
         return {
             "video": global_video_features(clips, self.video_global_proj, mode),

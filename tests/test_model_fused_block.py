@@ -1,5 +1,6 @@
 """The memory-saving block Functions (lfvila_model/fused_block.py) against the plain nn modules: the same outputs
-and gradients (float64), less kept for the backward (counted with saved-tensor hooks), and the fallbacks."""
+and gradients (float64), less kept for the backward (counted with saved-tensor hooks), the fallbacks, and the
+stage-1 model's backward order that lets the video tower free its activations first."""
 
 import gc
 import os
@@ -226,3 +227,19 @@ def test_stage1_model_fused_and_plain_blocks_agree_fp64():
     assert set(grads[True]) == set(grads[False])
     for n in grads[True]:
         torch.testing.assert_close(grads[True][n], grads[False][n], rtol=0, atol=1e-9, msg=n)
+
+
+def test_stage1_backward_runs_the_video_tower_before_the_text_tower():
+    # The text tower runs first in the forward, so autograd (later-built nodes first) reaches the video encoder's
+    # parameters before any text parameter: the video activations are freed before the text gradients exist.
+    cfg = micro_config()
+    model = build_model(cfg).train()
+    order = []
+    for name, p in model.named_parameters():
+        if name.startswith(("video_encoder.", "text_encoder.")):
+            p.register_post_accumulate_grad_hook(lambda p, name=name: order.append(name.split(".")[0]))
+    video, ids, mask = make_inputs(cfg, seed=6)
+    model(video, ids, mask, generator=torch.Generator().manual_seed(0))["loss"].backward()
+    first_text = order.index("text_encoder")
+    assert "video_encoder" in order[:first_text]
+    assert "video_encoder" not in order[first_text:]
