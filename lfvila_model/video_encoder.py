@@ -54,12 +54,21 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _scale(self, x: Tensor) -> Optional[Tensor]:
+        """Per-sample multiplier mask / keep, shape `(B, 1, ...)`; None when inactive."""
         if self.p == 0.0 or not self.training:
-            return x
+            return None
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self._scale(x)
+        return x if scale is None else x * scale
+
+    def residual(self, shortcut: Tensor, x: Tensor) -> Tensor:
+        """`shortcut + self(x)` in one op (addcmul): no token-sized temporaries for the scaled branch."""
+        scale = self._scale(x)
+        return shortcut + x if scale is None else torch.addcmul(shortcut, x, scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -211,10 +220,10 @@ class SwinBlock3D(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         fused = self._use_fused()
-        x = x + self.drop_path(self._attention(x, fused))
+        x = self.drop_path.residual(x, self._attention(x, fused))
         if fused:
-            return x + self.drop_path(norm_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+            return self.drop_path.residual(x, norm_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2))
+        return self.drop_path.residual(x, self.mlp(self.norm2(x)))
 
 
 class BasicLayer(nn.Module):

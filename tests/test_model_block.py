@@ -131,3 +131,24 @@ def test_native_ragged_windows_differ_from_official_padding():
     a = blk(x)
     blk.ragged_windows = "native"
     torch.testing.assert_close(blk(x), a, rtol=0, atol=1e-12)
+
+
+def test_drop_path_residual_by_hand():
+    # residual(shortcut, x) = shortcut + x * mask / keep per sample, one addcmul; the same draws as forward()
+    from lfvila_model.video_encoder import DropPath
+
+    dp = DropPath(0.5).train()
+    shortcut = torch.randn(16, 3, 4, dtype=torch.float64)
+    x = torch.randn(16, 3, 4, dtype=torch.float64)
+    torch.manual_seed(3)
+    got = dp.residual(shortcut, x)
+    torch.manual_seed(3)
+    branch = dp(x)
+    kept = [i for i in range(16) if branch[i].abs().sum() > 0]
+    assert 0 < len(kept) < 16  # some samples dropped, some kept
+    for i in range(16):
+        want = shortcut[i] + (x[i] / 0.5 if i in kept else 0.0)
+        torch.testing.assert_close(got[i], want, rtol=0, atol=1e-15)
+        torch.testing.assert_close(branch[i], x[i] / 0.5 if i in kept else torch.zeros_like(x[i]), rtol=0, atol=0)
+    dp.eval()
+    torch.testing.assert_close(dp.residual(shortcut, x), shortcut + x, rtol=0, atol=0)
