@@ -34,17 +34,21 @@ def _build_htwa(spec):
     return run
 
 
-def model_spec(backend: str, frames: int) -> dict:
-    return {"op": "model_stage1", "backend": backend, "frames": frames}
+def model_spec(backend: str, frames: int, fused_blocks: bool | None = None) -> dict:
+    """backend "reference" alone = the official computation: reference attention and the plain block modules."""
+    fused = backend != "reference" if fused_blocks is None else fused_blocks
+    return {"op": "model_stage1", "backend": backend, "frames": frames, "fused_blocks": fused}
 
 
-def setup_model_stage1(backend: str, frames: int):
-    """`lfvila-official` stage 1 (train mode, random init) with the given attention backend, and one batch-1 input
-    at `frames` frames (with fewer than 32 the late layers' temporal windows are clipped to the grid, spec 1.3)."""
+def setup_model_stage1(backend: str, frames: int, fused_blocks: bool = True):
+    """`lfvila-official` stage 1 (train mode, random init) with the given attention backend and block modules, and
+    one batch-1 input at `frames` frames (with fewer than 32 the late layers' temporal windows are clipped to the
+    grid, spec 1.3)."""
     from lfvila_model import create_model
 
     torch.manual_seed(0)
-    model = create_model("lfvila-official", video={"num_frames": frames, "attention_backend": backend}).train()
+    video_cfg = {"num_frames": frames, "attention_backend": backend, "fused_blocks": fused_blocks}
+    model = create_model("lfvila-official", video=video_cfg).train()
     g = torch.Generator().manual_seed(0)
     video = torch.randn(1, 3, frames, 192, 320, generator=g)
     ids = torch.randint(1000, 20000, (1, 4, 50), generator=g)
@@ -52,7 +56,7 @@ def setup_model_stage1(backend: str, frames: int):
 
 
 def _build_model_stage1(spec):
-    model, video, ids, mask = setup_model_stage1(spec["backend"], spec["frames"])
+    model, video, ids, mask = setup_model_stage1(spec["backend"], spec["frames"], spec.get("fused_blocks", True))
 
     def run():
         model.zero_grad(set_to_none=True)
