@@ -243,3 +243,22 @@ def test_stage1_backward_runs_the_video_tower_before_the_text_tower():
     first_text = order.index("text_encoder")
     assert "video_encoder" in order[:first_text]
     assert "video_encoder" not in order[first_text:]
+
+
+def test_stage1_model_under_bf16_autocast_fused_and_plain_blocks_agree():
+    # mixed precision as the training loop runs it (autocast around the forward, backward outside)
+    results = {}
+    for fused in (True, False):
+        cfg = micro_config(video={"fused_blocks": fused, "attention_backend": "auto"})
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        video, ids, mask = make_inputs(cfg, seed=7)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(video, ids, mask, generator=torch.Generator().manual_seed(0))
+        out["loss"].backward()
+        results[fused] = (out["loss"].detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
+    for n, g in results[True][1].items():
+        assert g.dtype == torch.float32, n
+        torch.testing.assert_close(g, results[False][1][n], rtol=1e-2, atol=1e-4, msg=n)
