@@ -1,7 +1,9 @@
-"""GPU suite part: one stage-1 training step of `lfvila-official` (batch 8, bf16 autocast) with the fused ops
-(attention backend "auto" = Triton on CUDA, fused losses) against `attention_backend="reference"`: median step
-time (CUDA events) and peak allocated memory. With dry_run, a 4-frame tiny model runs one step per backend on
-the CPU, to exercise the code path."""
+"""GPU suite part: one stage-1 training step of `lfvila-official` (batch 8, bf16 autocast): median step time (CUDA
+events) and peak allocated memory of three variants, as in benchmarks/test_bench_model.py:
+- `auto`: the fused ops (attention backend "auto" = Triton on CUDA, fused losses, fused block Functions);
+- `reference`: the official computation (`attention_backend="reference"`, plain block modules);
+- `auto-plain-blocks`: the fused attention alone (`fused_blocks=False`).
+With dry_run, a 4-frame tiny model runs one step per variant on the CPU, to exercise the code path."""
 
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ import time
 import torch
 
 
-def _setup(backend: str, device: str, dry_run: bool):
+VARIANTS = {"auto": ("auto", True), "reference": ("reference", False), "auto-plain-blocks": ("auto", False)}
+
+
+def _setup(backend: str, fused_blocks: bool, device: str, dry_run: bool):
     from lfvila_model import create_model
 
     torch.manual_seed(0)
@@ -19,7 +24,8 @@ def _setup(backend: str, device: str, dry_run: bool):
         name, batch, frames, size = "lfvila-tiny", 2, 4, (96, 160)
     else:
         name, batch, frames, size = "lfvila-official", 8, 32, (192, 320)
-    model = create_model(name, video={"num_frames": frames, "attention_backend": backend}).to(device).train()
+    video_cfg = {"num_frames": frames, "attention_backend": backend, "fused_blocks": fused_blocks}
+    model = create_model(name, video=video_cfg).to(device).train()
     cfg = model.config
     g = torch.Generator().manual_seed(0)
     video = torch.randn(batch, 3, frames, *size, generator=g).to(device)
@@ -66,11 +72,11 @@ def _profile_step(model, video, ids, mask, top: int = 12) -> list[dict]:
 def run_model_suite(device: str, dry_run: bool) -> list[dict]:
     rows = []
     rounds = 1 if dry_run else 5
-    for backend in ("auto", "reference"):
-        row = {"part": "model", "preset": "lfvila-tiny" if dry_run else "lfvila-official", "backend": backend}
+    for variant, (backend, fused_blocks) in VARIANTS.items():
+        row = {"part": "model", "preset": "lfvila-tiny" if dry_run else "lfvila-official", "backend": variant}
         rows.append(row)
-        try:  # one backend running out of memory must not lose the other's row
-            model, video, ids, mask = _setup(backend, device, dry_run)
+        try:  # one variant running out of memory must not lose the others' rows
+            model, video, ids, mask = _setup(backend, fused_blocks, device, dry_run)
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -85,9 +91,12 @@ def run_model_suite(device: str, dry_run: bool) -> list[dict]:
             row["error"] = f"out of memory: {str(exc)[:160]}"
         if device == "cuda":
             torch.cuda.empty_cache()
-    fused, ref = rows
-    if "step_ms" in fused and "step_ms" in ref:
-        fused["speedup_vs_reference"] = ref["step_ms"] / fused["step_ms"]
-    if "peak_extra_gb" in fused and "peak_extra_gb" in ref:
-        fused["memory_vs_reference"] = fused["peak_extra_gb"] / ref["peak_extra_gb"]
+    ref = rows[list(VARIANTS).index("reference")]
+    for row in rows:
+        if row is ref:
+            continue
+        if "step_ms" in row and "step_ms" in ref:
+            row["speedup_vs_reference"] = ref["step_ms"] / row["step_ms"]
+        if "peak_extra_gb" in row and "peak_extra_gb" in ref:
+            row["memory_vs_reference"] = row["peak_extra_gb"] / ref["peak_extra_gb"]
     return rows
