@@ -262,3 +262,18 @@ def test_stage1_model_under_bf16_autocast_fused_and_plain_blocks_agree():
     for n, g in results[True][1].items():
         assert g.dtype == torch.float32, n
         torch.testing.assert_close(g, results[False][1][n], rtol=1e-2, atol=1e-4, msg=n)
+
+
+def test_non_contiguous_input():
+    # a channels-first tensor permuted to channels-last: the Functions take a copy and return gradients in x's shape
+    ln, fc1, fc2 = _modules(8, 32, 8, seed=5)
+    base = torch.randn(2, 8, 3, 5, dtype=torch.float64, requires_grad=True)
+    x = base.permute(0, 2, 3, 1)
+    assert not x.is_contiguous()
+    params = [base, *ln.parameters(), *fc1.parameters(), *fc2.parameters()]
+    got, want = norm_mlp(x, ln, fc1, fc2), fc2(F.gelu(fc1(ln(x))))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for g, r in zip(_grads(got.sum(), params), _grads(want.sum(), params)):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-11)
+    got = norm_linear(x, ln, fc1)
+    torch.testing.assert_close(_grads(got.sum(), [base])[0], _grads(fc1(ln(x)).sum(), [base])[0], rtol=0, atol=1e-11)
