@@ -304,7 +304,8 @@ class LFVILARetrieval(LFVILABase):
     def forward(self, video: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict:
         _check_text(input_ids, attention_mask)
         self._check_video_batch(video, input_ids.shape[0])
-        v, p = self.encode_video(video), self.encode_text(input_ids, attention_mask)
+        p = self.encode_text(input_ids, attention_mask)  # text first: the video backward runs first (stage 1)
+        v = self.encode_video(video)
         loss = vpc_loss(v, p, self.config.temperature)
         return {"loss": loss, "video": v, "paragraph": p}
 
@@ -317,10 +318,12 @@ class _QABase(_CrossModalMixin, LFVILABase):
         self.sent_embedding = SentEmbedding(cfg.text)
         self._build_cross_video(cfg)
 
-    def _cross(self, video_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def _paragraph(self, input_ids: Tensor, attention_mask: Tensor):
+        """Sentence + paragraph encoders. QA models call this before the video tower, so that autograd (later-built
+        nodes first) runs the video backward before these layers' and frees the video activations before their
+        parameter gradients are allocated (as `LFVILAPretrain.stage1_features`)."""
         tokens, _ = self.text_encoder.encode_sentences(input_ids, attention_mask)
-        para, mask = self.text_encoder.encode_paragraph(tokens, attention_mask, self.sent_embedding)
-        return self.text_encoder.cross_modal(para, mask, video_tokens), para.shape[1]
+        return self.text_encoder.encode_paragraph(tokens, attention_mask, self.sent_embedding)
 
 
 class LFVILAQAMultichoice(_QABase):
@@ -339,11 +342,12 @@ class LFVILAQAMultichoice(_QABase):
         _check_text(input_ids, attention_mask, ndim=4)
         B, K, M, L = input_ids.shape
         self._check_video_batch(video, B)
+        para, mask = self._paragraph(input_ids.reshape(B * K, M, L), attention_mask.reshape(B * K, M, L))
         pooled, _ = self.video_tokens(video)
         vid = self.cross_video_tokens(pooled)  # B, N, D
         vid = vid[:, None].expand(B, K, *vid.shape[1:]).reshape(B * K, *vid.shape[1:])
-        hidden, Lt = self._cross(vid, input_ids.reshape(B * K, M, L), attention_mask.reshape(B * K, M, L))
         te = self.text_encoder
+        hidden, Lt = te.cross_modal(para, mask, vid), para.shape[1]
         logits = te.classifier(te.dropout(te.bert.pooler(hidden))).view(B, K)
         T, P = pooled.shape[1:3]
         frames = hidden[:, Lt:].reshape(B, K, T, P, -1).mean(dim=3)  # per-frame mean of its tokens
@@ -369,9 +373,10 @@ class LFVILAQAClassification(_QABase):
     def forward(self, video: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Optional[Tensor] = None) -> dict:
         _check_text(input_ids, attention_mask)
         self._check_video_batch(video, input_ids.shape[0])
+        para, mask = self._paragraph(input_ids, attention_mask)
         pooled, _ = self.video_tokens(video)
-        hidden, _ = self._cross(self.cross_video_tokens(pooled), input_ids, attention_mask)
         te = self.text_encoder
+        hidden = te.cross_modal(para, mask, self.cross_video_tokens(pooled))
         logits = te.classifier(te.dropout(te.bert.pooler(hidden)))
         out = {"logits": logits}
         if labels is not None:

@@ -229,19 +229,48 @@ def test_stage1_model_fused_and_plain_blocks_agree_fp64():
         torch.testing.assert_close(grads[True][n], grads[False][n], rtol=0, atol=1e-9, msg=n)
 
 
-def test_stage1_backward_runs_the_video_tower_before_the_text_tower():
-    # The text tower runs first in the forward, so autograd (later-built nodes first) reaches the video encoder's
-    # parameters before any text parameter: the video activations are freed before the text gradients exist.
-    cfg = micro_config()
+def _sentence_paragraph_param(cfg, name: str) -> bool:
+    """The text tower's embeddings and its sentence + paragraph layers (not the cross-modal ones, which run after
+    the video tower in the QA models and so come before it in the backward)."""
+    if name.startswith("text_encoder.bert.embeddings."):
+        return True
+    prefix = "text_encoder.bert.encoder.layer."
+    if name.startswith(prefix):
+        return int(name[len(prefix):].split(".")[0]) < cfg.text.num_sentence_layers + cfg.text.num_paragraph_layers
+    return False
+
+
+def _qa_inputs(cfg, model_type):
+    video, ids, mask = make_inputs(cfg, seed=6)
+    if model_type == "qa_multichoice":
+        K = cfg.num_choices
+        ids, mask = ids[:, None].repeat(1, K, 1, 1), mask[:, None].repeat(1, K, 1, 1)
+        return (video, ids, mask), {"labels": torch.tensor([1, 0])}
+    if model_type == "qa_classification":
+        return (video, ids, mask), {"labels": torch.tensor([0, 1])}
+    if model_type == "pretrain":
+        return (video, ids, mask), {"generator": torch.Generator().manual_seed(0)}
+    return (video, ids, mask), {}
+
+
+@pytest.mark.parametrize("model_type,changes", [("pretrain", {}), ("retrieval", {}),
+                                                ("qa_multichoice", {"num_sentences": 3}),
+                                                ("qa_classification", {"num_labels": 3, "num_sentences": 2})])
+def test_backward_runs_the_video_tower_before_the_text_tower(model_type, changes):
+    # The sentence and paragraph encoders run first in the forward, so autograd (later-built nodes first) reaches
+    # every video-encoder parameter before any of theirs: the video activations are freed before those text
+    # gradients exist.
+    cfg = micro_config(model_type=model_type, **changes)
     model = build_model(cfg).train()
     order = []
     for name, p in model.named_parameters():
-        if name.startswith(("video_encoder.", "text_encoder.")):
+        if name.startswith("video_encoder.") or _sentence_paragraph_param(cfg, name):
             p.register_post_accumulate_grad_hook(lambda p, name=name: order.append(name.split(".")[0]))
-    video, ids, mask = make_inputs(cfg, seed=6)
-    model(video, ids, mask, generator=torch.Generator().manual_seed(0))["loss"].backward()
+    args, kwargs = _qa_inputs(cfg, model_type)
+    model(*args, **kwargs)["loss"].backward()
     first_text = order.index("text_encoder")
-    assert "video_encoder" in order[:first_text]
+    assert order[:first_text].count("video_encoder") == sum(
+        1 for n, p in model.named_parameters() if n.startswith("video_encoder.") and p.grad is not None)
     assert "video_encoder" not in order[first_text:]
 
 
