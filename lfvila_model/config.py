@@ -261,6 +261,10 @@ class TextEncoderConfig(_Serialisable):
     # paragraph-token mean).
     attention_mask_value: float = -10000.0
     attn_implementation: str = "sdpa"  # transformers' attention for the BERT layers: "sdpa" or "eager"
+    # The BERT layers' feed-forward keeps only its input and fc1's output for the backward and recomputes the GELU
+    # output (text_encoder.BertLayerFused): the same numbers, 4 x hidden floats a token and layer less. False: the
+    # plain transformers BertLayer, as the official code runs it.
+    fused_ffn: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size",
@@ -275,6 +279,8 @@ class TextEncoderConfig(_Serialisable):
             )
         _check_float(self.hidden_dropout_prob, "hidden_dropout_prob", 0.0, 1.0)
         _check_float(self.attention_probs_dropout_prob, "attention_probs_dropout_prob", 0.0, 1.0)
+        if not isinstance(self.fused_ffn, bool):
+            raise TypeError(f"fused_ffn must be a bool, got {self.fused_ffn!r}")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
 

@@ -1,4 +1,5 @@
-"""Memory-saving fused pieces of the Swin block: LayerNorm -> Linear, and LayerNorm -> Linear -> GELU -> Linear.
+"""Memory-saving fused pieces of the Swin block: LayerNorm -> Linear, and LayerNorm -> Linear -> GELU -> Linear (and
+the same MLP without the LayerNorm, for the BERT layers' feed-forward).
 
 Why: the video encoder's activations are most of a training step's memory. Per token of a block, the plain
 modules keep 16 C floats for the backward: the block input x and the mid-block residual x2 (the two LayerNorms'
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["norm_linear", "norm_mlp"]
+__all__ = ["mlp", "norm_linear", "norm_mlp"]
 
 
 def _layer_norm(x2d: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
@@ -77,10 +78,12 @@ class _NormLinear(torch.autograd.Function):
 
 
 class _NormMlp(torch.autograd.Function):
+    """eps None: no LayerNorm (`mlp`); ln_w, ln_b, mean and rstd are then None."""
+
     @staticmethod
     def forward(ctx, x, ln_w, ln_b, eps, w1, b1, w2, b2):
         x2d = x.reshape(-1, x.shape[-1])
-        y, mean, rstd = _layer_norm(x2d, ln_w, ln_b, eps)
+        y, mean, rstd = _layer_norm(x2d, ln_w, ln_b, eps) if eps is not None else (x2d, None, None)
         h = F.linear(y, w1, b1)
         del y
         out = F.linear(F.gelu(h), w2, b2)
@@ -101,14 +104,17 @@ class _NormMlp(torch.autograd.Function):
         # dL/dh overwrites the recomputed GELU output, which is no longer needed: no fresh 4C buffer.
         dh = torch.ops.aten.gelu_backward.grad_input(dg, h, grad_input=g)
         del dg
-        y = _layer_norm(x2d, ln_w, ln_b, ctx.eps)[0].to(dt)
+        y = (_layer_norm(x2d, ln_w, ln_b, ctx.eps)[0] if ctx.eps is not None else x2d).to(dt)
         dw1, db1 = _linear_grads(dh, y, w1, b1, need[4], need[5])
         del y
         dx = dln_w = dln_b = None
         if need[0] or need[1] or need[2]:
             dy = dh @ w1.to(dt)
             del dh
-            dx, dln_w, dln_b = _ln_backward(dy, x2d, mean, rstd, ln_w, ln_b, need[:3])
+            if ctx.eps is None:
+                dx = dy.to(x2d.dtype)
+            else:
+                dx, dln_w, dln_b = _ln_backward(dy, x2d, mean, rstd, ln_w, ln_b, need[:3])
         return _shaped(dx, ctx.x_shape), dln_w, dln_b, None, dw1, db1, dw2, db2
 
 
@@ -145,6 +151,23 @@ def norm_mlp(x: Tensor, norm: torch.nn.LayerNorm, fc1: torch.nn.Linear, fc2: tor
     if fc2.in_features != fc1.out_features:
         raise ValueError(f"fc2.in_features={fc2.in_features} must equal fc1.out_features={fc1.out_features}")
     return _NormMlp.apply(x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+
+
+def mlp(x: Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> Tensor:
+    """`fc2(gelu(fc1(x)))` (exact erf GELU), keeping only x and `fc1`'s output for the backward (the GELU output
+    is recomputed): the feed-forward of the BERT layers (`text_encoder.BertLayerFused`).
+
+    Args:
+        x: `(..., C)`.
+        fc1: Linear C -> hidden; fc2: Linear hidden -> C_out.
+    Returns:
+        `(..., fc2.out_features)`.
+    """
+    if x.shape[-1] != fc1.in_features:
+        raise ValueError(f"x's last axis ({x.shape[-1]}) must equal fc1.in_features ({fc1.in_features})")
+    if fc2.in_features != fc1.out_features:
+        raise ValueError(f"fc2.in_features={fc2.in_features} must equal fc1.out_features={fc1.out_features}")
+    return _NormMlp.apply(x, None, None, None, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
 
 
 def _check(x: Tensor, norm: torch.nn.LayerNorm, in_features: int, name: str) -> None:

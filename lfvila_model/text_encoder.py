@@ -6,7 +6,8 @@
 - cross-modal encoder, layers [S+P, S+P+X): [paragraph tokens ; video tokens + `VideoTokenPos`], full attention.
 
 The transformer layers and the pooler are `transformers`' `BertLayer` / `BertPooler` (their parameter names are
-the official ones). The embeddings and the MLM head are written here: the official checkpoints store
+the official ones); with `fused_ffn` the layers' feed-forward keeps only its input and fc1's output for the
+backward (`BertLayerFused`, `fused_block.mlp`). The embeddings and the MLM head are written here: the official checkpoints store
 `embeddings.position_ids` as a persistent buffer and tie the MLM decoder bias to `predictions.bias`, which the
 current `transformers` classes do not.
 """
@@ -20,6 +21,8 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 from transformers.models.bert.modeling_bert import BertLayer, BertPooler
+
+from .fused_block import mlp
 
 from .config import TextEncoderConfig
 
@@ -53,6 +56,24 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
+class BertLayerFused(BertLayer):
+    """`BertLayer` whose feed-forward (intermediate dense -> GELU -> output dense) goes through `fused_block.mlp`,
+    which recomputes the GELU output in the backward instead of keeping it (4 x hidden floats a token and layer).
+    Dropout, the residual and the LayerNorm after it stay plain modules. The same parameters and names; the plain
+    path without autograd, or with an activation other than the exact GELU."""
+
+    def __init__(self, config, layer_idx=None):
+        super().__init__(config, layer_idx=layer_idx)
+        self.fused_ffn = config.hidden_act == "gelu"  # transformers' "gelu" is the exact erf GELU
+
+    def feed_forward_chunk(self, attention_output):
+        if not (self.fused_ffn and torch.is_grad_enabled()):
+            return super().feed_forward_chunk(attention_output)
+        out = self.output
+        h = mlp(attention_output, self.intermediate.dense, out.dense)
+        return out.LayerNorm(out.dropout(h) + attention_output)
+
+
 class BertBackbone(nn.Module):
     """`embeddings`, `encoder.layer.{i}` (transformers `BertLayer`) and `pooler`, run by layer range."""
 
@@ -62,7 +83,8 @@ class BertBackbone(nn.Module):
         bert_cfg = cfg.to_bert_config(num_layers)
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList(BertLayer(bert_cfg, layer_idx=i) for i in range(num_layers))
+        layer_cls = BertLayerFused if cfg.fused_ffn else BertLayer
+        self.encoder.layer = nn.ModuleList(layer_cls(bert_cfg, layer_idx=i) for i in range(num_layers))
         self.pooler = BertPooler(bert_cfg)
         self.gradient_checkpointing = False
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lfvila_model import build_model
-from lfvila_model.fused_block import norm_linear, norm_mlp
+from lfvila_model.fused_block import mlp, norm_linear, norm_mlp
 from lfvila_model.video_encoder import PatchMerging, SwinBlock3D
 
 from tests._model_common import make_inputs, micro_config
@@ -212,7 +212,7 @@ def test_patch_merging_fused_equals_plain_fp64():
 
 
 def test_stage1_model_fused_and_plain_blocks_agree_fp64():
-    cfgs = {f: micro_config(video={"fused_blocks": f}) for f in (True, False)}
+    cfgs = {f: micro_config(video={"fused_blocks": f}, text={"fused_ffn": f}) for f in (True, False)}
     grads, losses = {}, {}
     for fused, cfg in cfgs.items():
         torch.manual_seed(0)
@@ -278,7 +278,7 @@ def test_stage1_model_under_bf16_autocast_fused_and_plain_blocks_agree():
     # mixed precision as the training loop runs it (autocast around the forward, backward outside)
     results = {}
     for fused in (True, False):
-        cfg = micro_config(video={"fused_blocks": fused, "attention_backend": "auto"})
+        cfg = micro_config(video={"fused_blocks": fused, "attention_backend": "auto"}, text={"fused_ffn": fused})
         torch.manual_seed(0)
         model = build_model(cfg).train()
         video, ids, mask = make_inputs(cfg, seed=7)
@@ -306,3 +306,44 @@ def test_non_contiguous_input():
         torch.testing.assert_close(g, r, rtol=0, atol=1e-11)
     got = norm_linear(x, ln, fc1)
     torch.testing.assert_close(_grads(got.sum(), [base])[0], _grads(fc1(ln(x)).sum(), [base])[0], rtol=0, atol=1e-11)
+
+
+def test_mlp_without_norm_equals_plain_modules_fp64():
+    _, fc1, fc2 = _modules(12, 40, 12, seed=8)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, 12, dtype=torch.float64)
+    params = [x, *fc1.parameters(), *fc2.parameters()]
+    got, want = mlp(x, fc1, fc2), fc2(F.gelu(fc1(x)))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for g, r in zip(_grads((got * w).sum(), params), _grads((want * w).sum(), params)):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-11)
+    assert torch.autograd.gradcheck(lambda x, *p: mlp(x, fc1, fc2), (x, *fc1.parameters(), *fc2.parameters()))
+    with pytest.raises(ValueError, match=r"x's last axis \(11\) must equal fc1.in_features \(12\)"):
+        mlp(torch.randn(2, 11), fc1, fc2)
+
+
+def test_bert_layer_fused_ffn_equals_the_plain_layer_fp64():
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    from lfvila_model.config import TextEncoderConfig
+    from lfvila_model.text_encoder import BertLayerFused
+
+    bert_cfg = TextEncoderConfig(hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                                 attn_implementation="eager").to_bert_config(1)
+    torch.manual_seed(9)
+    plain = BertLayer(bert_cfg, layer_idx=0).double().eval()  # eval: dropout off, so both see the same numbers
+    fused = BertLayerFused(bert_cfg, layer_idx=0).double().eval()
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 7, 32, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 7, 32, dtype=torch.float64)
+    outs, grads = [], []
+    for layer in (fused, plain):
+        out = layer(x)
+        out = out[0] if isinstance(out, tuple) else out
+        outs.append(out)
+        grads.append(_grads((out * w).sum(), [x, *layer.parameters()]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-12)
+    for g, r in zip(*grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-11)
+    saved = [_saved_activation_elements(lambda layer=layer: layer(x), list(layer.parameters())) for layer in (fused, plain)]
+    assert saved[1] - saved[0] == 2 * 7 * 64  # the GELU output (tokens x intermediate) is no longer kept
