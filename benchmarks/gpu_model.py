@@ -25,7 +25,7 @@ def _setup(backend: str, fused_blocks: bool, device: str, dry_run: bool):
     else:
         name, batch, frames, size = "lfvila-official", 8, 32, (192, 320)
     video_cfg = {"num_frames": frames, "attention_backend": backend, "fused_blocks": fused_blocks}
-    model = create_model(name, video=video_cfg).to(device).train()
+    model = create_model(name, video=video_cfg, text={"fused_ffn": fused_blocks}).to(device).train()
     cfg = model.config
     g = torch.Generator().manual_seed(0)
     video = torch.randn(batch, 3, frames, *size, generator=g).to(device)

@@ -5,10 +5,11 @@
 
 Variants (the `backend` column of benchmarks/report.py):
 - `reference`: the official computation: `attention_backend="reference"` (roll, window partition, masked softmax)
-  and the plain nn.LayerNorm / nn.Linear / nn.GELU block modules (`fused_blocks=False`).
+  and the plain nn.LayerNorm / nn.Linear / nn.GELU block modules and BERT layers (`video.fused_blocks=False`,
+  `text.fused_ffn=False`).
 - `auto`: this project's defaults: the fused C++ HTWA kernel (packed qkv entry point), the fused losses and the
-  memory-saving block Functions (`fused_blocks=True`, lfvila_model/fused_block.py).
-- `auto-plain-blocks`: the fused attention alone (`fused_blocks=False`), to show what each part contributes.
+  memory-saving block Functions (`video.fused_blocks`, `text.fused_ffn`; lfvila_model/fused_block.py).
+- `auto-plain-blocks`: the fused attention alone (both False), to show what each part contributes.
 
 Time: pytest-benchmark, one warm-up step then `LFVILA_BENCH_ROUNDS` (default 2) timed steps. `test_stage1_paired`
 builds the reference and `auto` models in one process (same seed, so the same weights) and alternates their steps

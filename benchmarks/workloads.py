@@ -35,7 +35,8 @@ def _build_htwa(spec):
 
 
 def model_spec(backend: str, frames: int, fused_blocks: bool | None = None) -> dict:
-    """backend "reference" alone = the official computation: reference attention and the plain block modules."""
+    """backend "reference" alone = the official computation: reference attention and the plain block modules
+    (`fused_blocks` sets both the video blocks' and the BERT layers' fused feed-forward, `text.fused_ffn`)."""
     fused = backend != "reference" if fused_blocks is None else fused_blocks
     return {"op": "model_stage1", "backend": backend, "frames": frames, "fused_blocks": fused}
 
@@ -48,7 +49,7 @@ def setup_model_stage1(backend: str, frames: int, fused_blocks: bool = True):
 
     torch.manual_seed(0)
     video_cfg = {"num_frames": frames, "attention_backend": backend, "fused_blocks": fused_blocks}
-    model = create_model("lfvila-official", video=video_cfg).train()
+    model = create_model("lfvila-official", video=video_cfg, text={"fused_ffn": fused_blocks}).train()
     g = torch.Generator().manual_seed(0)
     video = torch.randn(1, 3, frames, 192, 320, generator=g)
     ids = torch.randint(1000, 20000, (1, 4, 50), generator=g)
