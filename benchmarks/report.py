@@ -81,9 +81,9 @@ def table(groups, ours, baseline="reference"):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json_file", help="pytest-benchmark JSON output")
-    parser.add_argument("--ours", default="cpp,auto",
+    parser.add_argument("--ours", default="cpp,auto,fused",
                         help="the fused provider(s) whose speed-ups are reported, first present per group "
-                             "(default: cpp,auto)")
+                             "(default: cpp,auto,fused)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
     data, groups, paired = load(args.json_file)

@@ -68,6 +68,39 @@ def _build_model_stage1(spec):
     return run
 
 
+# Official 32-frame shapes of the layers the block benchmark times: layer -> (grid, dim, heads, window, depth).
+BLOCK_LAYERS = {0: ((32, 24, 40), 128, 4, (2, 3, 5), 2), 2: ((32, 6, 10), 512, 16, (8, 3, 5), 14)}
+
+
+def block_spec(layer: int, variant: str) -> dict:
+    """variant "reference": the plain nn modules (the official blocks); "fused": the fused block Functions."""
+    return {"op": "swin_layer", "layer": layer, "backend": variant}
+
+
+def _build_layer(spec):
+    from lfvila_model.video_encoder import SwinBlock3D
+
+    grid, dim, heads, window, depth = BLOCK_LAYERS[spec["layer"]]
+    torch.manual_seed(0)
+    # the attention is the C++ kernel on both sides: only the blocks' LayerNorm / Linear / GELU modules differ
+    blocks = torch.nn.Sequential(*(
+        SwinBlock3D(dim, heads, window, j % 2 == 1, 4.0, True, 0.0, 0.0, "cpp", "pad",
+                    fused=spec["backend"] == "fused")
+        for j in range(depth)
+    )).train()
+    x = torch.randn(1, *grid, dim, requires_grad=True)
+    dout = torch.randn(1, *grid, dim)
+
+    def run():
+        out = blocks(x)
+        out.backward(dout)
+        x.grad = None
+        blocks.zero_grad(set_to_none=True)
+        return out
+
+    return run
+
+
 def build(spec: dict):
     if spec["op"] == "htwa":
         return _build_htwa(spec)
@@ -77,4 +110,6 @@ def build(spec: dict):
         return build_loss(spec)
     if spec["op"] == "model_stage1":
         return _build_model_stage1(spec)
+    if spec["op"] == "swin_layer":
+        return _build_layer(spec)
     raise ValueError(f"unknown workload op {spec['op']!r}")
