@@ -110,11 +110,12 @@ def rss_bytes():
 
 N, C, hidden = 131072, 128, 512
 ln, fc1, fc2 = nn.LayerNorm(C), nn.Linear(C, hidden), nn.Linear(hidden, C)
+fn = {"fused": lambda x: norm_mlp(x, ln, fc1, fc2), "plain": lambda x: fc2(F.gelu(fc1(ln(x))))}[sys.argv[1]]
+fn(torch.randn(256, C, requires_grad=True)).sum().backward()  # first calls: thread pool, kernel set-up
 x = torch.randn(N, C, requires_grad=True)
-fn = {"fused": lambda: norm_mlp(x, ln, fc1, fc2), "plain": lambda: fc2(F.gelu(fc1(ln(x))))}[sys.argv[1]]
 gc.collect()
 before = rss_bytes()
-out = fn()
+out = fn(x)
 print(json.dumps((rss_bytes() - before) / 2**20))
 """
 
@@ -133,10 +134,11 @@ def test_norm_mlp_forward_holds_less_resident_memory():
     # the forward minus before, each variant in a fresh process (a process that has run other tests can serve new
     # tensors from memory it already holds). Every tensor here is >= 64 MiB, which glibc mmaps and returns to the
     # system when freed, so the difference is what is still held. Fused: fc1's output h (256 MiB) + the output
-    # (64 MiB); plain: + the normalised x (64 MiB) and the GELU output (256 MiB).
+    # (64 MiB); plain: + the normalised x (64 MiB) and the GELU output (256 MiB). The margins allow for tens of MiB
+    # of allocator and thread state; keeping the GELU output in any form would add 256 MiB to the fused side.
     held = {v: _held_mib(v) for v in ("fused", "plain")}
-    assert held["fused"] < 256 + 64 + 16, held
-    assert held["plain"] > held["fused"] + 256 + 32, held
+    assert held["fused"] < 256 + 64 + 64, held
+    assert held["plain"] > held["fused"] + 224, held
 
 
 def test_block_keeps_ten_floats_per_token_and_channel():
