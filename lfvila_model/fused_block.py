@@ -36,12 +36,22 @@ def _layer_norm(x2d: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
     return torch.native_layer_norm(x2d, (x2d.shape[-1],), weight, bias, eps)
 
 
-def _ln_backward(dy: Tensor, x2d: Tensor, mean: Tensor, rstd: Tensor, weight, bias, needs):
-    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-        dy.to(x2d.dtype), x2d, (x2d.shape[-1],), mean, rstd, weight, bias,
-        [needs[0], weight is not None and needs[1], bias is not None and needs[2]],
+def _normed(ctx, x2d: Tensor, ln_w, ln_b) -> Tensor:
+    """The forward's LayerNorm output again, in the compute dtype (x2d itself when there is no LayerNorm)."""
+    y = _layer_norm(x2d, ln_w, ln_b, ctx.eps)[0] if ctx.eps is not None else x2d
+    return y.to(ctx.dtype)
+
+
+def _input_grads(ctx, dy: Tensor, x2d: Tensor, mean, rstd, ln_w, ln_b):
+    """(dx in x's shape, dln_w, dln_b) from the gradient of the LayerNorm output (of x itself without one)."""
+    need = ctx.needs_input_grad
+    if ctx.eps is None:
+        return _shaped(dy.to(x2d.dtype), ctx.x_shape), None, None
+    dx, dln_w, dln_b = torch.ops.aten.native_layer_norm_backward(
+        dy.to(x2d.dtype), x2d, (x2d.shape[-1],), mean, rstd, ln_w, ln_b,
+        [need[0], ln_w is not None and need[1], ln_b is not None and need[2]],
     )
-    return dx, dw, db
+    return _shaped(dx, ctx.x_shape), dln_w, dln_b
 
 
 def _linear_grads(dout: Tensor, inp: Tensor, weight: Tensor, bias: Optional[Tensor], need_w: bool, need_b: bool):
@@ -67,14 +77,11 @@ class _NormLinear(torch.autograd.Function):
         x2d, ln_w, ln_b, mean, rstd, w, b = ctx.saved_tensors
         need = ctx.needs_input_grad
         dout = dout.reshape(-1, dout.shape[-1]).to(ctx.dtype)
-        y = _layer_norm(x2d, ln_w, ln_b, ctx.eps)[0].to(ctx.dtype)
-        dw, db = _linear_grads(dout, y, w, b, need[4], need[5])
-        del y
+        dw, db = _linear_grads(dout, _normed(ctx, x2d, ln_w, ln_b), w, b, need[4], need[5])
         dx = dln_w = dln_b = None
-        if need[0] or need[1] or need[2]:
-            dy = dout @ w.to(ctx.dtype)
-            dx, dln_w, dln_b = _ln_backward(dy, x2d, mean, rstd, ln_w, ln_b, need[:3])
-        return _shaped(dx, ctx.x_shape), dln_w, dln_b, None, dw, db
+        if any(need[:3]):
+            dx, dln_w, dln_b = _input_grads(ctx, dout @ w.to(ctx.dtype), x2d, mean, rstd, ln_w, ln_b)
+        return dx, dln_w, dln_b, None, dw, db
 
 
 class _NormMlp(torch.autograd.Function):
@@ -104,18 +111,13 @@ class _NormMlp(torch.autograd.Function):
         # dL/dh overwrites the recomputed GELU output, which is no longer needed: no fresh 4C buffer.
         dh = torch.ops.aten.gelu_backward.grad_input(dg, h, grad_input=g)
         del dg
-        y = (_layer_norm(x2d, ln_w, ln_b, ctx.eps)[0] if ctx.eps is not None else x2d).to(dt)
-        dw1, db1 = _linear_grads(dh, y, w1, b1, need[4], need[5])
-        del y
+        dw1, db1 = _linear_grads(dh, _normed(ctx, x2d, ln_w, ln_b), w1, b1, need[4], need[5])
         dx = dln_w = dln_b = None
-        if need[0] or need[1] or need[2]:
+        if any(need[:3]):
             dy = dh @ w1.to(dt)
             del dh
-            if ctx.eps is None:
-                dx = dy.to(x2d.dtype)
-            else:
-                dx, dln_w, dln_b = _ln_backward(dy, x2d, mean, rstd, ln_w, ln_b, need[:3])
-        return _shaped(dx, ctx.x_shape), dln_w, dln_b, None, dw1, db1, dw2, db2
+            dx, dln_w, dln_b = _input_grads(ctx, dy, x2d, mean, rstd, ln_w, ln_b)
+        return dx, dln_w, dln_b, None, dw1, db1, dw2, db2
 
 
 def _shaped(dx: Optional[Tensor], shape) -> Optional[Tensor]:
@@ -148,8 +150,7 @@ def norm_mlp(x: Tensor, norm: torch.nn.LayerNorm, fc1: torch.nn.Linear, fc2: tor
         `(..., fc2.out_features)`.
     """
     _check(x, norm, fc1.in_features, "fc1")
-    if fc2.in_features != fc1.out_features:
-        raise ValueError(f"fc2.in_features={fc2.in_features} must equal fc1.out_features={fc1.out_features}")
+    _check_mlp(fc1, fc2)
     return _NormMlp.apply(x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
 
 
@@ -165,8 +166,7 @@ def mlp(x: Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> Tensor:
     """
     if x.shape[-1] != fc1.in_features:
         raise ValueError(f"x's last axis ({x.shape[-1]}) must equal fc1.in_features ({fc1.in_features})")
-    if fc2.in_features != fc1.out_features:
-        raise ValueError(f"fc2.in_features={fc2.in_features} must equal fc1.out_features={fc1.out_features}")
+    _check_mlp(fc1, fc2)
     return _NormMlp.apply(x, None, None, None, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
 
 
@@ -179,3 +179,8 @@ def _check(x: Tensor, norm: torch.nn.LayerNorm, in_features: int, name: str) -> 
             f"x's last axis ({x.shape[-1]}), norm.normalized_shape ({C}) and {name}.in_features ({in_features}) "
             f"must be equal"
         )
+
+
+def _check_mlp(fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> None:
+    if fc2.in_features != fc1.out_features:
+        raise ValueError(f"fc2.in_features={fc2.in_features} must equal fc1.out_features={fc1.out_features}")
