@@ -23,28 +23,12 @@ from torch import Tensor, nn
 
 from lfvila_kernels import htwa_attention_qkv
 from lfvila_kernels.reference import relative_position_index
+from lfvila_kernels.shapes import effective_window_and_shift  # the official get_window_size (spec 1.3)
 
 from .config import VideoEncoderConfig
 from .fused_block import norm_linear, norm_mlp
 
 __all__ = ["VideoEncoder"]
-
-
-def effective_window_and_shift(grid, window, shifted: bool):
-    """The official `get_window_size`: the window is clipped to the grid, and an axis the (configured) window
-    covers gets no shift. Spatial shift = half the window; the temporal shift is always 0 (spec 1.3).
-
-    Args:
-        grid: `(T, H, W)` token grid of the block's input (before any padding).
-        window: `(Wt, Wh, Ww)` configured window.
-        shifted: odd block of a layer.
-    Returns:
-        `(window, shift)`, each a 3-tuple.
-    """
-    eff = tuple(min(g, w) for g, w in zip(grid, window))
-    shift = (0, window[1] // 2, window[2] // 2) if shifted else (0, 0, 0)
-    shift = tuple(s if g > w else 0 for s, g, w in zip(shift, grid, window))
-    return eff, shift
 
 
 class DropPath(nn.Module):
