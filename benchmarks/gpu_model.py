@@ -13,9 +13,6 @@ import time
 import torch
 
 
-VARIANTS = {"auto": ("auto", True), "reference": ("reference", False), "auto-plain-blocks": ("auto", False)}
-
-
 def _setup(backend: str, fused_blocks: bool, device: str, dry_run: bool):
     from lfvila_model import create_model
 
@@ -72,7 +69,9 @@ def _profile_step(model, video, ids, mask, top: int = 12) -> list[dict]:
 def run_model_suite(device: str, dry_run: bool) -> list[dict]:
     rows = []
     rounds = 1 if dry_run else 5
-    for variant, (backend, fused_blocks) in VARIANTS.items():
+    from benchmarks.workloads import MODEL_VARIANTS
+
+    for variant, (backend, fused_blocks) in MODEL_VARIANTS.items():
         row = {"part": "model", "preset": "lfvila-tiny" if dry_run else "lfvila-official", "backend": variant}
         rows.append(row)
         try:  # one variant running out of memory must not lose the others' rows
@@ -91,7 +90,7 @@ def run_model_suite(device: str, dry_run: bool) -> list[dict]:
             row["error"] = f"out of memory: {str(exc)[:160]}"
         if device == "cuda":
             torch.cuda.empty_cache()
-    ref = rows[list(VARIANTS).index("reference")]
+    ref = rows[list(MODEL_VARIANTS).index("reference")]
     for row in rows:
         if row is ref:
             continue

@@ -35,7 +35,8 @@ def load(path):
 def paired_table(paired):
     rows = [["group", "rounds", "reference ms", "ours ms", "reference/ours (median of rounds)", "min", "max"]]
     for name, p in paired.items():
-        rows.append([name, str(p["rounds"]), f"{p['reference_median_ms']:.1f}", f"{p.get('ours_median_ms', p.get('cpp_median_ms')):.1f}",
+        ours_ms = p.get("ours_median_ms", p.get("cpp_median_ms"))  # older result files name it after the backend
+        rows.append([name, str(p["rounds"]), f"{p['reference_median_ms']:.1f}", f"{ours_ms:.1f}",
                      f"{p['ratio_median']:.2f}x", f"{p['ratio_min']:.2f}x", f"{p['ratio_max']:.2f}x"])
     return rows
 

@@ -16,7 +16,7 @@ import os
 import pytest
 
 from benchmarks._memory import peak_extra_bytes
-from benchmarks.workloads import BLOCK_LAYERS, block_spec, build
+from benchmarks.workloads import BLOCK_LAYERS, block_layer_shape, block_spec, build
 
 ROUNDS = int(os.environ.get("LFVILA_BENCH_ROUNDS", "5"))
 MEMORY = os.environ.get("LFVILA_BENCH_MEMORY", "1") != "0"
@@ -28,7 +28,7 @@ PARAMS = [(layer, variant) for layer in BLOCK_LAYERS for variant in ("reference"
 def test_swin_layer_blocks(benchmark, layer, variant):
     spec = block_spec(layer, variant)
     run = build(spec)
-    grid, dim, _, _, depth = BLOCK_LAYERS[layer]
+    grid, dim, _, _, depth = block_layer_shape(layer)
     benchmark.group = f"swin layer{layer} {depth} blocks {grid[0]}x{grid[1]}x{grid[2]} C={dim} fp32 fwd+bwd"
     benchmark.extra_info.update(spec)
     if MEMORY:

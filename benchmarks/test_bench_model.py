@@ -30,7 +30,7 @@ import pytest
 
 from benchmarks._memory import peak_extra_bytes
 from benchmarks._paired import run_paired
-from benchmarks.workloads import build, model_spec
+from benchmarks.workloads import MODEL_VARIANTS, build, model_spec
 
 FRAMES = int(os.environ.get("LFVILA_BENCH_FRAMES", "32"))
 ROUNDS = int(os.environ.get("LFVILA_BENCH_ROUNDS", "2"))
@@ -38,11 +38,7 @@ PAIRED_ROUNDS = int(os.environ.get("LFVILA_BENCH_PAIRED_ROUNDS_MODEL", "4"))
 MEMORY_REPEATS = int(os.environ.get("LFVILA_BENCH_MEMORY_REPEATS_MODEL", "3"))
 MEMORY = os.environ.get("LFVILA_BENCH_MEMORY", "1") != "0"
 
-VARIANTS = {
-    "reference": model_spec("reference", FRAMES),
-    "auto": model_spec("auto", FRAMES),
-    "auto-plain-blocks": model_spec("auto", FRAMES, fused_blocks=False),
-}
+VARIANTS = {name: model_spec(backend, FRAMES, fused) for name, (backend, fused) in MODEL_VARIANTS.items()}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from lfvila_kernels import htwa_attention_qkv
-from lfvila_kernels.shapes import official_cases, make_htwa_inputs
+from lfvila_kernels.shapes import (HEAD_DIM, OFFICIAL_GRIDS, OFFICIAL_HEADS, OFFICIAL_WINDOWS, make_htwa_inputs,
+                                   official_cases)
 
 
 def htwa_spec(case_name: str, backend: str, mode: str, batch: int, dtype: str = "float32") -> dict:
@@ -32,6 +33,11 @@ def _build_htwa(spec):
         return out
 
     return run
+
+
+# The model benchmarks' variants (CPU: test_bench_model.py, GPU: gpu_model.py): name -> (attention backend,
+# fused blocks). "reference" is the official computation; "auto-plain-blocks" is the fused attention alone.
+MODEL_VARIANTS = {"reference": ("reference", False), "auto": ("auto", True), "auto-plain-blocks": ("auto", False)}
 
 
 def model_spec(backend: str, frames: int, fused_blocks: bool | None = None) -> dict:
@@ -68,8 +74,15 @@ def _build_model_stage1(spec):
     return run
 
 
-# Official 32-frame shapes of the layers the block benchmark times: layer -> (grid, dim, heads, window, depth).
-BLOCK_LAYERS = {0: ((32, 24, 40), 128, 4, (2, 3, 5), 2), 2: ((32, 6, 10), 512, 16, (8, 3, 5), 14)}
+BLOCK_LAYERS = (0, 2)  # the official layers the block benchmark times: the largest grid, the deepest layer
+
+
+def block_layer_shape(layer: int):
+    """(grid, dim, heads, window, depth) of an official layer at 32 frames (lfvila_kernels.shapes, the preset)."""
+    from lfvila_model.config import VideoEncoderConfig
+
+    heads = OFFICIAL_HEADS[layer]
+    return OFFICIAL_GRIDS[layer], heads * HEAD_DIM, heads, OFFICIAL_WINDOWS[layer], VideoEncoderConfig().depths[layer]
 
 
 def block_spec(layer: int, variant: str) -> dict:
@@ -80,7 +93,7 @@ def block_spec(layer: int, variant: str) -> dict:
 def _build_layer(spec):
     from lfvila_model.video_encoder import SwinBlock3D
 
-    grid, dim, heads, window, depth = BLOCK_LAYERS[spec["layer"]]
+    grid, dim, heads, window, depth = block_layer_shape(spec["layer"])
     torch.manual_seed(0)
     # the attention is the C++ kernel on both sides: only the blocks' LayerNorm / Linear / GELU modules differ
     blocks = torch.nn.Sequential(*(
