@@ -7,9 +7,9 @@
 
 The transformer layers and the pooler are `transformers`' `BertLayer` / `BertPooler` (their parameter names are
 the official ones); with `fused_ffn` the layers' feed-forward keeps only its input and fc1's output for the
-backward (`BertLayerFused`, `fused_block.mlp`). The embeddings and the MLM head are written here: the official checkpoints store
-`embeddings.position_ids` as a persistent buffer and tie the MLM decoder bias to `predictions.bias`, which the
-current `transformers` classes do not.
+backward (`BertLayerFused`, `fused_block.mlp`). The embeddings and the MLM head are written here: the official
+checkpoints store `embeddings.position_ids` as a persistent buffer and tie the MLM decoder bias to
+`predictions.bias`, which the current `transformers` classes do not.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from torch import Tensor, nn
 from transformers.activations import ACT2FN
 from transformers.models.bert.modeling_bert import BertLayer, BertPooler
 
-from .fused_block import mlp
-
 from .config import TextEncoderConfig
+from .fused_block import mlp
 
 __all__ = ["BertBackbone", "TextEncoder", "SentEmbedding", "VideoTokenPos", "extended_mask"]
 
