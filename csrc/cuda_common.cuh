@@ -9,7 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "htwa_index.h"  // LFVILA_HD
+#include "htwa_geometry.h"  // LFVILA_HD
 
 // The dynamic shared-memory buffer of a kernel file. tests/cuda_emu compiles the kernels as plain C++ (one block at
 // a time, its threads as host threads); there the buffer is an ordinary array, shared by the threads of the block.

@@ -1,6 +1,6 @@
-// HTWA CUDA kernels (contract: csrc/HTWA_CONTRACT.md). Launched by htwa_cuda.cu; index math in htwa_index.h.
+// HTWA CUDA kernels (contract: csrc/HTWA_CONTRACT.md). Launched by htwa_cuda.cu; index math in htwa_geometry.h.
 //
-// Work decomposition. The token grid splits into disjoint boxes (htwa_index.h); inside a box every query
+// Work decomposition. The token grid splits into disjoint boxes (htwa_geometry.h); inside a box every query
 // attends every key and nothing else, so every kernel works on one box at a time and needs no mask.
 //   fwd      one block per (batch*head, box, tile of 64 queries); keys stream through shared memory in tiles
 //            of 32 with an online softmax (FlashAttention-2 style). Writes out and lse.
@@ -23,7 +23,7 @@
 #include <cstdint>
 
 #include "cuda_common.cuh"
-#include "htwa_index.h"
+#include "htwa_geometry.h"
 
 namespace lfvila {
 namespace htwa_cuda {

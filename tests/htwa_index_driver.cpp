@@ -1,4 +1,4 @@
-// Test driver for csrc/htwa_index.h (compiled with g++ by tests/test_htwa_index.py; no torch, no CUDA).
+// Test driver for csrc/htwa_geometry.h (compiled with g++ by tests/test_htwa_index.py; no torch, no CUDA).
 //
 // usage: htwa_index_driver T H W  Wt Wh Ww  st sh sw  Bt Bh Bw
 // prints, one item per line:
@@ -13,7 +13,7 @@
 #include <cstdlib>
 #include <vector>
 
-#include "htwa_index.h"
+#include "htwa_geometry.h"
 
 using namespace lfvila::htwa;
 

@@ -1,8 +1,9 @@
-// HTWA index math shared by host and device code (csrc/HTWA_CONTRACT.md, "Semantics").
+// HTWA geometry, the one C++ copy (csrc/HTWA_CONTRACT.md, "Semantics"): the box split of the grid, the bias rows
+// and the inverse bias map, shared by the CPU kernels (htwa_cpu_*.cpp) and the CUDA kernels (host and device).
 //
 // Plain inline functions for a C++ compiler; __host__ __device__ under nvcc. No torch, no CUDA runtime: the
 // header is also compiled on its own by tests/test_htwa_index.py (a tiny g++ driver) and checked against the
-// Python mirror lfvila_kernels/_htwa_index.py and the official relative_position_index.
+// Python mirror lfvila_kernels/geometry.py and the official relative_position_index.
 //
 // Vocabulary (one axis of length L, window Wn, shift s):
 //   box j          the j-th interval of the axis; [0, s) first when s > 0, then windows of Wn clipped to L.
