@@ -196,7 +196,7 @@ def run_cuda_suite(device, dry_run: bool) -> list[dict]:
 
     if dry_run or str(device) != "cuda" or not torch.cuda.is_available():
         return [{"part": "cuda", "note": NOTE_NO_GPU}]
-    from lfvila_kernels import _backends, _ext
+    from lfvila_kernels.backends import cpp as _ext
 
     missing = [op for op in ("htwa_fwd", "htwa_bwd", "info_nce_fwd", "info_nce_bwd")
                if _ext.load_error() is not None or not _ext.has_kernel(op, "cuda")]
@@ -204,7 +204,7 @@ def run_cuda_suite(device, dry_run: bool) -> list[dict]:
         why = _ext.load_error() or f"lfvila_kernels._C has no CUDA kernel for {', '.join(missing)}"
         return [{"part": "cuda", "note": f"CUDA kernels not built: {why}"}]
     rows: list[dict] = []
-    if _backends.can_run_compiled("htwa_fwd", "cuda", torch.device("cuda")):
+    if _ext.can_run_compiled("htwa_fwd", "cuda", torch.device("cuda")):
         _htwa_checks(rows)
         _htwa_timing(rows)
     _loss_checks_and_timing(rows)

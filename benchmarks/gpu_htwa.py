@@ -105,7 +105,7 @@ def run_htwa_suite(device, dry_run: bool, budget_s: float = 170.0, cases=None) -
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
-    from lfvila_kernels._backends import triton_interpreted
+    from lfvila_kernels.backends.triton import triton_interpreted
     from lfvila_kernels.shapes import official_cases
 
     device = torch.device(device)

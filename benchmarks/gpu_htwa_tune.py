@@ -2,9 +2,10 @@
 
     python benchmarks/gpu_htwa_tune.py [--out DIR] [--budget S] [--dry-run]
 
-Used once per lent GPU to choose the launch settings of lfvila_kernels/triton/htwa.py (`_settings`,
-`_launch_kw`, `_target_programs`): every variant is set through the module's `TUNE` dict, timed (median of CUDA
-events) on representative official shapes (bf16, B=16) and checked against the default variant's output and
+Used once per lent GPU to choose the launch settings of lfvila_kernels/triton/htwa_launch.py (`_settings`,
+`_launch_kw`, `_target_programs`): every variant is set through the `TUNE` dict of
+lfvila_kernels/triton/experimental.py (also home of the opt-in kernels and the diagnostic switch), timed (median
+of CUDA events) on representative official shapes (bf16, B=16) and checked against the default variant's output and
 gradients, so a fast but wrong setting is never picked. Diagnostic variants (no bias; dQ kernel without its dbias
 workspace updates) bound what the bias costs. Writes `htwa_tune.json` after every variant. `--dry-run` runs the
 code path on tiny shapes through the Triton interpreter (correctness only, no meaningful times).
@@ -79,7 +80,7 @@ def main(argv=None):
 
     from lfvila_kernels import htwa_attention_qkv
     from lfvila_kernels.shapes import official_cases
-    from lfvila_kernels.triton import htwa as tk
+    from lfvila_kernels.triton import experimental, htwa_launch
 
     t_start = time.perf_counter()
     dev = "cpu" if args.dry_run else "cuda"
@@ -128,7 +129,7 @@ def main(argv=None):
     # reference results (default settings) for the checks, and the reference backend's times
     base = {}
     for c in cases:
-        tk.TUNE.clear()
+        experimental.TUNE.clear()
         with torch.no_grad():
             out = call(c)
         dq, db = fwdbwd(c)
@@ -153,7 +154,7 @@ def main(argv=None):
 
         for name in ("layer0", "layer3", "layer5"):
             c = next(x for x in cases if x.name == name)
-            tk.TUNE.clear()
+            experimental.TUNE.clear()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(3):
                     fwdbwd(c)
@@ -170,9 +171,9 @@ def main(argv=None):
             if time.perf_counter() - t_start > args.budget:
                 report[kind].append({"variant": vname, "skipped": "time budget"})
                 continue
-            tk.TUNE.clear()
-            tk.TUNE.update({k: v for k, v in tune.items() if not k.startswith("_")})
-            tk._chunk_plan.cache_clear()
+            experimental.TUNE.clear()
+            experimental.TUNE.update({k: v for k, v in tune.items() if not k.startswith("_")})
+            htwa_launch._chunk_plan.cache_clear()
             no_bias = tune.get("_no_bias", False)
             row = {"variant": vname, "tune": tune}
             t0 = time.perf_counter()
@@ -201,8 +202,8 @@ def main(argv=None):
             report[kind].append(row)
             print(kind, json.dumps(row), flush=True)
             save()
-        tk.TUNE.clear()
-        tk._chunk_plan.cache_clear()
+        experimental.TUNE.clear()
+        htwa_launch._chunk_plan.cache_clear()
 
     # the forward first: the H100 sweep of 2026-11-26 ran out of time before it; the backward is still most of
     # the time (layer3: 2.1 of 2.9 ms after that sweep)

@@ -35,10 +35,10 @@ def _features(n, d, dtype, device, seed):
 
 def _run_backend(backend: str) -> str:
     """The `info_nce_loss` backend for a row name: "chunked_triton" is "chunked" with its Triton epilogue (an
-    opt-in module setting, switched here for the call: see lfvila_kernels/_info_nce_chunked.py)."""
-    from lfvila_kernels import _info_nce_chunked
+    opt-in module setting, switched here for the call: see lfvila_kernels/backends/chunked.py)."""
+    from lfvila_kernels.backends import chunked
 
-    _info_nce_chunked.EPILOGUE = "triton" if backend == "chunked_triton" else "torch"
+    chunked.EPILOGUE = "triton" if backend == "chunked_triton" else "torch"
     return "chunked" if backend == "chunked_triton" else backend
 
 

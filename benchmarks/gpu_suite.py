@@ -80,12 +80,12 @@ def main(argv=None):
     }
     tune_path = os.environ.get("LFVILA_HTWA_TUNE")
     if tune_path:  # launch settings chosen by benchmarks/gpu_htwa_tune.py in the same session
-        from lfvila_kernels.triton import htwa as triton_htwa
+        from lfvila_kernels.triton import experimental as htwa_experimental
 
         with open(tune_path) as f:
-            triton_htwa.TUNE.update(json.load(f))
-        report["htwa_tune"] = dict(triton_htwa.TUNE)
-        print(f"gpu_suite: HTWA Triton launch settings {triton_htwa.TUNE}", flush=True)
+            htwa_experimental.TUNE.update(json.load(f))
+        report["htwa_tune"] = dict(htwa_experimental.TUNE)
+        print(f"gpu_suite: HTWA Triton launch settings {htwa_experimental.TUNE}", flush=True)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     runners = {
         "htwa": ("benchmarks.gpu_htwa", "run_htwa_suite"),

@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import geometry
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 128
 
@@ -47,8 +49,7 @@ def check_same(tensors: Sequence[torch.Tensor], names: Sequence[str], what: str)
 
 
 def htwa_num_bias_rows(bias_window: tuple[int, int, int]) -> int:
-    bt, bh, bw = bias_window
-    return (2 * bt - 1) * (2 * bh - 1) * (2 * bw - 1)
+    return geometry.num_bias_rows(bias_window)
 
 
 def check_htwa_args(q, k, v, bias_table, window, shift, bias_window, scale):

@@ -12,8 +12,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backends, _ext
-from ._backends import acc_dtype as _acc_dtype
+from . import _dispatch
+from .backends import cpp
+from .backends._common import acc_dtype as _acc_dtype
 from ._checks import check_htwa_args
 
 __all__ = ["htwa_attention", "htwa_attention_qkv"]
@@ -43,10 +44,10 @@ def _htwa_fwd(
 
 def _fwd_impl(q, k, v, bias, window, shift, bias_window, scale, backend):
     if backend == "triton":
-        from .triton.htwa import htwa_fwd_triton
+        from .backends import triton
 
-        return htwa_fwd_triton(q, k, v, bias, window, shift, bias_window, scale)
-    return _ext.ops().htwa_fwd(q, k, v, bias, window, shift, bias_window, scale)
+        return triton.htwa_fwd(q, k, v, bias, window, shift, bias_window, scale)
+    return cpp.ops().htwa_fwd(q, k, v, bias, window, shift, bias_window, scale)
 
 
 @_htwa_fwd.register_fake
@@ -72,10 +73,10 @@ def _htwa_bwd(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if backend == "triton":
-        from .triton.htwa import htwa_bwd_triton
+        from .backends import triton
 
-        return htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale)
-    return _ext.ops().htwa_bwd(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale)
+        return triton.htwa_bwd(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale)
+    return cpp.ops().htwa_bwd(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale)
 
 
 @_htwa_bwd.register_fake
@@ -145,12 +146,12 @@ def _htwa_bwd_packed(
 ) -> tuple[Tensor, Tensor]:
     q, k, v = qkv.unbind(4)
     if backend == "cpp":
-        return _ext.ops().htwa_bwd_packed(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale)
+        return cpp.ops().htwa_bwd_packed(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale)
     if backend == "triton":  # writes dq, dk, dv into the slices of one gradient too
-        from .triton.htwa import htwa_bwd_triton
+        from .backends import triton
 
         dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-        _, _, _, dbias = htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale, dqkv=dqkv)
+        _, _, _, dbias = triton.htwa_bwd(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale, dqkv=dqkv)
         return dqkv, dbias
     # other backends return three gradients; stack them here
     dq, dk, dv, dbias = _htwa_bwd(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale, backend)
@@ -190,9 +191,9 @@ _TORCH_BACKENDS = ("reference", "sdpa", "flex")
 def _prepare(q, k, v, bias_table, window, shift, bias_window, scale, backend):
     """Check the arguments and pick the backend; returns (backend, [window, shift, bias_window, scale])."""
     window, shift, bias_window, scale = check_htwa_args(q, k, v, bias_table, window, shift, bias_window, scale)
-    if backend not in _backends.HTWA_BACKENDS:
-        raise ValueError(f"backend must be one of {_backends.HTWA_BACKENDS}, got {backend!r}")
-    backend = _backends.resolve("htwa_fwd", backend, str(q.device), q.dtype, _CPU_ORDER, _CUDA_ORDER)
+    if backend not in _dispatch.HTWA_BACKENDS:
+        raise ValueError(f"backend must be one of {_dispatch.HTWA_BACKENDS}, got {backend!r}")
+    backend = _dispatch.resolve("htwa_fwd", backend, str(q.device), q.dtype, _CPU_ORDER, _CUDA_ORDER)
     return backend, [list(window), list(shift), list(bias_window), scale]
 
 
@@ -200,12 +201,12 @@ def _torch_backend(q, k, v, bias_table, backend, params):
     window, shift, bias_window, scale = params
     kwargs = dict(window=tuple(window), shift=tuple(shift), bias_window=tuple(bias_window), scale=scale)
     if backend == "reference":
-        from .reference import htwa_reference
+        from .backends.reference import htwa_reference
 
         return htwa_reference(q, k, v, bias_table, **kwargs)
-    from . import _htwa_torch
+    from .backends import torch_attention
 
-    return getattr(_htwa_torch, f"htwa_{backend}")(q, k, v, bias_table, **kwargs)
+    return getattr(torch_attention, f"htwa_{backend}")(q, k, v, bias_table, **kwargs)
 
 
 def _kernel_bias(bias_table, dtype):

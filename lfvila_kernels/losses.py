@@ -3,7 +3,7 @@
 - `info_nce_loss`: the video-paragraph loss VPC (spec 3.1), a symmetric InfoNCE. Same three layers as
   `htwa.py`: `lfvila::info_nce_fwd` / `lfvila::info_nce_bwd` are functional torch.library custom ops (fake kernel
   right below each) dispatching to the C++ CPU kernel (csrc/info_nce_cpu.cpp), the Triton kernels
-  (triton/info_nce.py) or the row-panel GEMMs of _info_nce_chunked.py; `register_autograd` ties them
+  (triton/info_nce.py) or the row-panel GEMMs of backends/chunked.py; `register_autograd` ties them
   together; the public function checks, picks the backend and calls the op. With `distributed=True` each
   rank computes its local rows against the gathered global columns (and the symmetric part likewise), with
   rank-offset positives.
@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backends, _ext
-from ._backends import acc_dtype as _acc_dtype
+from . import _dispatch
+from .backends import cpp
+from .backends._common import acc_dtype as _acc_dtype
 from ._checks import check_info_nce_args, check_mtc_args
 
 __all__ = ["info_nce_loss", "temporal_contrastive_loss", "sample_mtc_indices", "gather_with_grad"]
@@ -47,7 +48,7 @@ _CUDA_ORDER = ("chunked", "triton", "cuda")
 # inputs, fp32 otherwise).
 
 
-_compiled = _ext.ops
+_compiled = cpp.ops
 
 
 def _info_nce_shapes(a: Tensor, b: Tensor, symmetric: bool):
@@ -64,11 +65,11 @@ def _info_nce_fwd(
     a: Tensor, b: Tensor, temperature: Tensor, offset: int, symmetric: bool, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "triton":
-        from .triton.info_nce import info_nce_fwd_triton
+        from .backends import triton
 
-        return info_nce_fwd_triton(a, b, temperature, offset, symmetric)
+        return triton.info_nce_fwd(a, b, temperature, offset, symmetric)
     if backend == "chunked":
-        from ._info_nce_chunked import info_nce_fwd_chunked
+        from .backends.chunked import info_nce_fwd_chunked
 
         return info_nce_fwd_chunked(a, b, temperature, offset, symmetric)
     return _compiled().info_nce_fwd(a, b, 1.0 / float(temperature), offset, symmetric)
@@ -92,11 +93,11 @@ def _info_nce_bwd(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     if backend == "triton":
-        from .triton.info_nce import info_nce_bwd_triton
+        from .backends import triton
 
-        return info_nce_bwd_triton(dloss, a, b, temperature, lse_row, lse_col, offset, symmetric)
+        return triton.info_nce_bwd(dloss, a, b, temperature, lse_row, lse_col, offset, symmetric)
     if backend == "chunked":
-        from ._info_nce_chunked import info_nce_bwd_chunked
+        from .backends.chunked import info_nce_bwd_chunked
 
         return info_nce_bwd_chunked(dloss, a, b, temperature, lse_row, lse_col, offset, symmetric)
     return _compiled().info_nce_bwd(dloss, a, b, lse_row, lse_col, 1.0 / float(temperature), offset, symmetric)
@@ -201,13 +202,13 @@ def _temperature_tensor(temperature, like: Tensor) -> Tensor:
 
 
 def _resolve_backend(backend: str, device: str, dtype: torch.dtype) -> str:
-    return _backends.resolve("info_nce_fwd", backend, device, dtype, _CPU_ORDER, _CUDA_ORDER)
+    return _dispatch.resolve("info_nce_fwd", backend, device, dtype, _CPU_ORDER, _CUDA_ORDER)
 
 
 def _rows_loss(a: Tensor, b: Tensor, temperature, offset: int, symmetric: bool, backend: str) -> Tensor:
     """mean CE over a's rows against all of b's rows (positives at offset) [+ the column CE when symmetric]."""
     if backend == "reference":
-        from .reference import info_nce_reference
+        from .backends.reference import info_nce_reference
 
         return info_nce_reference(a, b, temperature, symmetric=symmetric, offset=offset)
     a = a if a.stride(-1) == 1 else a.contiguous()
@@ -251,7 +252,7 @@ def info_nce_loss(
         group: process group for `distributed` (default: the world).
         backend: "auto" (C++ on CPU, chunked on CUDA), "cpp", "cuda" (csrc CUDA kernel), "triton" (CUDA, or CPU
             with TRITON_INTERPRET=1), "chunked" (any device: a in row panels, each panel's logits one
-            cuBLAS/BLAS GEMM with fp32 output, O(panel x N) scratch; see _info_nce_chunked.py) or
+            cuBLAS/BLAS GEMM with fp32 output, O(panel x N) scratch; see backends/chunked.py) or
             "reference" (plain PyTorch, materialises the logits: the naive baseline).
 
     Returns:
@@ -260,7 +261,7 @@ def info_nce_loss(
 
     Memory: the fused backends keep O(N) log-sum-exp state and O(tile^2) scratch per thread; the gradients are
     recomputed tile by tile in the backward. "chunked" keeps one row panel's logits (R x N, R chosen for a
-    256 MiB fp32 budget, `_info_nce_chunked.PANEL_BUDGET_BYTES`) and recomputes them panel by panel.
+    256 MiB fp32 budget, `backends.chunked.PANEL_BUDGET_BYTES`) and recomputes them panel by panel.
     """
     check_info_nce_args(a, b, temperature, symmetric, check_value=not torch.compiler.is_compiling())
     if not isinstance(distributed, bool):
@@ -354,7 +355,7 @@ def temporal_contrastive_loss(
     if backend not in MTC_BACKENDS:
         raise ValueError(f"backend must be one of {MTC_BACKENDS}, got {backend!r}")
     if backend == "reference":
-        from .reference import temporal_contrastive_reference
+        from .backends.reference import temporal_contrastive_reference
 
         return temporal_contrastive_reference(
             clips, sents, key_idx, value_idx, other_idx, temperature, rolls=rolls

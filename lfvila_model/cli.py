@@ -242,7 +242,7 @@ def cmd_info(args) -> int:
         except Exception as e:  # noqa: BLE001 (report, do not fail)
             info[mod] = f"unavailable ({type(e).__name__})"
     try:
-        from lfvila_kernels import _ext
+        from lfvila_kernels.backends import cpp as _ext
 
         info["cpp_extension"] = bool(getattr(_ext, "available", lambda: True)())
     except Exception as e:  # noqa: BLE001

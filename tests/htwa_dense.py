@@ -1,10 +1,13 @@
 """A second, independent HTWA reference, used only in tests: the full L x L attention over all grid tokens with
 the mask formula of spec 1.4 (exact exclusion) and the bias row from spec 1.3's in-window coordinates. No roll,
-no partition, no padding: it shares nothing with lfvila_kernels.reference but the definition."""
+no partition, no padding: it shares nothing with lfvila_kernels.reference but the definition (the bias row
+formula comes from lfvila_kernels.geometry, checked against the official index by tests/test_htwa_index.py)."""
 
 from __future__ import annotations
 
 import torch
+
+from lfvila_kernels import geometry
 
 
 def _floor_div(a: torch.Tensor, b: int) -> torch.Tensor:
@@ -24,11 +27,8 @@ def htwa_dense(q, k, v, bias_table, window, shift=(0, 0, 0), bias_window=None, s
         same &= g[:, None] == g[None, :]
         c.append(x - s - win * g)  # (x - s) mod win
     n = (c[0] * window[1] + c[1]) * window[2] + c[2]  # flat in-window index, window geometry
-    bt, bh, bw = bias_window
-    b = [n // (bh * bw), (n // bw) % bh, n % bw]  # read back in bias_window geometry
-    row = ((b[0][:, None] - b[0][None, :] + bt - 1) * (2 * bh - 1) + (b[1][:, None] - b[1][None, :] + bh - 1)) * (
-        2 * bw - 1
-    ) + (b[2][:, None] - b[2][None, :] + bw - 1)
+    a = geometry.bias_key(n, bias_window)  # n read back in bias_window geometry, flattened with the row strides
+    row = geometry.bias_center(bias_window) + a[:, None] - a[None, :]
 
     qf, kf, vf = (x.reshape(B, -1, heads, D).transpose(1, 2) for x in (q, k, v))  # B, heads, L, D
     logits = (qf @ kf.transpose(-1, -2)) * scale

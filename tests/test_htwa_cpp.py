@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from lfvila_kernels import htwa_attention
-from lfvila_kernels import _ext
+from lfvila_kernels.backends import cpp
 from lfvila_kernels.reference import htwa_reference
 from lfvila_kernels.shapes import official_cases
 
 from htwa_dense import htwa_dense
 
 pytestmark = pytest.mark.skipif(
-    not _ext.has_kernel("htwa_fwd", "cpu"), reason=f"C++ CPU kernel not built: {_ext.load_error()}"
+    not cpp.has_kernel("htwa_fwd", "cpu"), reason=f"C++ CPU kernel not built: {cpp.load_error()}"
 )
 
 

@@ -1,5 +1,5 @@
-"""The HTWA index math of the CUDA backend: csrc/htwa_index.h (compiled on its own by g++ through
-tests/htwa_index_driver.cpp) and its Python mirror lfvila_kernels/_htwa_index.py, against the official
+"""The HTWA geometry of the CPU and CUDA kernels: csrc/htwa_geometry.h (compiled on its own by g++ through
+tests/htwa_index_driver.cpp) and its Python mirror lfvila_kernels/geometry.py, against the official
 relative_position_index and the formulas of csrc/HTWA_CONTRACT.md.
 
 This runs without a GPU; it checks the index math the kernels use, not the kernels themselves."""
@@ -15,7 +15,7 @@ import subprocess
 import pytest
 import torch
 
-from lfvila_kernels import _htwa_index as hi
+from lfvila_kernels import geometry as hi
 from lfvila_kernels.reference import relative_position_index
 from lfvila_kernels.shapes import official_cases
 

@@ -15,10 +15,12 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from lfvila_kernels import htwa_attention  # noqa: E402
-from lfvila_kernels._backends import triton_interpreted  # noqa: E402
+from lfvila_kernels import geometry  # noqa: E402
+from lfvila_kernels.backends.triton import triton_interpreted  # noqa: E402
 from lfvila_kernels.reference import htwa_reference  # noqa: E402
 from lfvila_kernels.shapes import official_cases  # noqa: E402
-from lfvila_kernels.triton import htwa as tk  # noqa: E402
+from lfvila_kernels.triton import experimental as exp  # noqa: E402
+from lfvila_kernels.triton import htwa_launch as tk  # noqa: E402
 
 if not torch.cuda.is_available():
     # the root conftest.py selects the interpreter before anything imports triton
@@ -160,8 +162,7 @@ def test_chunk_plan_is_a_single_class_partition(monkeypatch):
         B, nwin = 16, case.window[0] * case.window[1] * case.window[2]
         units, ptr, n_chunks = tk._chunk_plan.__wrapped__(B, case.grid, case.window, case.shift, case.heads, 1,
                                                           True, torch.device("cpu"))
-        origin = tk._origin(case.window, case.shift)
-        cls = [torch.tensor(tk._box_classes(L, w, o)) for L, w, o in zip(case.grid, case.window, origin)]
+        cls = [torch.tensor(geometry.box_classes(L, w, s)) for L, w, s in zip(case.grid, case.window, case.shift)]
         nbh, nbw = len(cls[1]), len(cls[2])
         nbox = len(cls[0]) * nbh * nbw
         assert torch.equal(torch.sort(units.long()).values, torch.arange(B * nbox))
@@ -233,7 +234,7 @@ def test_packed_qkv_gradient_written_in_place(with_bias, monkeypatch):
     assert all(e <= 1e-4 for e in errs.values()), errs
 
 
-_SMALL = [c for c in _CASES if c.window[0] * c.window[1] * c.window[2] <= tk.SMALL_BOX_MAX]
+_SMALL = [c for c in _CASES if c.window[0] * c.window[1] * c.window[2] <= exp.SMALL_BOX_MAX]
 
 
 @pytest.mark.parametrize("case", _SMALL, ids=[c.name for c in _SMALL])
@@ -241,7 +242,7 @@ def test_small_box_one_kernel_backward(case, monkeypatch):
     """The one-kernel backward for windows of <= 64 tokens (opt-in: TUNE["small_fused"]) on the official
     layer 0/1 geometries: output and every gradient against the fp64 reference. The interpreter's chunk plan puts
     several units in a chunk, so dS is summed over units in registers before its one store."""
-    monkeypatch.setitem(tk.TUNE, "small_fused", True)
+    monkeypatch.setitem(exp.TUNE, "small_fused", True)
     tk._chunk_plan.cache_clear()
     q, k, v, table, dout = _inputs(2, case.grid, 2, case.head_dim, case.bias_window, torch.float32)
     _check(q, k, v, table, dout, 1e-4, window=case.window, shift=case.shift, bias_window=case.bias_window)
@@ -251,7 +252,7 @@ def test_small_box_one_kernel_backward(case, monkeypatch):
 def test_small_box_one_kernel_backward_ragged(bias, monkeypatch):
     """Same, on a grid ragged at both ends of every axis (several box classes), D padded 20 -> 32, the
     bias_window quirk, strides unrelated to each other (head-major storage)."""
-    monkeypatch.setitem(tk.TUNE, "small_fused", True)
+    monkeypatch.setitem(exp.TUNE, "small_fused", True)
     tk._chunk_plan.cache_clear()
     kw = dict(window=(2, 3, 4), shift=(1, 1, 2), bias_window=(3, 3, 5))
     q, k, v, table, dout = _inputs(2, (5, 7, 9), 2, 20, kw["bias_window"], torch.float32, bias=bias,
@@ -264,7 +265,7 @@ def test_dbias_kernel_without_read_modify_write(block, monkeypatch):
     """The dbias workspace from its own kernel (opt-in: TUNE["dbias_kernel"]) on a ragged, shifted grid with the
     bias_window quirk: with one tile per box and with 16-token tiles (several query x key tile pairs and units
     per chunk), every gradient against the fp64 reference."""
-    monkeypatch.setitem(tk.TUNE, "dbias_kernel", True)
+    monkeypatch.setitem(exp.TUNE, "dbias_kernel", True)
     if block is not None:
         monkeypatch.setattr(tk, "BLOCK_OVERRIDE", block)
     tk._chunk_plan.cache_clear()
@@ -275,7 +276,7 @@ def test_dbias_kernel_without_read_modify_write(block, monkeypatch):
 
 def test_dbias_kernel_official_large_window(monkeypatch):
     """Same on the largest official window (layer 5: 480 tokens, one box class, reduced batch)."""
-    monkeypatch.setitem(tk.TUNE, "dbias_kernel", True)
+    monkeypatch.setitem(exp.TUNE, "dbias_kernel", True)
     tk._chunk_plan.cache_clear()
     case = next(c for c in _CASES if c.name == "layer5")
     q, k, v, table, dout = _inputs(1, case.grid, 1, case.head_dim, case.bias_window, torch.float32)

@@ -171,9 +171,9 @@ def test_info_nce_noncontiguous_rows():
 @pytest.mark.parametrize("backend,n", [("cpp", 40), ("chunked", 70)])
 def test_opcheck_info_nce_ops(backend, n, monkeypatch):
     """opcheck of both ops on a compiled and a plain-torch backend; "chunked" with 64-row panels (70 rows: two)."""
-    from lfvila_kernels import _info_nce_chunked
+    from lfvila_kernels.backends import chunked
 
-    monkeypatch.setattr(_info_nce_chunked, "PANEL_BUDGET_BYTES", 1)
+    monkeypatch.setattr(chunked, "PANEL_BUDGET_BYTES", 1)
     a, b = make_features(n, 12, torch.float64, seed=4)
     t = torch.tensor(0.2, dtype=torch.float64)
     quick = ("test_schema", "test_autograd_registration", "test_faketensor")  # the full set once, these elsewhere

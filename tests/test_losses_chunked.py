@@ -1,4 +1,4 @@
-"""The "chunked" InfoNCE backend (lfvila_kernels/_info_nce_chunked.py: a in row panels, one GEMM per panel)
+"""The "chunked" InfoNCE backend (lfvila_kernels/backends/chunked.py: a in row panels, one GEMM per panel)
 against the fp64 reference, on the CPU. Most tests shrink the panel budget so that a few dozen rows already span
 several panels, the last one ragged; the distributed mode is covered in test_losses_dist.py."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lfvila_kernels import _info_nce_chunked as chunked
+from lfvila_kernels.backends import chunked
 from lfvila_kernels import info_nce_loss
 from lfvila_kernels.reference import info_nce_reference
 from _loss_common import loss_and_grads, offset_rows_case, unit_features
@@ -204,7 +204,7 @@ def test_chunked_bad_offset_and_panel_rows():
 
 @pytest.fixture
 def triton_epilogue(monkeypatch):
-    from lfvila_kernels._backends import triton_available, triton_interpreted
+    from lfvila_kernels.backends.triton import triton_available, triton_interpreted
 
     assert triton_available() is None, triton_available()  # a test dependency: missing is a failure, not a skip
     if not torch.cuda.is_available() and not triton_interpreted():

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="triton is not installed")
 
 from lfvila_kernels import info_nce_loss  # noqa: E402
-from lfvila_kernels._backends import triton_interpreted  # noqa: E402
+from lfvila_kernels.backends.triton import triton_interpreted  # noqa: E402
 from lfvila_kernels.reference import info_nce_reference  # noqa: E402
 from _loss_common import loss_and_grads, unit_features  # noqa: E402
 

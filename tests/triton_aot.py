@@ -22,7 +22,8 @@ def main(sm: int = 90) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lfvila_kernels.triton import htwa as tk
+    from lfvila_kernels.triton import experimental, htwa_bwd, htwa_dbias, htwa_fwd
+    from lfvila_kernels.triton import htwa_launch as tk
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the compiled kernels")
@@ -56,27 +57,28 @@ def main(sm: int = 90) -> int:
             consts = dict(WH=window[1], WW=window[2], BH=bias_window[1], BW=bias_window[2], HAS_BIAS=has_bias, **cfg)
             common = dict(Q=dt, K=dt, V=dt, BIAS="fp32", LSE="fp32")
             if not backward:
-                build(tk._htwa_fwd_kernel, dict(common, OUT=dt), consts, ("qk_scale",), nw)
+                build(htwa_fwd._htwa_fwd_kernel, dict(common, OUT=dt), consts, ("qk_scale",), nw)
             else:
-                build(tk._htwa_bwd_dq_kernel, dict(common, OUT=dt, DOUT=dt, DELTA="fp32", DQ=dt, PART="fp32",
-                                                   UNITS="i32", CHUNK_PTR="i32"), dict(consts, DBIAS=has_bias),
+                build(htwa_bwd._htwa_bwd_dq_kernel, dict(common, OUT=dt, DOUT=dt, DELTA="fp32", DQ=dt, PART="fp32",
+                                                         UNITS="i32", CHUNK_PTR="i32"), dict(consts, DBIAS=has_bias),
                       ("scale", "qk_scale"), nw)
-                build(tk._htwa_bwd_dkdv_kernel, dict(common, DOUT=dt, DELTA="fp32", DK=dt, DV=dt), consts,
+                build(htwa_bwd._htwa_bwd_dkdv_kernel, dict(common, DOUT=dt, DELTA="fp32", DK=dt, DV=dt), consts,
                       ("scale", "qk_scale"), nw)
                 if has_bias:  # the dbias workspace's own kernel (opt-in, TUNE["dbias_kernel"])
                     dconsts = {k: v for k, v in consts.items() if k != "HAS_BIAS"}
-                    build(tk._htwa_bwd_dbias_kernel, dict(common, DOUT=dt, DELTA="fp32", PART="fp32", UNITS="i32",
-                                                          CHUNK_PTR="i32"), dconsts, ("qk_scale",), nw)
+                    build(experimental._htwa_bwd_dbias_kernel, dict(common, DOUT=dt, DELTA="fp32", PART="fp32",
+                                                                    UNITS="i32", CHUNK_PTR="i32"),
+                          dconsts, ("qk_scale",), nw)
                 nwin = window[0] * window[1] * window[2]
-                if nwin <= tk.SMALL_BOX_MAX and D <= 64:  # the one-kernel backward (opt-in, TUNE["small_fused"])
+                if nwin <= experimental.SMALL_BOX_MAX and D <= 64:  # the one-kernel backward (opt-in, TUNE["small_fused"])
                     small = dict(WH=window[1], WW=window[2], BH=bias_window[1], BW=bias_window[2],
                                  HAS_BIAS=has_bias, UPCAST=cfg["UPCAST"], DOT_PREC=cfg["DOT_PREC"],
                                  BLOCK=max(16, triton.next_power_of_2(nwin)), BLOCK_D=cfg["BLOCK_D"])
                     ptrs = dict(common, OUT=dt, DOUT=dt, DQ=dt, DK=dt, DV=dt, PART="fp32", UNITS="i32",
                                 CHUNK_PTR="i32")
-                    build(tk._htwa_bwd_small_kernel, ptrs, small, ("scale", "qk_scale"), 4)
-    build(tk._chunk_sum_kernel, dict(PART="fp32", OUT="fp32"), dict(BLOCK=512), (), 4)
-    build(tk._dbias_gather_kernel, dict(DENSE="fp32", ROW_PTR="i32", PAIRS="i32", DBIAS="fp32"),
+                    build(experimental._htwa_bwd_small_kernel, ptrs, small, ("scale", "qk_scale"), 4)
+    build(htwa_dbias._chunk_sum_kernel, dict(PART="fp32", OUT="fp32"), dict(BLOCK=512), (), 4)
+    build(htwa_dbias._dbias_gather_kernel, dict(DENSE="fp32", ROW_PTR="i32", PAIRS="i32", DBIAS="fp32"),
           dict(BLOCK_R=32, BLOCK_J=32), (), 4)
     print("all kernels compiled")
     return 0

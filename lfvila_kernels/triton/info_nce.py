@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backends import acc_dtype as _acc_dtype, triton_interpreted
+from ..backends._common import acc_dtype as _acc_dtype, triton_interpreted
 
 
 @triton.jit

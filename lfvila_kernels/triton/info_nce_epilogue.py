@@ -1,4 +1,4 @@
-"""Triton epilogues of the "chunked" InfoNCE backend (../_info_nce_chunked.py): the elementwise work on one panel
+"""Triton epilogues of the "chunked" InfoNCE backend (../backends/chunked.py): the elementwise work on one panel
 of fp32 logits, each a single pass over the panel instead of torch's several eager passes.
 
 - `row_lse(z, scale)`: logsumexp_j (scale * z_ij) of every row (online max, one read of z).
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backends import triton_interpreted as _interpreted
+from ..backends._common import triton_interpreted as _interpreted
 
 __all__ = ["row_lse", "col_lse", "probs"]
 

@@ -15,8 +15,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_htwa_args
-from .reference import window_additive_mask, window_finish, window_prepare
+from .. import geometry
+from .._checks import check_htwa_args
+from ..reference import window_additive_mask, window_finish, window_prepare
 
 
 def htwa_sdpa(q, k, v, bias_table=None, *, window, shift=(0, 0, 0), bias_window=None, scale=None):
@@ -45,8 +46,7 @@ def _flex_layout(grid, window, shift, bias_window, device):
     ct, ch, cw = (c.reshape(-1) for c in torch.meshgrid(*coords, indexing="ij"))
     n = (ct * window[1] + ch) * window[2] + cw  # flat in-window index, window geometry
     order = torch.argsort(gid * (window[0] * window[1] * window[2]) + n)  # window-major token order
-    bt, bh, bw = bias_window
-    bcoords = torch.stack([n // (bh * bw), (n // bw) % bh, n % bw])[:, order]
+    bcoords = torch.stack(geometry.bias_coords(n, bias_window))[:, order]
     return order, gid[order].contiguous(), bcoords.contiguous()
 
 

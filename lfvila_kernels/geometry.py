@@ -1,9 +1,17 @@
-"""HTWA index math in Python: the mirror of csrc/htwa_index.h (the header the CUDA kernels and their launcher use).
+"""HTWA window geometry in Python: the box split of a grid into windows, the bias rows and the inverse bias map of
+the `bias_window` quirk (spec 1.3-1.4, csrc/HTWA_CONTRACT.md "Semantics"). The one Python copy of these facts,
+the mirror of csrc/htwa_geometry.h (the C++ copy, used by the CPU and CUDA kernels): the Triton launcher
+(triton/htwa_launch.py), the flex backend and the tests use it, and tests/test_htwa_index.py checks the two
+against each other and against the official relative_position_index.
 
-The CUDA backend builds its dbias inverse index on the host in C++ (`htwa::build_bias_inverse`, the op schema has
-no slot for an index tensor); this module computes the same things in PyTorch so that tests/test_htwa_index.py can
-check the header (compiled by a tiny g++ driver) against it and both against the official relative position index
-and the contract formulas (csrc/HTWA_CONTRACT.md). Benchmarks and debugging may use it as well.
+Vocabulary (one axis of length L, window Wn, shift s):
+    box j      the j-th interval of the axis: [0, s) first when s > 0, then windows of Wn clipped to L.
+    origin O   s - Wn when s > 0, else 0: box j is the window [O + j Wn, O + (j + 1) Wn) clipped to [0, L).
+    c(x)       in-window coordinate (x - s) mod Wn; inside a box the c values are contiguous: c0 .. c0 + n - 1.
+    n          flat in-window index in WINDOW geometry: (c_t Wh + c_h) Ww + c_w, in [0, N), N = Wt Wh Ww.
+    A(n)       n read back in BIAS_WINDOW geometry (bt, bh, bw) and flattened with the table's row strides:
+               A = (bt (2Bh - 1) + bh) (2Bw - 1) + bw. The bias row of (query, key) is C + A(n_q) - A(n_k),
+               C = A(Bt - 1, Bh - 1, Bw - 1) (the zero offset).
 """
 
 from __future__ import annotations
@@ -11,6 +19,11 @@ from __future__ import annotations
 import torch
 
 Triple = tuple[int, int, int]
+
+
+def window_origin(window: int, shift: int) -> int:
+    """Origin O of the windows along one axis: shift - window when shifted, else 0 (-window < O <= 0)."""
+    return shift - window if shift > 0 else 0
 
 
 def num_boxes(length: int, window: int, shift: int) -> int:
@@ -31,10 +44,23 @@ def axis_boxes(length: int, window: int, shift: int) -> list[tuple[int, int, int
     return boxes
 
 
+def box_classes(length: int, window: int, shift: int) -> list[int]:
+    """Per box along one axis: a class id; boxes with the same (size, c0) share it (at most 3 per axis: a front
+    partial box, full boxes, a ragged end box), numbered in order of first appearance."""
+    seen: dict = {}
+    return [seen.setdefault((size, c0), len(seen)) for _, size, c0 in axis_boxes(length, window, shift)]
+
+
+def bias_coords(n: torch.Tensor, bias_window: Triple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Window-geometry index n read back as (bt, bh, bw) coordinates of the bias_window geometry."""
+    _, bh, bw = bias_window
+    return n // (bh * bw), (n // bw) % bh, n % bw
+
+
 def bias_key(n: torch.Tensor, bias_window: Triple) -> torch.Tensor:
     """A(n): window-geometry index n read in bias_window geometry, flattened with the bias table's row strides."""
     _, bh, bw = bias_window
-    t, h, w = n // (bh * bw), (n // bw) % bh, n % bw
+    t, h, w = bias_coords(n, bias_window)
     return (t * (2 * bh - 1) + h) * (2 * bw - 1) + w
 
 

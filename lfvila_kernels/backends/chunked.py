@@ -44,8 +44,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _ext
-from ._backends import acc_dtype as _acc_dtype, can_run_triton
+from ._common import acc_dtype as _acc_dtype
+from .cpp import dispatch_has_kernel
+from .triton import can_run_triton
 
 __all__ = ["info_nce_fwd_chunked", "info_nce_bwd_chunked", "choose_panel_rows", "PANEL_BUDGET_BYTES", "EPILOGUE"]
 
@@ -77,9 +78,9 @@ def choose_panel_rows(n: int, m: int, acc_dtype: torch.dtype, budget_bytes: Opti
 def _has_fp32_out_mm(device_type: str) -> bool:
     """Whether torch.mm(x, y, out_dtype=torch.float32) has a kernel on this device type (for fp16 / bf16 inputs,
     the only ones `_Gemm` passes): the `aten::mm.dtype` overload exists from torch 2.8, with a CUDA kernel (and
-    XPU / ROCm ones in later releases) but none for the CPU (2.13). Asked of the dispatcher, as `_ext.has_kernel`
+    XPU / ROCm ones in later releases) but none for the CPU (2.13). Asked of the dispatcher, as `cpp.has_kernel`
     asks it about the compiled ops, rather than guessed from the version."""
-    return "dtype" in torch.ops.aten.mm.overloads() and _ext.dispatch_has_kernel("aten::mm.dtype", device_type)
+    return "dtype" in torch.ops.aten.mm.overloads() and dispatch_has_kernel("aten::mm.dtype", device_type)
 
 
 class _Gemm:
@@ -228,7 +229,7 @@ def _lse_torch(z: Tensor, scale: Tensor, diag: int, symmetric: bool):
 
 def _lse_fused(z: Tensor, scale: Tensor, diag: int, symmetric: bool):
     """As `_lse_torch`, one Triton pass over z per direction; z is left unscaled."""
-    from .triton import info_nce_epilogue as ep
+    from ..triton import info_nce_epilogue as ep
 
     s1 = scale.reshape(1)
     return ep.row_lse(z, s1), z.diagonal(diag) * scale, (ep.col_lse(z, s1) if symmetric else None)
@@ -252,7 +253,7 @@ def _probs_torch(z: Tensor, scale: Tensor, lse_r: Tensor, lse_c: Optional[Tensor
 def _probs_fused(z: Tensor, scale: Tensor, lse_r: Tensor, lse_c: Optional[Tensor], ratio: float,
                  h_dtype: torch.dtype) -> Tensor:
     """As `_probs_torch`, one Triton pass; z is left as it is."""
-    from .triton import info_nce_epilogue as ep
+    from ..triton import info_nce_epilogue as ep
 
     return ep.probs(z, scale.reshape(1), lse_r, lse_c, ratio, h_dtype)
 

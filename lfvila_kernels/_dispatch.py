@@ -1,4 +1,5 @@
-"""Per-backend `can_run_<backend>(..., raise_error)` predicates and the `auto` choice.
+"""The backend registry of the public ops: which backends exist, and the choice among them (`resolve`). The
+`can_run_<backend>(..., raise_error)` predicates live in the backend modules (lfvila_kernels/backends/).
 
 `auto` tries the backends of the device in order and falls through (logging why, once) to the next; an
 explicitly requested backend that cannot run raises with the reason.
@@ -6,66 +7,16 @@ explicitly requested backend that cannot run raises with the reason.
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 
 import torch
 
-from . import _ext
+from .backends.cpp import can_run_compiled
+from .backends.triton import can_run_triton
 
 log = logging.getLogger("lfvila_kernels")
 
 HTWA_BACKENDS = ("auto", "cpp", "cuda", "triton", "flex", "sdpa", "reference")
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype of every backend: fp64 for fp64 inputs, fp32 for the rest (fp32, fp16, bf16)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _fail(raise_error: bool, backend: str, why: str) -> bool:
-    if raise_error:
-        raise RuntimeError(f"backend={backend!r} cannot run: {why}")
-    return False
-
-
-@functools.lru_cache(maxsize=None)
-def triton_available() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton is not installed ({exc})"
-    return None
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def can_run_compiled(op: str, backend: str, device: torch.device, raise_error: bool = False) -> bool:
-    want = "cpu" if backend == "cpp" else "cuda"
-    if device.type != want:
-        return _fail(raise_error, backend, f"it runs on {want} tensors, got {device.type} tensors")
-    if _ext.load_error() is not None:
-        return _fail(raise_error, backend, _ext.load_error())
-    if not _ext.has_kernel(op, want):
-        return _fail(raise_error, backend, f"lfvila_kernels._C was built without a {want} kernel for {op}")
-    return True
-
-
-def can_run_triton(device: torch.device, dtype: torch.dtype, raise_error: bool = False) -> bool:
-    err = triton_available()
-    if err is not None:
-        return _fail(raise_error, "triton", err)
-    if device.type == "cpu" and not triton_interpreted():
-        return _fail(raise_error, "triton", "CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 "
-                     "before importing triton)")
-    if device.type not in ("cpu", "cuda"):
-        return _fail(raise_error, "triton", f"unsupported device {device}")
-    if dtype == torch.float64 and device.type == "cuda":
-        return _fail(raise_error, "triton", "float64 is not supported on the GPU; use backend='reference'")
-    return True
 
 
 _warned: set = set()

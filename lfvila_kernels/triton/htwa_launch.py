@@ -1,0 +1,238 @@
+"""Launch planning of the HTWA Triton kernels (the default CUDA backend; contract: csrc/HTWA_CONTRACT.md): tile
+sizes and warps (`_settings`, `_launch_kw`), the box geometry of a call (lfvila_kernels/geometry.py), the dbias
+chunk plan and the cached inverse bias index, and the two entry points `htwa_fwd_triton` / `htwa_bwd_triton`.
+Kernels: htwa_fwd.py, htwa_bwd.py, htwa_dbias.py (their docstrings give the math, the offsets and the memory
+bound of the dbias workspace).
+
+The shipped settings are the ones below. triton/experimental.py holds the GPU tuning knobs and the opt-in
+experiments (its `TUNE` dict, empty by default, overrides these settings; the backward is handed to it only
+while one of its experiments is on).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+
+from .. import geometry
+from ..backends._common import acc_dtype as _acc_dtype, triton_interpreted as _interpreted
+from . import experimental
+from .htwa_bwd import _htwa_bwd_dkdv_kernel, _htwa_bwd_dq_kernel
+from .htwa_dbias import _chunk_sum_kernel, _dbias_gather_kernel
+from .htwa_fwd import _htwa_fwd_kernel
+
+__all__ = ["htwa_fwd_triton", "htwa_bwd_triton"]
+
+LOG2E = 1.4426950408889634
+_WORKSPACE_BYTES = 64 << 20  # dbias workspace budget (htwa_dbias.py)
+BLOCK_OVERRIDE: Optional[int] = None  # tests only: force the tile size (a power of 2 >= 16)
+
+
+def _settings(q, window, backward=False):
+    nwin = window[0] * window[1] * window[2]
+    D = q.shape[-1]
+    upcast = _interpreted()
+    block_d = max(16, triton.next_power_of_2(D))
+    dot_fp32 = upcast or q.dtype in (torch.float32, torch.float64)
+    # GPU forward, 4 warps: 64 x 64 tiles for 16-bit inputs up to D = 64 (LF-VILA: D = 32), 32 x 32 where exact
+    # fp32 products (FMA units, fp32 operands in registers) or D > 64 would spill.
+    # GPU backward, D <= 64: 16 x 16 tiles, 2 warps (below). Measured on an H100 (benchmarks/gpu_htwa_tune.py,
+    # bf16, B=16, 2026-11-26): 1.6x faster over six official shapes than the previous 32 x 32 / 4 warps, which
+    # needed 200-250 registers a thread (ptxas) and so ran few programs per SM, each waiting on its loads and on
+    # the dQ kernel's dbias workspace updates; 64 x 64 / 8 warps was 1.4x slower. D > 64: 32 x 32 as before
+    # (not measured on a GPU). The interpreter runs programs one by one in Python: one tile per box (<= 256).
+    if upcast:
+        cap = 256
+    elif backward:
+        cap = 16 if block_d <= 64 else 32
+    else:
+        cap = 32 if dot_fp32 or block_d > 64 else 64
+    block = min(cap, max(16, triton.next_power_of_2(nwin)))
+    block_m = block_n = block
+    if not upcast:
+        block_m, block_n = experimental.tile_override(block_m, block_n, nwin, backward)
+    if BLOCK_OVERRIDE is not None:
+        block_m = block_n = BLOCK_OVERRIDE
+    # fp32 inputs: exact fp32 products (no TF32), the contract's accuracy; 16-bit: tensor cores
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=upcast,
+                DOT_PREC="ieee" if dot_fp32 else "tf32")
+
+
+def _launch_kw(cfg, backward=False):
+    """4 warps; 8 for D > 64, where the (BLOCK, D) fp32 accumulators spill at 4 (ptxas, sm_90, D = 128); 2 for
+    the backward's 16 x 16 tiles (see _settings)."""
+    if _interpreted():
+        return {}
+    if cfg["BLOCK_D"] > 64:
+        kw = dict(num_warps=8)
+    else:
+        kw = dict(num_warps=2 if backward and cfg["BLOCK_M"] <= 16 else 4)
+    return experimental.launch_override(kw, backward)
+
+
+def _strides5(x):
+    return tuple(x.stride())[:5]
+
+
+def _geometry_args(q, window, shift):
+    B, T, H, W, heads, D = q.shape
+    origin = tuple(geometry.window_origin(w, s) for w, s in zip(window, shift))
+    nbt, nbh, nbw = (geometry.num_boxes(L, w, s) for L, w, s in zip((T, H, W), window, shift))
+    return (T, H, W, heads, D, *origin), (nbt, nbh, nbw)
+
+
+def htwa_fwd_triton(q, k, v, bias: Optional[torch.Tensor], window, shift, bias_window, scale):
+    """Contract: csrc/HTWA_CONTRACT.md. Returns (out, lse)."""
+    window, shift, bias_window = tuple(window), tuple(shift), tuple(bias_window)
+    B, T, H, W, heads, D = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:5], dtype=_acc_dtype(q.dtype), device=q.device)
+    geo, (nbt, nbh, nbw) = _geometry_args(q, window, shift)
+    cfg = _settings(q, window)
+    nwin = window[0] * window[1] * window[2]
+    n_tiles = triton.cdiv(nwin, cfg["BLOCK_M"])
+    has_bias = bias is not None
+    grid = (nbt * nbh * nbw * n_tiles, heads, B)
+    _htwa_fwd_kernel[grid](
+        q, k, v, bias.t().contiguous() if has_bias else q, out, lse,
+        *_strides5(q), *_strides5(k), *_strides5(v), *_strides5(out), *lse.stride(),
+        *geo, nbh, nbw, n_tiles, float(scale) * LOG2E,
+        *window, *bias_window, HAS_BIAS=has_bias, **cfg, **_launch_kw(cfg),
+    )
+    return out, lse
+
+
+def _target_programs(device) -> int:
+    if device.type == "cuda":
+        per_sm = experimental.programs_per_sm(16)
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter: small, so that tests see several chunks of several units
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_plan(B, grid, window, shift, heads, n_tiles, with_bias, device):
+    """(units int32, chunk_ptr int32, n_chunks): units b * nbox + box grouped by box class, cut into chunks of
+    at most `per` units of one class. `per` is set so the chunk count gives about `_target_programs` dQ programs
+    and, with a bias, the fp32 workspace n_chunks * heads * N^2 stays within _WORKSPACE_BYTES plus one chunk per
+    class (htwa_dbias.py)."""
+    cls = [geometry.box_classes(L, w, s) for L, w, s in zip(grid, window, shift)]
+    n_cls = [max(c) + 1 for c in cls]
+    nbt, nbh, nbw = (len(c) for c in cls)
+    nbox = nbt * nbh * nbw
+    box = torch.arange(nbox)
+    ct = torch.tensor(cls[0])[box // (nbh * nbw)]
+    ch = torch.tensor(cls[1])[(box // nbw) % nbh]
+    cw = torch.tensor(cls[2])[box % nbw]
+    box_cls = (ct * n_cls[1] + ch) * n_cls[2] + cw
+    total = B * nbox
+    want = max(1, -(-_target_programs(device) // (heads * n_tiles)))
+    if with_bias:
+        nwin = window[0] * window[1] * window[2]
+        want = min(want, max(1, _WORKSPACE_BYTES // (heads * nwin * nwin * 4)))
+    per = max(1, -(-total // want)) if with_bias else 1  # no bias, no workspace: one unit per program
+    units, ptr = [], [0]
+    for c in torch.unique(box_cls).tolist():
+        boxes = torch.nonzero(box_cls == c).flatten()
+        u = (torch.arange(B)[:, None] * nbox + boxes[None, :]).flatten()
+        units.append(u)
+        for lo in range(0, u.numel(), per):
+            ptr.append(ptr[-1] + min(per, u.numel() - lo))
+    units = torch.cat(units).to(torch.int32).to(device)
+    return units, torch.tensor(ptr, dtype=torch.int32, device=device), len(ptr) - 1
+
+
+@functools.lru_cache(maxsize=32)
+def _bias_csr(window, bias_window, device):
+    """Inverse bias index (geometry.bias_inverse): for each table row, the in-window pairs n_q * N + n_k
+    (ascending) that read it. Returns (row_ptr int32 (nbias + 1), pairs int32 (N^2), max count)."""
+    offsets, pairs = geometry.bias_inverse(window, bias_window)
+    maxcnt = int((offsets[1:] - offsets[:-1]).max())
+    return offsets.to(device), pairs.to(device), maxcnt
+
+
+def _sum_chunks(part):
+    """(C, M) -> (M,): ordered tree of `_chunk_sum_kernel` levels, G chunks per program and level."""
+    G, block = (4, 16384) if _interpreted() else (8, 512)
+    while part.shape[0] > 1:
+        C, M = part.shape
+        nxt = torch.empty((triton.cdiv(C, G), M), dtype=part.dtype, device=part.device)
+        _chunk_sum_kernel[(triton.cdiv(M, block), nxt.shape[0])](part, nxt, C, M, G, BLOCK=block)
+        part = nxt
+    return part[0]
+
+
+def _launch_bwd(plan):
+    """The shipped backward kernels: dQ (+ delta, + the dbias workspace when there is a bias), then dK/dV."""
+    q, geo, (nbt, nbh, nbw), n_tiles, heads, B = plan["q"], plan["geo"], plan["nb"], plan["n_tiles"], \
+        plan["heads"], plan["B"]
+    scale = plan["scale"]
+    delta = torch.empty(q.shape[:5], dtype=plan["acc"], device=q.device)  # <dO, O> per row: dQ -> dK/dV kernel
+    consts = dict(plan["geometry"], **plan["cfg"], **_launch_kw(plan["cfg"], backward=True))
+    _htwa_bwd_dq_kernel[(plan["n_chunks"], n_tiles, heads)](
+        q, plan["k"], plan["v"], plan["bias_arg"], plan["out"], plan["dout"], plan["lse"], delta, plan["dq"],
+        plan["part"], plan["units"], plan["chunk_ptr"], *plan["strides"],
+        *geo, nbt * nbh * nbw, nbh, nbw, float(scale), float(scale) * LOG2E,
+        DBIAS=plan["has_bias"], **consts,
+    )
+    _htwa_bwd_dkdv_kernel[(nbt * nbh * nbw * n_tiles, heads, B)](
+        q, plan["k"], plan["v"], plan["bias_arg"], plan["dout"], plan["lse"], delta, plan["dk"], plan["dv"],
+        *plan["strides"], *geo, nbh, nbw, n_tiles, float(scale), float(scale) * LOG2E, **consts,
+    )
+
+
+def htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, scale, dqkv=None):
+    """Contract: csrc/HTWA_CONTRACT.md. Returns (dq, dk, dv, dbias); dbias is empty when bias is None.
+
+    dqkv: optional (B, T, H, W, 3, heads, D) tensor for the packed op: dq, dk, dv are written straight into its
+    three slices (views of it are returned), so autograd need not stack three gradients into the qkv gradient
+    (on an H100 that copy was 0.47 ms of layer 0's 3.2 ms forward+backward, and 377 MB at B=16)."""
+    window, shift, bias_window = tuple(window), tuple(shift), tuple(bias_window)
+    B, T, H, W, heads, D = q.shape
+    acc = _acc_dtype(q.dtype)
+    # dout and out share one (contiguous) stride set, lse and delta another, the gradients a third (dq, dk, dv
+    # have equal strides: separate tensors, or the slices of dqkv); the contiguous calls are no-ops per the contract
+    dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
+    if dqkv is not None:
+        dq, dk, dv = dqkv.unbind(4)
+    else:
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dk = torch.empty_like(dq)
+        dv = torch.empty_like(dq)
+    geo, nb = _geometry_args(q, window, shift)
+    cfg = _settings(q, window, backward=True)
+    nwin = window[0] * window[1] * window[2]
+    n_tiles = triton.cdiv(nwin, cfg["BLOCK_M"])
+    has_bias = bias is not None
+    small = experimental.small_box_block(nwin, cfg["BLOCK_D"])  # 0 unless that experiment is on
+    if small:
+        n_tiles = 1
+    units, chunk_ptr, n_chunks = _chunk_plan(B, (T, H, W), window, shift, heads, n_tiles, has_bias, q.device)
+    part = (torch.zeros((n_chunks, heads, nwin, nwin), dtype=acc, device=q.device) if has_bias
+            else torch.empty(0, dtype=acc, device=q.device))
+    plan = dict(
+        q=q, k=k, v=v, out=out, dout=dout, lse=lse, dq=dq, dk=dk, dv=dv, part=part, units=units,
+        chunk_ptr=chunk_ptr, n_chunks=n_chunks, n_tiles=n_tiles, heads=heads, B=B, acc=acc, scale=scale, geo=geo,
+        nb=nb, cfg=cfg, has_bias=has_bias, small=small,
+        strides=(*_strides5(q), *_strides5(k), *_strides5(v), *_strides5(out), *lse.stride(), *_strides5(dq)),
+        geometry=dict(WT=window[0], WH=window[1], WW=window[2], BT=bias_window[0], BH=bias_window[1],
+                      BW=bias_window[2], HAS_BIAS=has_bias),
+        bias_arg=bias.t().contiguous() if has_bias else q,  # (heads, nbias): see htwa_geometry._bias_q
+    )
+    if experimental.backward_experiment_on():
+        experimental.launch_bwd(plan, LOG2E, _launch_kw)
+    else:
+        _launch_bwd(plan)
+    if not has_bias:
+        return dq, dk, dv, torch.empty(0, dtype=acc, device=q.device)
+    dense = _sum_chunks(part.view(n_chunks, heads * nwin * nwin))
+    row_ptr, pairs, maxcnt = _bias_csr(window, bias_window, q.device)
+    nbias = bias.shape[0]
+    dbias = torch.empty((nbias, heads), dtype=bias.dtype, device=q.device)
+    block_r, block_j = (1024, 64) if _interpreted() else (32, 32)
+    _dbias_gather_kernel[(triton.cdiv(nbias, block_r), heads)](
+        dense, row_ptr, pairs, dbias, nbias, heads, nwin * nwin, maxcnt, BLOCK_R=block_r, BLOCK_J=block_j,
+    )
+    return dq, dk, dv, dbias
