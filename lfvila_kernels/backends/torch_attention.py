@@ -20,6 +20,17 @@ from .._checks import check_htwa_args
 from ..reference import window_additive_mask, window_finish, window_prepare
 
 
+def can_run_sdpa(device: torch.device, dtype: torch.dtype, raise_error: bool = False) -> bool:
+    """`scaled_dot_product_attention` runs wherever torch does."""
+    return True
+
+
+def can_run_flex(device: torch.device, dtype: torch.dtype, raise_error: bool = False) -> bool:
+    """FlexAttention (torch.nn.attention.flex_attention) runs its forward on any device torch compiles for; its
+    backward needs a GPU (torch's own error says so)."""
+    return True
+
+
 def htwa_sdpa(q, k, v, bias_table=None, *, window, shift=(0, 0, 0), bias_window=None, scale=None):
     window, shift, bias_window, scale = check_htwa_args(q, k, v, bias_table, window, shift, bias_window, scale)
     B, T, H, W, heads, D = q.shape
@@ -33,7 +44,8 @@ def htwa_sdpa(q, k, v, bias_table=None, *, window, shift=(0, 0, 0), bias_window=
 
 @functools.lru_cache(maxsize=32)
 def _flex_layout(grid, window, shift, bias_window, device):
-    """Window-order permutation of the grid tokens, each token's window id and its bias-geometry coordinates."""
+    """Window-order permutation of the grid tokens, each token's window id and its bias key A (geometry.py: the
+    bias row of (query, key) is C + A_q - A_k)."""
     axes = [torch.arange(n, device=device) for n in grid]
     groups, coords = [], []
     for x, w, s in zip(axes, window, shift):
@@ -46,16 +58,15 @@ def _flex_layout(grid, window, shift, bias_window, device):
     ct, ch, cw = (c.reshape(-1) for c in torch.meshgrid(*coords, indexing="ij"))
     n = (ct * window[1] + ch) * window[2] + cw  # flat in-window index, window geometry
     order = torch.argsort(gid * (window[0] * window[1] * window[2]) + n)  # window-major token order
-    bcoords = torch.stack(geometry.bias_coords(n, bias_window))[:, order]
-    return order, gid[order].contiguous(), bcoords.contiguous()
+    return order, gid[order].contiguous(), geometry.bias_key(n, bias_window)[order].contiguous()
 
 
 def htwa_flex(q, k, v, bias_table=None, *, window, shift=(0, 0, 0), bias_window=None, scale=None):
     window, shift, bias_window, scale = check_htwa_args(q, k, v, bias_table, window, shift, bias_window, scale)
     B, T, H, W, heads, D = q.shape
     L = T * H * W
-    order, gid, bc = _flex_layout((T, H, W), window, shift, bias_window, q.device)
-    bt, bh, bw = bias_window
+    order, gid, akey = _flex_layout((T, H, W), window, shift, bias_window, q.device)
+    center = geometry.bias_center(bias_window)
 
     def mask_mod(b, h, qi, ki):
         return gid[qi] == gid[ki]
@@ -65,10 +76,7 @@ def htwa_flex(q, k, v, bias_table=None, *, window, shift=(0, 0, 0), bias_window=
         table = bias_table.to(torch.float32)
 
         def score_mod(score, b, h, qi, ki):
-            row = ((bc[0][qi] - bc[0][ki] + bt - 1) * (2 * bh - 1) + (bc[1][qi] - bc[1][ki] + bh - 1)) * (
-                2 * bw - 1
-            ) + (bc[2][qi] - bc[2][ki] + bw - 1)
-            return score + table[row, h]
+            return score + table[center + akey[qi] - akey[ki], h]
 
     block_mask = _block_mask((T, H, W), window, shift, bias_window, q.device, mask_mod)
     qf, kf, vf = (x.reshape(B, L, heads, D)[:, order].transpose(1, 2) for x in (q, k, v))
