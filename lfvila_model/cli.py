@@ -202,9 +202,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .checkpoint import load_checked, read_state_dict, save_pretrained
+    from .weights import load_checked, read_state_dict, save_pretrained
     from .config import LFVILAConfig
-    from .models import build_model
+    from .factory import build_model
     from .presets import get_config
 
     to = args.to or ("official" if os.path.isdir(args.src) else "own")
@@ -217,7 +217,7 @@ def cmd_convert(args) -> int:
         return 0
     import torch
 
-    from .checkpoint import load_pretrained
+    from .factory import load_pretrained
 
     model = load_pretrained(args.src, strict=not args.non_strict)
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
@@ -247,7 +247,7 @@ def cmd_info(args) -> int:
         info["cpp_extension"] = bool(getattr(_ext, "available", lambda: True)())
     except Exception as e:  # noqa: BLE001
         info["cpp_extension"] = f"unavailable ({e})"
-    from .models import build_model
+    from .factory import build_model
     from .presets import PRESETS, get_config
 
     presets = {}

@@ -21,7 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import LoadReport, load_checked, load_pretrained, logger, read_state_dict, save_pretrained
+from .weights import (
+    LoadReport,
+    load_checked,
+    load_pretrained_weights,
+    logger,
+    read_pretrained_config,
+    read_state_dict,
+    save_pretrained,
+)
 from .checkpoint_filters import bert_to_text_encoder, official_filter, swin_2d_to_3d
 from .config import LFVILAConfig
 from .losses import mlm_loss, mtc_loss, span_loss, vpc_loss, vtm_shuffle
@@ -128,9 +136,13 @@ class LFVILABase(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str, strict: bool = True, **config_changes):
-        model = load_pretrained(directory, strict=strict, **config_changes)
-        if not isinstance(model, cls):
-            raise TypeError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
+        """The model saved in `directory` (`save_pretrained`); TypeError when it holds another model class."""
+        cfg = read_pretrained_config(directory, **config_changes)
+        saved = MODEL_CLASSES[cfg.model_type]
+        if not issubclass(saved, cls):
+            raise TypeError(f"{directory} holds a {saved.__name__}, not a {cls.__name__}")
+        model = saved(cfg)
+        load_pretrained_weights(model, directory, strict=strict)
         return model
 
     def set_attention_backend(self, backend: str) -> None:
@@ -414,7 +426,3 @@ MODEL_CLASSES = {
     "video_classification": LFVILAVideoClassification,
 }
 
-
-def build_model(config: LFVILAConfig) -> LFVILABase:
-    """The model class of `config.model_type`, constructed (random init)."""
-    return MODEL_CLASSES[config.model_type](config)

@@ -124,7 +124,7 @@ def test_convert_checkpoint_round_trip(tmp_path):
     model.config.save(str(tmp_path / "cfg.json"))
     assert main(["convert-checkpoint", str(tmp_path / "official.bin"), str(tmp_path / "back"), "--config",
                  str(tmp_path / "cfg.json")]) == 0
-    from lfvila_model.checkpoint import load_pretrained
+    from lfvila_model.factory import load_pretrained
 
     back = load_pretrained(str(tmp_path / "back"))
     for k, v in model.state_dict().items():

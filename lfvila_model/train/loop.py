@@ -288,7 +288,7 @@ class Trainer:
                                        else value < self.best["value"])
         if not better:
             return
-        from ..checkpoint import atomic_write_bytes, save_pretrained
+        from ..weights import atomic_write_bytes, save_pretrained
 
         save_pretrained(self.model, self.best_dir)
         self.best = {"step": self.step, "metric": name, "value": value}

@@ -41,8 +41,8 @@ def build_model_from_config(cfg: dict):
     """The model (random init), then the `model.init` weights: `checkpoint` (own-format directory, or an official
     `.bin`, loaded non-strictly as the official fine-tuning does), `swin` (2D Swin-B, inflated), `bert` (a BERT /
     MiniLM directory, or `minilm` for the packaged MiniLM)."""
-    from ..checkpoint import load_checked, read_state_dict
-    from ..models import build_model
+    from ..weights import load_checked, read_state_dict
+    from ..factory import build_model
     from ..presets import minilm_dir
 
     mc = model_config(cfg)
@@ -296,7 +296,7 @@ def run_evaluation(cfg: dict, checkpoint: str, out: Optional[str] = None) -> dic
     """Evaluate an own-format checkpoint directory (a run's `checkpoints/step-*` or a `save_pretrained` dir) on the
     config's validation data: retrieval metrics (the demo adds the temporal-order score), or top-1 accuracy for the
     QA and classification kinds (how2qa, violin, actnetqa, classification)."""
-    from ..checkpoint import load_pretrained
+    from ..factory import load_pretrained
 
     path = checkpoint
     if os.path.isdir(os.path.join(path, "checkpoints")):

@@ -148,17 +148,17 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
     atomic_write_bytes(os.path.join(directory, CONFIG_NAME), text.encode())
 
 
-def load_pretrained(directory: str, strict: bool = True, **config_changes):
-    """Build the model described by `directory/config.json` and load `model.safetensors` into it."""
+def read_pretrained_config(directory: str, **config_changes):
+    """The `LFVILAConfig` in `directory/config.json` (as written by `save_pretrained`), with `config_changes`."""
     from .config import LFVILAConfig
-    from .models import build_model
 
     cfg_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; save_pretrained writes one")
     cfg = LFVILAConfig.load(cfg_path)
-    if config_changes:
-        cfg = cfg.replace(**config_changes)
-    model = build_model(cfg)
-    load_checked(model, read_state_dict(os.path.join(directory, WEIGHTS_NAME)), strict=strict)
-    return model
+    return cfg.replace(**config_changes) if config_changes else cfg
+
+
+def load_pretrained_weights(model: nn.Module, directory: str, strict: bool = True) -> LoadReport:
+    """Load `directory/model.safetensors` into `model` (checked as `load_checked`)."""
+    return load_checked(model, read_state_dict(os.path.join(directory, WEIGHTS_NAME)), strict=strict)
