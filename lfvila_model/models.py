@@ -32,7 +32,7 @@ from .weights import (
 )
 from .checkpoint_filters import bert_to_text_encoder, official_filter, swin_2d_to_3d
 from .config import LFVILAConfig
-from .losses import mlm_loss, mtc_loss, span_loss, vpc_loss, vtm_shuffle
+from .objectives import mlm_loss, mtc_loss, span_loss, vpc_loss, vtm_shuffle
 from .pooling import clip_means, global_paragraph_features, global_video_features, pool_frame_tokens
 from .text_encoder import SentEmbedding, TextEncoder, VideoTokenPos
 from .video_encoder import VideoEncoder

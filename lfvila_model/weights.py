@@ -5,7 +5,8 @@
 - `load_checked(module, state_dict, strict)`: the one loader. Shape mismatches are refused with the names listed;
   missing / unexpected keys are refused when strict; with `strict=False` the fitting tensors load and the rest is
   reported (`LoadReport`). Derived buffers (`relative_position_index`, `position_ids`) are recomputed, not read.
-- `save_pretrained(model, dir)` / `load_pretrained(dir)`: own format, `config.json` + `model.safetensors`, written
+- `save_pretrained(model, dir)` / `read_pretrained_config(dir)` + `load_pretrained_weights(model, dir)` (the
+  factory's `load_pretrained(dir)` joins them): own format, `config.json` + `model.safetensors`, written
   atomically (temp file, then `os.replace`).
 """
 

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..losses import mtc_loss, vpc_loss
+from ..objectives import mtc_loss, vpc_loss
 from ..pooling import clip_means, global_paragraph_features, global_video_features
 from .tasks import Task
 

@@ -210,12 +210,12 @@ class _DemoSetup:
 
 
 def _write_json(path: str, obj) -> None:
-    from ..eval.retrieval import _jsonable
+    from ..jsonable import jsonable
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2)
+        json.dump(jsonable(obj), f, indent=2)
     os.replace(tmp, path)
 
 
