@@ -128,7 +128,10 @@ class LFVILABase(nn.Module):
         # only text-tower names are expected here: the rest of the model is not "missing"
         report.missing = [k for k in report.missing if k.startswith(("text_encoder.", "sent_embedding."))]
         if not report.clean:
-            logger.warning("BERT init: %s", report)
+            # the console gets the counts and groups (`LoadReport.summary`); the full names go to the debug log
+            # (the run's log file)
+            logger.info("BERT init: %s", report.summary())
+            logger.debug("BERT init, full report: %s", report)
         return report
 
     def save_pretrained(self, directory: str) -> None:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .distributed import DistInfo, cleanup, init_distributed
-from .logging import get_logger
+from .logging import add_run_log_file, get_logger, remove_run_log_file
 from .loop import TrainConfig, Trainer
 
 __all__ = ["build_model_from_config", "run_training", "run_evaluation", "demo_result_rows"]
@@ -53,15 +53,16 @@ def build_model_from_config(cfg: dict):
     if init.get("bert"):
         path = minilm_dir() if init["bert"] == "minilm" else init["bert"]
         rep = model.init_text_from_bert(path)
-        log.info("text init from BERT %s: %d tensors loaded, %d model tensors not in it (new layers and heads)",
-                 path, rep.loaded, len(rep.missing))
+        log.info("text init from %s: %s", "MiniLM" if init["bert"] == "minilm" else path, rep.summary())
+        log.debug("text init from %s, full report: %s", path, rep)
     ck = init.get("checkpoint")
     if ck:
         if os.path.isdir(ck) and os.path.isfile(os.path.join(ck, "model.safetensors")):
             rep = load_checked(model, read_state_dict(os.path.join(ck, "model.safetensors")), strict=False)
         else:
             rep = model.load_official(ck, strict=False)
-        log.info("weights from %s: %s", ck, rep)
+        log.info("weights from %s: %s", ck, rep.summary())
+        log.debug("weights from %s, full report: %s", ck, rep)
     return model
 
 
@@ -231,6 +232,7 @@ def run_training(cfg: dict, resume=False, task_kind: Optional[str] = None) -> di
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     torch.manual_seed(tc.seed + dist_info.rank)
+    log_file = add_run_log_file(tc.out_dir) if dist_info.rank == 0 else None
     try:
         model = build_model_from_config(cfg)
         mc = model.config
@@ -289,6 +291,7 @@ def run_training(cfg: dict, resume=False, task_kind: Optional[str] = None) -> di
             _write_json(os.path.join(tc.out_dir, "result.json"), summary)
         return summary
     finally:
+        remove_run_log_file(log_file)
         cleanup()
 
 
