@@ -66,7 +66,7 @@ def test_overrides_and_unknown_keys(tmp_path):
                                   "finetune_retrieval_cmovie.yaml", "finetune_how2qa.yaml", "finetune_violin.yaml",
                                   "finetune_actnetqa.yaml", "finetune_coin.yaml"])
 def test_shipped_run_configs_load(name):
-    from lfvila_model.train.loop import TrainConfig
+    from lfvila_model.train.runconfig import TrainConfig
     from lfvila_model.train.runner import model_config
 
     cfg = load_run_config(os.path.join(ROOT, "configs", name))

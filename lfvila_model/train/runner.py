@@ -13,7 +13,8 @@ import torch
 
 from .distributed import DistInfo, cleanup, init_distributed
 from .logging import add_run_log_file, get_logger, remove_run_log_file
-from .loop import TrainConfig, Trainer
+from .loop import Trainer
+from .runconfig import TrainConfig
 
 __all__ = ["build_model_from_config", "run_training", "run_evaluation", "demo_result_rows"]
 
@@ -169,8 +170,8 @@ class _DemoSetup:
 
     def __init__(self, cfg: dict, model, progress: bool = True, train: bool = True):
         from ..data.datasets import PretrainDataset, RetrievalDataset
-        from ..data.demo import make_demo_data
-        from .demo import DemoData, SentenceCache, preload_frames
+        from ..data.demo_set import make_demo_data
+        from .demo_task import DemoData, SentenceCache, preload_frames
 
         d, dm = cfg["data"], cfg["demo"]
         root = d["root"] or "demo_data"
@@ -240,7 +241,7 @@ def run_training(cfg: dict, resume=False, task_kind: Optional[str] = None) -> di
         out_eval = os.path.join(tc.out_dir, cfg["eval"]["out"])
         evaluate = None
         if kind == "demo":
-            from .demo import DemoTask, evaluate_demo, freeze_for_demo
+            from .demo_task import DemoTask, evaluate_demo, freeze_for_demo
 
             if dist_info.world_size > 1:
                 raise ValueError("the demo runs in one process; launch it without torchrun")
@@ -269,13 +270,13 @@ def run_training(cfg: dict, resume=False, task_kind: Optional[str] = None) -> di
                 task = TASKS[mc.model_type](cfg["data"]["max_skip_fraction"])
             data = train_ds
             if val_ds is not None and kind in ACCURACY_KINDS:
-                from .evaluate import evaluate_accuracy
+                from ..eval.run import evaluate_accuracy
 
                 def evaluate(m, step):
                     return evaluate_accuracy(m, val_ds, cfg["eval"]["batch_size"], out_eval)
             elif val_ds is not None and mc.model_type in ("retrieval",) or (val_ds is not None and mc.stage == 1
                                                                              and mc.model_type == "pretrain"):
-                from .evaluate import evaluate_retrieval
+                from ..eval.run import evaluate_retrieval
 
                 def evaluate(m, step):
                     return evaluate_retrieval(m, val_ds, cfg["eval"]["batch_size"], out_eval, cfg["eval"]["figure"])
@@ -309,12 +310,12 @@ def run_evaluation(cfg: dict, checkpoint: str, out: Optional[str] = None) -> dic
     model = load_pretrained(path, strict=True)
     out = out or os.path.join(path, "eval", "metrics.json")
     if cfg["data"]["kind"] == "demo":
-        from .demo import evaluate_demo
+        from .demo_task import evaluate_demo
 
         setup = _DemoSetup(cfg, model, train=False)
         return evaluate_demo(model, setup.cache, setup.val_videos, setup.val_paragraphs, setup.paragraph_tokens,
                              out_path=out)
-    from .evaluate import evaluate_accuracy, evaluate_retrieval
+    from ..eval.run import evaluate_accuracy, evaluate_retrieval
 
     _, val_ds = _real_datasets(cfg, model.config, train=False)
     if val_ds is None:

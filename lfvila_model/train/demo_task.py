@@ -228,7 +228,7 @@ def evaluate_demo(model, cache: SentenceCache, val_videos: Tensor, val_paragraph
     video against its paragraph's sentences in all 24 orders).
 
     Returns `{"t2v": {...}, "v2t": {...}, "temporal_order": float, ...}`; writes JSON + PNG to `out_path`."""
-    from ..data.demo import temporal_order_candidates
+    from ..data.demo_set import temporal_order_candidates
     from ..eval.retrieval import retrieval_metrics, temporal_order_score, write_metrics_json
 
     was = model.training
