@@ -30,7 +30,7 @@ from .weights import (
     read_state_dict,
     save_pretrained,
 )
-from .checkpoint_filters import bert_to_text_encoder, official_filter, swin_2d_to_3d
+from .weight_maps import bert_to_text_encoder, official_filter, swin_2d_to_3d
 from .config import LFVILAConfig
 from .objectives import mlm_loss, mtc_loss, span_loss, vpc_loss, vtm_shuffle
 from .pooling import clip_means, global_paragraph_features, global_video_features, pool_frame_tokens
