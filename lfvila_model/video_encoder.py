@@ -2,7 +2,7 @@
 
 Paper: Sun et al., "Long-Form Video-Language Pre-Training with Multimodal Temporal Contrastive Learning",
 NeurIPS 2022 (arXiv 2210.06031). Behaviour: spec sections 1.1-1.5. Weights: official `lfvila_stage1.bin`, or a
-Swin-B IN-22k checkpoint inflated to 3D (`checkpoint_filters.swin_2d_to_3d`).
+Swin-B IN-22k checkpoint inflated to 3D (`weight_maps.swin_2d_to_3d`).
 
 Tokens stay channels-last on their (frame, row, column) grid, `(B, T, H, W, C)`, from the patch embedding to
 the output. Window partitioning, the cyclic shift and its region mask, and the relative position bias are all

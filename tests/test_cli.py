@@ -66,7 +66,7 @@ def test_overrides_and_unknown_keys(tmp_path):
                                   "finetune_retrieval_cmovie.yaml", "finetune_how2qa.yaml", "finetune_violin.yaml",
                                   "finetune_actnetqa.yaml", "finetune_coin.yaml"])
 def test_shipped_run_configs_load(name):
-    from lfvila_model.train.loop import TrainConfig
+    from lfvila_model.train.runconfig import TrainConfig
     from lfvila_model.train.runner import model_config
 
     cfg = load_run_config(os.path.join(ROOT, "configs", name))
@@ -124,7 +124,7 @@ def test_convert_checkpoint_round_trip(tmp_path):
     model.config.save(str(tmp_path / "cfg.json"))
     assert main(["convert-checkpoint", str(tmp_path / "official.bin"), str(tmp_path / "back"), "--config",
                  str(tmp_path / "cfg.json")]) == 0
-    from lfvila_model.checkpoint import load_pretrained
+    from lfvila_model.factory import load_pretrained
 
     back = load_pretrained(str(tmp_path / "back"))
     for k, v in model.state_dict().items():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lfvila_model.data import annotations as ann
-from lfvila_model.data import demo as DM
+from lfvila_model.data import demo_set as DM
 from lfvila_model.data import video as V
 
 

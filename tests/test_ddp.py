@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 
 from _train_common import RandomSet, nano_model
 from lfvila_model.train.distributed import DistInfo, EpochBatches, mtc_generator
-from lfvila_model.train.loop import TrainConfig, Trainer
+from lfvila_model.train.loop import Trainer
+from lfvila_model.train.runconfig import TrainConfig
 from lfvila_model.train.tasks import PretrainTask
 
 WORLD = 2

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from _train_common import nano_model
-from lfvila_model.train.evaluate import accuracy, predict_logits
+from lfvila_model.eval.run import accuracy, predict_logits
 
 
 def test_accuracy_hand_made_logits():

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from _model_common import make_inputs, micro_config
 from lfvila_model import build_model, create_model, get_config, minilm_dir
-from lfvila_model.losses import span_loss, vtm_shuffle
+from lfvila_model.objectives import span_loss, vtm_shuffle
 from lfvila_model.pooling import clip_means, pool_frame_tokens
 
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from _model_common import make_inputs, micro_config
 from lfvila_model import LFVILARetrieval, build_model, create_model, minilm_dir
-from lfvila_model.checkpoint import read_state_dict
-from lfvila_model.checkpoint_filters import swin_2d_to_3d
+from lfvila_model.weights import read_state_dict
+from lfvila_model.weight_maps import swin_2d_to_3d
 
 # ---- Swin-B ---------------------------------------------------------------------------------------------------
 

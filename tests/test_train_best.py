@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from _train_common import RandomSet, nano_model
-from lfvila_model.checkpoint import load_pretrained
-from lfvila_model.train.loop import TrainConfig, Trainer, metric_value
+from lfvila_model.factory import load_pretrained
+from lfvila_model.train.loop import Trainer, metric_value
+from lfvila_model.train.runconfig import TrainConfig
 from lfvila_model.train.tasks import PretrainTask
 
 

@@ -10,7 +10,8 @@ import torch
 
 from _train_common import RandomSet, nano_model
 from lfvila_model.train import checkpointing as ck
-from lfvila_model.train.loop import TrainConfig, Trainer
+from lfvila_model.train.loop import Trainer
+from lfvila_model.train.runconfig import TrainConfig
 from lfvila_model.train.tasks import PretrainTask
 
 

@@ -47,7 +47,7 @@ class TooManySkippedError(RuntimeError):
     """More videos were unreadable than the configured fraction of the dataset allows."""
 
 
-def _check_pos_int(name: str, v: Any) -> int:
+def check_pos_int(name: str, v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
         raise ValueError(f"{name} must be a positive integer, got {v!r}")
     return int(v)
@@ -60,7 +60,7 @@ def _check_size(size: Any) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-class _VideoTextDataset(Dataset):
+class VideoTextDataset(Dataset):
     """Shared machinery: tokenizer, transform choice, per-item RNG, skip handling."""
 
     def __init__(self, tokenizer: ParagraphTokenizer | None, size: tuple[int, int], train: bool, seed: int,
@@ -105,7 +105,7 @@ class _VideoTextDataset(Dataset):
         return {"skipped": True, "index": index, "path": err.path, "reason": err.reason}
 
 
-class PretrainDataset(_VideoTextDataset):
+class PretrainDataset(VideoTextDataset):
     """Pre-training items: ``num_clips`` consecutive clips of one video, clip m <-> sentence m (spec 5).
 
     Args:
@@ -128,8 +128,8 @@ class PretrainDataset(_VideoTextDataset):
         if isinstance(samples, (str, os.PathLike)):
             samples = ann.read_pretrain_jsonl(samples)
         self.samples = list(samples)
-        self.num_clips = _check_pos_int("num_clips", num_clips)
-        self.frames_per_clip = _check_pos_int("frames_per_clip", frames_per_clip)
+        self.num_clips = check_pos_int("num_clips", num_clips)
+        self.frames_per_clip = check_pos_int("frames_per_clip", frames_per_clip)
         if tokenizer is not None and tokenizer.num_sentences != self.num_clips:
             raise ValueError(f"tokenizer.num_sentences must equal num_clips={self.num_clips} (clip m <-> "
                              f"sentence m), got {tokenizer.num_sentences}")
@@ -173,7 +173,7 @@ class PretrainDataset(_VideoTextDataset):
         return item
 
 
-class RetrievalDataset(_VideoTextDataset):
+class RetrievalDataset(VideoTextDataset):
     """Paragraph-to-video retrieval items (spec 4.2): ``num_frames`` over the whole ``<video_root>/<clip_id>.mp4``.
 
     Args:
@@ -194,7 +194,7 @@ class RetrievalDataset(_VideoTextDataset):
         for i, r in enumerate(self.records):
             if not isinstance(r, ann.RetrievalRecord):
                 raise TypeError(f"records[{i}] must be a RetrievalRecord, got {type(r).__name__}")
-        self.num_frames = _check_pos_int("num_frames", num_frames)
+        self.num_frames = check_pos_int("num_frames", num_frames)
         self.video_root = os.fspath(video_root)
         self.ext = ext
 

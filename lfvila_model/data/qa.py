@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import annotations as ann
-from .datasets import _check_pos_int, _VideoTextDataset
+from .datasets import VideoTextDataset, check_pos_int
 from .text import ParagraphTokenizer
 from .video import FrameCache, VideoReadError, downstream_indices, load_video, video_fps
 
@@ -79,14 +79,14 @@ def _check_labels(labels: Sequence[int], num_labels: int | None, what: str, ids:
     index error deep inside a training step."""
     if num_labels is None:
         return None
-    num_labels = _check_pos_int("num_labels", num_labels)
+    num_labels = check_pos_int("num_labels", num_labels)
     for i, (lab, vid) in enumerate(zip(labels, ids)):
         if not 0 <= lab < num_labels:
             raise ValueError(f"record {i} ({vid!r}): {what} {lab} is outside [0, num_labels={num_labels})")
     return num_labels
 
 
-class _WholeVideoDataset(_VideoTextDataset, abc.ABC):
+class _WholeVideoDataset(VideoTextDataset, abc.ABC):
     """Records with one video each at ``<video_root>/<id><ext>``, sampled as the retrieval dataset does. A dataset
     of this kind says only what its item holds (`_item`); reading the video and skipping unreadable ones is here."""
 
@@ -96,7 +96,7 @@ class _WholeVideoDataset(_VideoTextDataset, abc.ABC):
         super().__init__(tokenizer, size, train, seed, cache, antialias)
         self.records = records
         self._ids = ids
-        self.num_frames = _check_pos_int("num_frames", num_frames)
+        self.num_frames = check_pos_int("num_frames", num_frames)
         if not isinstance(video_root, (str, os.PathLike)):
             raise TypeError(f"video_root must be a str or os.PathLike, got {type(video_root).__name__}")
         self.video_root = os.fspath(video_root)
@@ -162,7 +162,7 @@ class How2QADataset(_WholeVideoDataset):
         records = _check_records(records, ann.How2QARecord, "records")
         super().__init__(records, [r.clip_id for r in records], video_root, tokenizer, num_frames, size, train,
                          seed, cache, ext, antialias)
-        self.num_choices = _check_pos_int("num_choices", num_choices)
+        self.num_choices = check_pos_int("num_choices", num_choices)
         if isinstance(max_subtitles, bool) or not isinstance(max_subtitles, int) or max_subtitles < 0:
             raise ValueError(f"max_subtitles must be a non-negative integer, got {max_subtitles!r}")
         self.max_subtitles = max_subtitles

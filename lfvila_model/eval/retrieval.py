@@ -14,12 +14,13 @@ rank are over all queries.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from ..jsonable import jsonable
 
 __all__ = ["ranks_from_similarity", "retrieval_metrics", "recall_at", "temporal_order_score",
            "write_metrics_json", "DEFAULT_KS"]
@@ -148,7 +149,7 @@ def write_metrics_json(path: str | os.PathLike, metrics: dict[str, Any], figure:
     os.makedirs(d, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(metrics), f, indent=2, sort_keys=True)
+        json.dump(jsonable(metrics), f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
     out = {"json": path}
@@ -159,20 +160,3 @@ def write_metrics_json(path: str | os.PathLike, metrics: dict[str, Any], figure:
         retrieval_figure(png, {k: np.asarray(v) for k, v in ranks.items()})
         out["png"] = png
     return out
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating, float)):
-        v = float(x)
-        return v if math.isfinite(v) else None
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, torch.Tensor):
-        return _jsonable(x.tolist())
-    return x

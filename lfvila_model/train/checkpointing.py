@@ -2,7 +2,7 @@
 
 A checkpoint is a directory `<out>/checkpoints/step-<step:08d>/`:
 
-    config.json, model.safetensors   the model (`lfvila_model.checkpoint.save_pretrained`: own format)
+    config.json, model.safetensors   the model (`lfvila_model.weights.save_pretrained`: own format)
     trainer_state.pt                 optimizer, scheduler, grad scaler, step/epoch/batch counters, metadata;
                                      plain tensors, numbers, strings, lists and dicts only
     rng_rank<r>.pt                   RNG states of rank r: torch CPU (+ CUDA), numpy, python `random`
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write_bytes, load_checked, read_state_dict, save_pretrained
+from ..weights import atomic_write_bytes, load_checked, read_state_dict, save_pretrained
 
 __all__ = ["rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
            "list_checkpoints"]

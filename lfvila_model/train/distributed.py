@@ -6,7 +6,7 @@ equal to one process on the global batch:
   the global batch of step s is the same set of samples, in the same order, for any world size, and a resumed
   run skips the batches already done without touching the data.
 - MTC indices are drawn for the global batch from a generator seeded by (seed, step), identical on every rank
-  (`mtc_generator`); the losses all-gather features with `gather_with_grad` (`lfvila_model.losses`).
+  (`mtc_generator`); the losses all-gather features with `gather_with_grad` (`lfvila_model.objectives`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@ import os
 import time
 from typing import Any, Mapping, Optional
 
-__all__ = ["MetricLogger", "get_logger"]
+__all__ = ["MetricLogger", "get_logger", "add_run_log_file", "remove_run_log_file"]
+
+RUN_LOG_NAME = "train.log"
+_LOGGERS = ("lfvila.train", "lfvila_model")
 
 
 def get_logger() -> logging.Logger:
@@ -22,6 +25,32 @@ def get_logger() -> logging.Logger:
         log.addHandler(h)
         log.setLevel(logging.INFO)
     return log
+
+
+def add_run_log_file(out_dir: str) -> logging.FileHandler:
+    """Append everything the trainer and the model log, debug details included (e.g. the full list of tensors a
+    weight init left new), to `<out_dir>/train.log`; the console keeps its INFO summaries."""
+    get_logger()
+    os.makedirs(out_dir, exist_ok=True)
+    handler = logging.FileHandler(os.path.join(out_dir, RUN_LOG_NAME))
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in _LOGGERS:
+        log = logging.getLogger(name)
+        log.addHandler(handler)
+        log.setLevel(logging.DEBUG)
+        for h in log.handlers:
+            if h is not handler and h.level == logging.NOTSET:
+                h.setLevel(logging.INFO)  # the console stays at INFO
+    return handler
+
+
+def remove_run_log_file(handler: Optional[logging.FileHandler]) -> None:
+    if handler is None:
+        return
+    for name in _LOGGERS:
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()
 
 
 def _plain(v: Any) -> Any:

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Optional
 
 import torch
@@ -32,90 +31,9 @@ from .checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint,
 from .distributed import DistInfo, EpochBatches, barrier, is_distributed, mtc_generator
 from .logging import MetricLogger, get_logger
 from .optim import LRSchedule, Scheduler, build_optimizer
+from .runconfig import TrainConfig
 
-__all__ = ["TrainConfig", "Trainer"]
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of a run (YAML section `train`). Defaults: official stage 1 (spec 4.1)."""
-
-    out_dir: str = "runs/lfvila"
-    epochs: float = 10  # passes over the training set (may be fractional)
-    max_steps: Optional[int] = None  # optimizer updates; overrides epochs when set
-    max_minutes: Optional[float] = None  # wall-clock budget of the training loop (checkpoint + stop when spent)
-    fit_schedule_to_budget: bool = False  # with max_minutes: fit the schedule's length to the measured speed
-    batch_size: int = 16  # per process
-    grad_accum: int = 1
-    lr: float = 5e-5
-    betas: tuple = (0.9, 0.98)
-    eps: float = 1e-8
-    weight_decay: float = 0.05
-    include_pooler: bool = False  # official: pooler parameters are not optimised (spec 4.1)
-    lr_scale: dict = field(default_factory=dict)  # {param-name prefix: lr factor}
-    schedule: str = "linear"  # linear | step | cosine | constant
-    warmup_epochs: float = 1.0
-    warmup_steps: Optional[int] = None  # overrides warmup_epochs
-    lr_min_rate: float = 0.01  # linear: final lr / base lr
-    step_size_epochs: float = 5.0  # step: decay every this many epochs
-    gamma: float = 0.25  # step: decay factor
-    min_lr: float = 1e-8  # cosine: final lr
-    clip_grad: Optional[float] = None  # max global gradient L2 norm (None: no clipping)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU; fp16 uses a GradScaler; bf16 also on CPU)
-    grad_checkpointing: bool = False
-    seed: int = 0
-    log_every: int = 10
-    ckpt_every: int = 0  # updates between checkpoints (0: only at the end)
-    keep_last: int = 3
-    eval_every: int = 0  # updates between evaluations (0: only at the end)
-    # keep the weights of the best evaluation in out_dir/best/ (save_pretrained format, with best.json): the name
-    # of one evaluation metric, a dotted path for nested ones (accuracy, t2v.R@1); higher is better unless
-    # best_mode is "min". The official fine-tuning trainers report their best validation epoch.
-    best_metric: Optional[str] = None
-    best_mode: str = "max"
-    device: str = "auto"  # auto | cpu | cuda
-    num_threads: Optional[int] = None  # torch CPU threads (None: torch's default); 1 is faster on a busy machine
-    progress: bool = True
-    tensorboard: bool = True
-
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("batch_size", "grad_accum", "log_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"train.{name} must be an int >= 1, got {v!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(f"train.max_steps must be an int >= 1 or null, got {self.max_steps!r}")
-        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
-            raise ValueError(f"train.num_threads must be an int >= 1 or null, got {self.num_threads!r}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValueError(f"train.max_minutes must be > 0 or null, got {self.max_minutes!r}")
-        if self.clip_grad is not None and not self.clip_grad > 0:
-            raise ValueError(f"train.clip_grad must be > 0 or null, got {self.clip_grad!r}")
-        if self.best_mode not in ("max", "min"):
-            raise ValueError(f"train.best_mode must be max or min, got {self.best_mode!r}")
-        if self.best_metric is not None and (not isinstance(self.best_metric, str) or not self.best_metric):
-            raise ValueError(f"train.best_metric must be a metric name or null, got {self.best_metric!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
-        self.betas = tuple(self.betas)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown train keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
+__all__ = ["Trainer", "metric_value"]
 
 def metric_value(metrics: dict, name: str) -> float:
     """The number at `name` in an evaluation's metrics, a dotted path for nested ones (`t2v.R@1`)."""
@@ -288,7 +206,7 @@ class Trainer:
                                        else value < self.best["value"])
         if not better:
             return
-        from ..checkpoint import atomic_write_bytes, save_pretrained
+        from ..weights import atomic_write_bytes, save_pretrained
 
         save_pretrained(self.model, self.best_dir)
         self.best = {"step": self.step, "metric": name, "value": value}

@@ -12,8 +12,10 @@ from typing import Optional
 import torch
 
 from .distributed import DistInfo, cleanup, init_distributed
-from .logging import get_logger
-from .loop import TrainConfig, Trainer
+from .logging import add_run_log_file, get_logger, remove_run_log_file
+from .loop import Trainer
+from .demo_task import demo_evaluation, demo_job
+from .runconfig import TrainConfig
 
 __all__ = ["build_model_from_config", "run_training", "run_evaluation", "demo_result_rows"]
 
@@ -41,8 +43,8 @@ def build_model_from_config(cfg: dict):
     """The model (random init), then the `model.init` weights: `checkpoint` (own-format directory, or an official
     `.bin`, loaded non-strictly as the official fine-tuning does), `swin` (2D Swin-B, inflated), `bert` (a BERT /
     MiniLM directory, or `minilm` for the packaged MiniLM)."""
-    from ..checkpoint import load_checked, read_state_dict
-    from ..models import build_model
+    from ..weights import load_checked, read_state_dict
+    from ..factory import build_model
     from ..presets import minilm_dir
 
     mc = model_config(cfg)
@@ -53,15 +55,16 @@ def build_model_from_config(cfg: dict):
     if init.get("bert"):
         path = minilm_dir() if init["bert"] == "minilm" else init["bert"]
         rep = model.init_text_from_bert(path)
-        log.info("text init from BERT %s: %d tensors loaded, %d model tensors not in it (new layers and heads)",
-                 path, rep.loaded, len(rep.missing))
+        log.info("text init from %s: %s", "MiniLM" if init["bert"] == "minilm" else path, rep.summary())
+        log.debug("text init from %s, full report: %s", path, rep)
     ck = init.get("checkpoint")
     if ck:
         if os.path.isdir(ck) and os.path.isfile(os.path.join(ck, "model.safetensors")):
             rep = load_checked(model, read_state_dict(os.path.join(ck, "model.safetensors")), strict=False)
         else:
             rep = model.load_official(ck, strict=False)
-        log.info("weights from %s: %s", ck, rep)
+        log.info("weights from %s: %s", ck, rep.summary())
+        log.debug("weights from %s, full report: %s", ck, rep)
     return model
 
 
@@ -163,67 +166,54 @@ def _real_datasets(cfg: dict, mc, train: bool = True):
     return train_ds, val_ds
 
 
-class _DemoSetup:
-    """Everything the demo needs: the generated set (made if absent), frames in memory, the sentence cache."""
+def real_data_job(cfg: dict, model, tc, dist_info, resume, out_eval: str):
+    """Task, training data and evaluation of a run on real annotations (pre-training, fine-tuning)."""
+    from .tasks import TASKS, PretrainTask
 
-    def __init__(self, cfg: dict, model, progress: bool = True, train: bool = True):
-        from ..data.datasets import PretrainDataset, RetrievalDataset
-        from ..data.demo import make_demo_data
-        from .demo import DemoData, SentenceCache, preload_frames
+    mc = model.config
+    kind = cfg["data"]["kind"]
+    evaluate = None
+    train_ds, val_ds = _real_datasets(cfg, mc)
+    if mc.model_type == "pretrain":
+        task = PretrainTask(mc, stage=mc.stage, max_skip_fraction=cfg["data"]["max_skip_fraction"])
+    else:
+        task = TASKS[mc.model_type](cfg["data"]["max_skip_fraction"])
+    data = train_ds
+    if val_ds is not None and kind in ACCURACY_KINDS:
+        from ..eval.run import evaluate_accuracy
 
-        d, dm = cfg["data"], cfg["demo"]
-        root = d["root"] or "demo_data"
-        mc = model.config
-        F = mc.video.num_frames
-        size = tuple(mc.video.input_size)
-        summary = make_demo_data(root, num_train=dm["num_train"], num_val=dm["num_val"], seed=dm["seed"],
-                                 workers=dm["workers"], size=size, progress=progress)
-        fpc = F // mc.num_clips
-        if summary["frames_per_clip"] % fpc and fpc > summary["frames_per_clip"]:
-            raise ValueError(f"the demo set has {summary['frames_per_clip']} frames per clip; the model wants {fpc}")
-        packed = os.path.join(root, "packed")
-        tag = f"F{F}_{size[0]}x{size[1]}"
-        va = RetrievalDataset(summary["val_retrieval"], summary["video_root"], None, num_frames=F, size=size, train=False)
-        self.val_paragraphs = [list(r.sentences) for r in va.records]
-        self.val_videos = preload_frames(va, os.path.join(packed, f"val_{tag}.pt"), workers=d["num_workers"],
-                                         progress=progress)
-        sentences = {s for p in self.val_paragraphs for s in p}
-        self.data = None
-        if train:
-            tr = PretrainDataset(summary["train"], summary["clip_root"], None, num_clips=mc.num_clips,
-                                 frames_per_clip=fpc, size=size, train=False)
-            train_par = [[c.text for c in s.clips[:mc.num_clips]] for s in tr.samples]
-            sentences |= {s for p in train_par for s in p}
-            videos = preload_frames(tr, os.path.join(packed, f"train_{tag}.pt"), workers=d["num_workers"],
-                                    progress=progress)
-        self.cache = SentenceCache(model, sorted(sentences), mc.max_sentence_len, pooling=dm["sentence_pooling"])
-        if train:
-            groups = None
-            if dm["paired_batches"]:
-                with open(os.path.join(root, "meta.json")) as f:
-                    groups = torch.tensor([v["set"] for v in json.load(f)["videos"]["train"]])
-            self.data = DemoData(videos, torch.stack([self.cache.ids(p) for p in train_par]), groups)
-        self.paragraph_tokens = dm["paragraph_tokens"]
+        def evaluate(m, step):
+            return evaluate_accuracy(m, val_ds, cfg["eval"]["batch_size"], out_eval)
+    elif val_ds is not None and mc.model_type in ("retrieval",) or (val_ds is not None and mc.stage == 1
+                                                                     and mc.model_type == "pretrain"):
+        from ..eval.run import evaluate_retrieval
+
+        def evaluate(m, step):
+            return evaluate_retrieval(m, val_ds, cfg["eval"]["batch_size"], out_eval, cfg["eval"]["figure"])
+    return task, data, evaluate
+
+
+# data.kind -> the job that prepares the model and builds (task, training data, evaluate); real data otherwise
+JOBS = {"demo": demo_job}
+EVAL_JOBS = {"demo": demo_evaluation}
 
 
 # -- runs ----------------------------------------------------------------------------------------------------------
 
 
 def _write_json(path: str, obj) -> None:
-    from ..eval.retrieval import _jsonable
+    from ..jsonable import jsonable
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2)
+        json.dump(jsonable(obj), f, indent=2)
     os.replace(tmp, path)
 
 
 def run_training(cfg: dict, resume=False, task_kind: Optional[str] = None) -> dict:
     """Train as `cfg` says (pre-training, fine-tuning or the demo), evaluate, write `result.json` in the run
     directory. Returns the summary."""
-    from .tasks import TASKS, PretrainTask
-
     tc = TrainConfig.from_dict(cfg.get("train") or {})
     dist_info = init_distributed(None if tc.device == "auto" else tc.device)
     if tc.device == "auto":
@@ -231,52 +221,14 @@ def run_training(cfg: dict, resume=False, task_kind: Optional[str] = None) -> di
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     torch.manual_seed(tc.seed + dist_info.rank)
+    log_file = add_run_log_file(tc.out_dir) if dist_info.rank == 0 else None
     try:
         model = build_model_from_config(cfg)
         mc = model.config
         kind = cfg["data"]["kind"]
         out_eval = os.path.join(tc.out_dir, cfg["eval"]["out"])
-        evaluate = None
-        if kind == "demo":
-            from .demo import DemoTask, evaluate_demo, freeze_for_demo
-
-            if dist_info.world_size > 1:
-                raise ValueError("the demo runs in one process; launch it without torchrun")
-            if mc.model_type != "pretrain" or mc.stage != 1:
-                raise ValueError("the demo trains a stage-1 pre-training model (model_type pretrain, stage 1)")
-            freeze_for_demo(model)
-            std = cfg["demo"]["segment_init_std"]
-            if std and not resume:
-                # the sentence-index (segment) embedding carries the order of the sentences into the paragraph
-                # encoder; at BERT's init (std 0.02) it is 1/10 of a sentence feature's norm, too faint to learn
-                # the order from within minutes
-                torch.manual_seed(tc.seed)
-                torch.nn.init.normal_(model.sent_embedding.segment_embeddings.weight, std=std)
-            setup = _DemoSetup(cfg, model, progress=tc.progress)
-            task = DemoTask(setup.cache, setup.paragraph_tokens)
-            data = setup.data
-
-            def evaluate(m, step):
-                return evaluate_demo(m, setup.cache, setup.val_videos, setup.val_paragraphs, setup.paragraph_tokens,
-                                     out_path=out_eval)
-        else:
-            train_ds, val_ds = _real_datasets(cfg, mc)
-            if mc.model_type == "pretrain":
-                task = PretrainTask(mc, stage=mc.stage, max_skip_fraction=cfg["data"]["max_skip_fraction"])
-            else:
-                task = TASKS[mc.model_type](cfg["data"]["max_skip_fraction"])
-            data = train_ds
-            if val_ds is not None and kind in ACCURACY_KINDS:
-                from .evaluate import evaluate_accuracy
-
-                def evaluate(m, step):
-                    return evaluate_accuracy(m, val_ds, cfg["eval"]["batch_size"], out_eval)
-            elif val_ds is not None and mc.model_type in ("retrieval",) or (val_ds is not None and mc.stage == 1
-                                                                             and mc.model_type == "pretrain"):
-                from .evaluate import evaluate_retrieval
-
-                def evaluate(m, step):
-                    return evaluate_retrieval(m, val_ds, cfg["eval"]["batch_size"], out_eval, cfg["eval"]["figure"])
+        job = JOBS.get(kind, real_data_job)
+        task, data, evaluate = job(cfg, model, tc, dist_info, resume, out_eval)
         trainer = Trainer(model, task, data, tc, dist_info, evaluate=evaluate, run_config=cfg)
         t0 = time.time()
         summary = trainer.fit(resume=resume)
@@ -289,6 +241,7 @@ def run_training(cfg: dict, resume=False, task_kind: Optional[str] = None) -> di
             _write_json(os.path.join(tc.out_dir, "result.json"), summary)
         return summary
     finally:
+        remove_run_log_file(log_file)
         cleanup()
 
 
@@ -296,7 +249,7 @@ def run_evaluation(cfg: dict, checkpoint: str, out: Optional[str] = None) -> dic
     """Evaluate an own-format checkpoint directory (a run's `checkpoints/step-*` or a `save_pretrained` dir) on the
     config's validation data: retrieval metrics (the demo adds the temporal-order score), or top-1 accuracy for the
     QA and classification kinds (how2qa, violin, actnetqa, classification)."""
-    from ..checkpoint import load_pretrained
+    from ..factory import load_pretrained
 
     path = checkpoint
     if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -305,13 +258,9 @@ def run_evaluation(cfg: dict, checkpoint: str, out: Optional[str] = None) -> dic
         path = latest_checkpoint(os.path.join(path, "checkpoints")) or path
     model = load_pretrained(path, strict=True)
     out = out or os.path.join(path, "eval", "metrics.json")
-    if cfg["data"]["kind"] == "demo":
-        from .demo import evaluate_demo
-
-        setup = _DemoSetup(cfg, model, train=False)
-        return evaluate_demo(model, setup.cache, setup.val_videos, setup.val_paragraphs, setup.paragraph_tokens,
-                             out_path=out)
-    from .evaluate import evaluate_accuracy, evaluate_retrieval
+    if cfg["data"]["kind"] in EVAL_JOBS:
+        return EVAL_JOBS[cfg["data"]["kind"]](cfg, model, out)
+    from ..eval.run import evaluate_accuracy, evaluate_retrieval
 
     _, val_ds = _real_datasets(cfg, model.config, train=False)
     if val_ds is None:

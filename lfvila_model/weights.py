@@ -5,7 +5,8 @@
 - `load_checked(module, state_dict, strict)`: the one loader. Shape mismatches are refused with the names listed;
   missing / unexpected keys are refused when strict; with `strict=False` the fitting tensors load and the rest is
   reported (`LoadReport`). Derived buffers (`relative_position_index`, `position_ids`) are recomputed, not read.
-- `save_pretrained(model, dir)` / `load_pretrained(dir)`: own format, `config.json` + `model.safetensors`, written
+- `save_pretrained(model, dir)` / `read_pretrained_config(dir)` + `load_pretrained_weights(model, dir)` (the
+  factory's `load_pretrained(dir)` joins them): own format, `config.json` + `model.safetensors`, written
   atomically (temp file, then `os.replace`).
 """
 
@@ -20,7 +21,8 @@ from typing import Dict, List, Mapping, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LoadReport", "read_state_dict", "load_checked", "save_pretrained", "load_pretrained"]
+__all__ = ["LoadReport", "group_names", "read_state_dict", "load_checked", "save_pretrained",
+           "read_pretrained_config", "load_pretrained_weights"]
 
 logger = logging.getLogger("lfvila_model")
 
@@ -51,6 +53,46 @@ class LoadReport:
         if self.mismatched:
             parts.append("shape mismatch: " + ", ".join(f"{n} checkpoint {a} vs model {b}" for n, a, b in self.mismatched))
         return "; ".join(parts)
+
+    def summary(self) -> str:
+        """One line for the console: counts, and the missing / unexpected names as groups (`group_names`)."""
+        parts = [f"{self.loaded} tensors loaded"]
+        if self.missing:
+            parts.append(f"{len(self.missing)} new: {group_names(self.missing)}")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unused: {group_names(self.unexpected)}")
+        if self.mismatched:
+            parts.append(f"{len(self.mismatched)} mis-shaped: {group_names([n for n, _, _ in self.mismatched])}")
+        return "; ".join(parts)
+
+
+def group_names(names: List[str]) -> str:
+    """Tensor names grouped by module: `text_encoder.layer.6.x`..`text_encoder.layer.11.y` -> `text_encoder.layer
+    6-11`; names without a layer index by their first two parts (`mlm_head.dense`)."""
+    groups: Dict[str, set] = {}
+    for name in names:
+        parts = name.split(".")
+        num = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        if num is None:
+            groups.setdefault(".".join(parts[:2]), set())
+        else:
+            groups.setdefault(".".join(parts[:num]), set()).add(int(parts[num]))
+    out = []
+    for prefix, idx in groups.items():
+        if not idx:
+            out.append(prefix)
+            continue
+        ranges, ordered = [], sorted(idx)
+        lo = prev = ordered[0]
+        for i in ordered[1:] + [None]:
+            if i is not None and i == prev + 1:
+                prev = i
+                continue
+            ranges.append(str(lo) if lo == prev else f"{lo}-{prev}")
+            if i is not None:
+                lo = prev = i
+        out.append(f"{prefix} {','.join(ranges)}")
+    return ", ".join(out)
 
 
 def read_state_dict(path: str) -> Dict[str, Tensor]:
@@ -148,17 +190,17 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
     atomic_write_bytes(os.path.join(directory, CONFIG_NAME), text.encode())
 
 
-def load_pretrained(directory: str, strict: bool = True, **config_changes):
-    """Build the model described by `directory/config.json` and load `model.safetensors` into it."""
+def read_pretrained_config(directory: str, **config_changes):
+    """The `LFVILAConfig` in `directory/config.json` (as written by `save_pretrained`), with `config_changes`."""
     from .config import LFVILAConfig
-    from .models import build_model
 
     cfg_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; save_pretrained writes one")
     cfg = LFVILAConfig.load(cfg_path)
-    if config_changes:
-        cfg = cfg.replace(**config_changes)
-    model = build_model(cfg)
-    load_checked(model, read_state_dict(os.path.join(directory, WEIGHTS_NAME)), strict=strict)
-    return model
+    return cfg.replace(**config_changes) if config_changes else cfg
+
+
+def load_pretrained_weights(model: nn.Module, directory: str, strict: bool = True) -> LoadReport:
+    """Load `directory/model.safetensors` into `model` (checked as `load_checked`)."""
+    return load_checked(model, read_state_dict(os.path.join(directory, WEIGHTS_NAME)), strict=strict)

@@ -64,7 +64,7 @@ def encode_retrieval(model, dataset, batch_size: int = 16, num_workers: int = 0,
 def evaluate_retrieval(model, dataset, batch_size: int = 16, out_path: Optional[str] = None, figure: bool = True,
                        num_workers: int = 0, progress: bool = False) -> dict:
     """Text-to-video and video-to-text R@1/5/10/50, MedR, MeanR (`lfvila_model.eval.retrieval`)."""
-    from ..eval.retrieval import retrieval_metrics, write_metrics_json
+    from .retrieval import retrieval_metrics, write_metrics_json
 
     t0 = time.perf_counter()
     v, p, skipped = encode_retrieval(model, dataset, batch_size, num_workers, progress=progress)
@@ -140,7 +140,7 @@ def evaluate_accuracy(model, dataset, batch_size: int = 16, out_path: Optional[s
     """Top-1 accuracy (%) of a QA / classification model on `dataset` (spec 4.2: every QA and classification
     trainer reports accuracy). Unreadable videos are left out of `num_examples` and listed in `skipped_videos`.
     Writes the metrics as JSON to `out_path` when given."""
-    from ..eval.retrieval import write_metrics_json
+    from .retrieval import write_metrics_json
 
     t0 = time.perf_counter()
     logits, labels, skipped = predict_logits(model, dataset, batch_size, num_workers, progress=progress)

@@ -45,12 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..losses import mtc_loss, vpc_loss
+from ..objectives import mtc_loss, vpc_loss
 from ..pooling import clip_means, global_paragraph_features, global_video_features
 from .tasks import Task
 
 __all__ = ["SentenceCache", "DemoData", "preload_frames", "DemoTask", "demo_features", "encode_paragraphs",
-           "evaluate_demo", "format_table"]
+           "evaluate_demo", "format_table", "DemoSetup", "prepare_demo_model", "demo_job", "demo_evaluation"]
 
 
 class SentenceCache:
@@ -228,7 +228,7 @@ def evaluate_demo(model, cache: SentenceCache, val_videos: Tensor, val_paragraph
     video against its paragraph's sentences in all 24 orders).
 
     Returns `{"t2v": {...}, "v2t": {...}, "temporal_order": float, ...}`; writes JSON + PNG to `out_path`."""
-    from ..data.demo import temporal_order_candidates
+    from ..data.demo_set import temporal_order_candidates
     from ..eval.retrieval import retrieval_metrics, temporal_order_score, write_metrics_json
 
     was = model.training
@@ -275,3 +275,86 @@ def format_table(rows: Sequence[dict]) -> str:
                    f"{m['t2v']['R@5']:.1f} | {m['t2v']['R@10']:.1f} | {m['t2v']['MedR']:.0f} | "
                    f"{m['v2t']['R@1']:.1f} | {m['temporal_order']:.3f} |")
     return "\n".join(out)
+
+
+# -- the demo run: its data, model preparation and evaluation (`runner.JOBS["demo"]`) ----------------------------
+
+
+class DemoSetup:
+    """Everything the demo needs: the generated set (made if absent), frames in memory, the sentence cache."""
+
+    def __init__(self, cfg: dict, model, progress: bool = True, train: bool = True):
+        from ..data.datasets import PretrainDataset, RetrievalDataset
+        from ..data.demo_set import make_demo_data
+
+        d, dm = cfg["data"], cfg["demo"]
+        root = d["root"] or "demo_data"
+        mc = model.config
+        F = mc.video.num_frames
+        size = tuple(mc.video.input_size)
+        summary = make_demo_data(root, num_train=dm["num_train"], num_val=dm["num_val"], seed=dm["seed"],
+                                 workers=dm["workers"], size=size, progress=progress)
+        fpc = F // mc.num_clips
+        if summary["frames_per_clip"] % fpc and fpc > summary["frames_per_clip"]:
+            raise ValueError(f"the demo set has {summary['frames_per_clip']} frames per clip; the model wants {fpc}")
+        packed = os.path.join(root, "packed")
+        tag = f"F{F}_{size[0]}x{size[1]}"
+        va = RetrievalDataset(summary["val_retrieval"], summary["video_root"], None, num_frames=F, size=size, train=False)
+        self.val_paragraphs = [list(r.sentences) for r in va.records]
+        self.val_videos = preload_frames(va, os.path.join(packed, f"val_{tag}.pt"), workers=d["num_workers"],
+                                         progress=progress)
+        sentences = {s for p in self.val_paragraphs for s in p}
+        self.data = None
+        if train:
+            tr = PretrainDataset(summary["train"], summary["clip_root"], None, num_clips=mc.num_clips,
+                                 frames_per_clip=fpc, size=size, train=False)
+            train_par = [[c.text for c in s.clips[:mc.num_clips]] for s in tr.samples]
+            sentences |= {s for p in train_par for s in p}
+            videos = preload_frames(tr, os.path.join(packed, f"train_{tag}.pt"), workers=d["num_workers"],
+                                    progress=progress)
+        self.cache = SentenceCache(model, sorted(sentences), mc.max_sentence_len, pooling=dm["sentence_pooling"])
+        if train:
+            groups = None
+            if dm["paired_batches"]:
+                with open(os.path.join(root, "meta.json")) as f:
+                    groups = torch.tensor([v["set"] for v in json.load(f)["videos"]["train"]])
+            self.data = DemoData(videos, torch.stack([self.cache.ids(p) for p in train_par]), groups)
+        self.paragraph_tokens = dm["paragraph_tokens"]
+
+
+def prepare_demo_model(model, cfg: dict, tc, dist_info, resume) -> None:
+    """Check the model and the launch fit the demo; freeze its text tower (`freeze_for_demo`); re-draw the segment
+    embedding at `demo.segment_init_std` (not when resuming)."""
+    mc = model.config
+    if dist_info.world_size > 1:
+        raise ValueError("the demo runs in one process; launch it without torchrun")
+    if mc.model_type != "pretrain" or mc.stage != 1:
+        raise ValueError("the demo trains a stage-1 pre-training model (model_type pretrain, stage 1)")
+    freeze_for_demo(model)
+    std = cfg["demo"]["segment_init_std"]
+    if std and not resume:
+        # the sentence-index (segment) embedding carries the order of the sentences into the paragraph
+        # encoder; at BERT's init (std 0.02) it is 1/10 of a sentence feature's norm, too faint to learn
+        # the order from within minutes
+        torch.manual_seed(tc.seed)
+        torch.nn.init.normal_(model.sent_embedding.segment_embeddings.weight, std=std)
+
+
+def demo_job(cfg: dict, model, tc, dist_info, resume, out_eval: str):
+    """(task, training data, evaluate) of the demo run, after `prepare_demo_model`."""
+    prepare_demo_model(model, cfg, tc, dist_info, resume)
+    setup = DemoSetup(cfg, model, progress=tc.progress)
+    task = DemoTask(setup.cache, setup.paragraph_tokens)
+
+    def evaluate(m, step):
+        return evaluate_demo(m, setup.cache, setup.val_videos, setup.val_paragraphs, setup.paragraph_tokens,
+                             out_path=out_eval)
+
+    return task, setup.data, evaluate
+
+
+def demo_evaluation(cfg: dict, model, out: str) -> dict:
+    """Evaluate `model` on the demo's validation set (retrieval and temporal order)."""
+    setup = DemoSetup(cfg, model, train=False)
+    return evaluate_demo(model, setup.cache, setup.val_videos, setup.val_paragraphs, setup.paragraph_tokens,
+                         out_path=out)
