@@ -57,12 +57,12 @@ def main(sm: int = 90) -> int:
             consts = dict(WH=window[1], WW=window[2], BH=bias_window[1], BW=bias_window[2], HAS_BIAS=has_bias, **cfg)
             common = dict(Q=dt, K=dt, V=dt, BIAS="fp32", LSE="fp32")
             if not backward:
-                build(htwa_fwd._htwa_fwd_kernel, dict(common, OUT=dt), consts, ("qk_scale",), nw)
+                build(htwa_fwd.htwa_fwd_kernel, dict(common, OUT=dt), consts, ("qk_scale",), nw)
             else:
-                build(htwa_bwd._htwa_bwd_dq_kernel, dict(common, OUT=dt, DOUT=dt, DELTA="fp32", DQ=dt, PART="fp32",
+                build(htwa_bwd.htwa_bwd_dq_kernel, dict(common, OUT=dt, DOUT=dt, DELTA="fp32", DQ=dt, PART="fp32",
                                                          UNITS="i32", CHUNK_PTR="i32"), dict(consts, DBIAS=has_bias),
                       ("scale", "qk_scale"), nw)
-                build(htwa_bwd._htwa_bwd_dkdv_kernel, dict(common, DOUT=dt, DELTA="fp32", DK=dt, DV=dt), consts,
+                build(htwa_bwd.htwa_bwd_dkdv_kernel, dict(common, DOUT=dt, DELTA="fp32", DK=dt, DV=dt), consts,
                       ("scale", "qk_scale"), nw)
                 if has_bias:  # the dbias workspace's own kernel (opt-in, TUNE["dbias_kernel"])
                     dconsts = {k: v for k, v in consts.items() if k != "HAS_BIAS"}
@@ -77,8 +77,8 @@ def main(sm: int = 90) -> int:
                     ptrs = dict(common, OUT=dt, DOUT=dt, DQ=dt, DK=dt, DV=dt, PART="fp32", UNITS="i32",
                                 CHUNK_PTR="i32")
                     build(experimental._htwa_bwd_small_kernel, ptrs, small, ("scale", "qk_scale"), 4)
-    build(htwa_dbias._chunk_sum_kernel, dict(PART="fp32", OUT="fp32"), dict(BLOCK=512), (), 4)
-    build(htwa_dbias._dbias_gather_kernel, dict(DENSE="fp32", ROW_PTR="i32", PAIRS="i32", DBIAS="fp32"),
+    build(htwa_dbias.chunk_sum_kernel, dict(PART="fp32", OUT="fp32"), dict(BLOCK=512), (), 4)
+    build(htwa_dbias.dbias_gather_kernel, dict(DENSE="fp32", ROW_PTR="i32", PAIRS="i32", DBIAS="fp32"),
           dict(BLOCK_R=32, BLOCK_J=32), (), 4)
     print("all kernels compiled")
     return 0

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from ..backends._common import triton_interpreted as _interpreted
-from .htwa_bwd import _htwa_bwd_dkdv_kernel, _htwa_bwd_dq_kernel
-from .htwa_geometry import _bias_q, _box3, _decode, _tok
+from .htwa_bwd import htwa_bwd_dkdv_kernel, htwa_bwd_dq_kernel
+from .htwa_geometry import query_bias_offset, window_box, decode_token, head_token_offset
 
 TUNE: dict = {}
 SMALL_BOX_MAX = 64  # windows of at most this many tokens can take the one-kernel backward
@@ -88,7 +88,7 @@ def launch_bwd(plan: dict, log2e: float, launch_kw) -> None:
     delta = torch.empty(q.shape[:5], dtype=plan["acc"], device=q.device)  # <dO, O> per row: dQ -> dK/dV kernel
     consts = dict(plan["geometry"], **cfg, **launch_kw(cfg, backward=True))
     dbias_kernel = has_bias and TUNE.get("dbias_kernel", False)
-    _htwa_bwd_dq_kernel[(plan["n_chunks"], n_tiles, heads)](
+    htwa_bwd_dq_kernel[(plan["n_chunks"], n_tiles, heads)](
         q, k, v, plan["bias_arg"], plan["out"], plan["dout"], plan["lse"], delta, plan["dq"], plan["part"],
         plan["units"], plan["chunk_ptr"], *strides,
         *geo, nbt * nbh * nbw, nbh, nbw, float(scale), float(scale) * log2e,
@@ -101,7 +101,7 @@ def launch_bwd(plan: dict, log2e: float, launch_kw) -> None:
             *geo, nbt * nbh * nbw, nbh, nbw, n_tiles, float(scale) * log2e,
             **{k_: v_ for k_, v_ in consts.items() if k_ != "HAS_BIAS"},
         )
-    _htwa_bwd_dkdv_kernel[(nbt * nbh * nbw * n_tiles, heads, B)](
+    htwa_bwd_dkdv_kernel[(nbt * nbh * nbw * n_tiles, heads, B)](
         q, k, v, plan["bias_arg"], plan["dout"], plan["lse"], delta, plan["dk"], plan["dv"], *strides,
         *geo, nbh, nbw, n_tiles, float(scale), float(scale) * log2e, **consts,
     )
@@ -152,32 +152,32 @@ def _htwa_bwd_dbias_kernel(
         unit = tl.load(UNITS + ui)
         b = unit // NBOX
         box = unit % NBOX
-        t0, h0, w0, lh, lw, ct, ch, cw, nb = _box3(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW)
+        t0, h0, w0, lh, lw, ct, ch, cw, nb = window_box(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW)
         m_ok = offs_m < nb
         n_ok = offs_n < nb
         mn = m_ok[:, None] & n_ok[None, :]
         md = m_ok[:, None] & d_ok[None, :]
         nd = n_ok[:, None] & d_ok[None, :]
-        tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
-        tk, hk, wk, n_k, r_k = _decode(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
-        q = tl.load(Q + _tok(b, head, tq, hq, wq, sqb, sqn, sqt, sqh, sqw)[:, None] + offs_d[None, :], mask=md,
+        tq, hq, wq, n_q, r_q = decode_token(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+        tk, hk, wk, n_k, r_k = decode_token(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+        q = tl.load(Q + head_token_offset(b, head, tq, hq, wq, sqb, sqn, sqt, sqh, sqw)[:, None] + offs_d[None, :], mask=md,
                     other=0.0)
-        do = tl.load(DOUT + _tok(b, head, tq, hq, wq, sob, son, sot, soh, sow)[:, None] + offs_d[None, :],
+        do = tl.load(DOUT + head_token_offset(b, head, tq, hq, wq, sob, son, sot, soh, sow)[:, None] + offs_d[None, :],
                      mask=md, other=0.0)
-        k = tl.load(K + _tok(b, head, tk, hk, wk, skb, skn, skt, skh, skw)[:, None] + offs_d[None, :], mask=nd,
+        k = tl.load(K + head_token_offset(b, head, tk, hk, wk, skb, skn, skt, skh, skw)[:, None] + offs_d[None, :], mask=nd,
                     other=0.0)
-        v = tl.load(V + _tok(b, head, tk, hk, wk, svb, svn, svt, svh, svw)[:, None] + offs_d[None, :], mask=nd,
+        v = tl.load(V + head_token_offset(b, head, tk, hk, wk, svb, svn, svt, svh, svw)[:, None] + offs_d[None, :], mask=nd,
                     other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        l_ptr = _tok(b, head, tq, hq, wq, slb, sln, slt, slh, slw)
+        l_ptr = head_token_offset(b, head, tq, hq, wq, slb, sln, slt, slh, slw)
         lse2 = tl.load(LSE + l_ptr, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + l_ptr, mask=m_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
-        bq = _bias_q(r_q, head, BT, BH, BW)
+        bq = query_bias_offset(r_q, head, BT, BH, BW)
         s += tl.load(BIAS + (bq[:, None] - r_k[None, :]), mask=mn, other=0.0).to(ACC) * 1.4426950408889634
         p = tl.where(mn, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC).to(ACC)
@@ -223,18 +223,18 @@ def _htwa_bwd_small_kernel(
         unit = tl.load(UNITS + ui)
         b = unit // NBOX
         box = unit % NBOX
-        t0, h0, w0, lh, lw, ct, ch, cw, nb = _box3(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW)
+        t0, h0, w0, lh, lw, ct, ch, cw, nb = window_box(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW)
         ok = offs < nb
         md = ok[:, None] & d_ok[None, :]
         ok2 = ok[:, None] & ok[None, :]
-        tt, hh, ww, n_q, r = _decode(offs, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
-        q = tl.load(Q + _tok(b, head, tt, hh, ww, sqb, sqn, sqt, sqh, sqw)[:, None] + offs_d[None, :], mask=md,
+        tt, hh, ww, n_q, r = decode_token(offs, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+        q = tl.load(Q + head_token_offset(b, head, tt, hh, ww, sqb, sqn, sqt, sqh, sqw)[:, None] + offs_d[None, :], mask=md,
                     other=0.0)
-        k = tl.load(K + _tok(b, head, tt, hh, ww, skb, skn, skt, skh, skw)[:, None] + offs_d[None, :], mask=md,
+        k = tl.load(K + head_token_offset(b, head, tt, hh, ww, skb, skn, skt, skh, skw)[:, None] + offs_d[None, :], mask=md,
                     other=0.0)
-        v = tl.load(V + _tok(b, head, tt, hh, ww, svb, svn, svt, svh, svw)[:, None] + offs_d[None, :], mask=md,
+        v = tl.load(V + head_token_offset(b, head, tt, hh, ww, svb, svn, svt, svh, svw)[:, None] + offs_d[None, :], mask=md,
                     other=0.0)
-        o_ptr = _tok(b, head, tt, hh, ww, sob, son, sot, soh, sow)[:, None] + offs_d[None, :]
+        o_ptr = head_token_offset(b, head, tt, hh, ww, sob, son, sot, soh, sow)[:, None] + offs_d[None, :]
         do = tl.load(DOUT + o_ptr, mask=md, other=0.0)
         o = tl.load(OUT + o_ptr, mask=md, other=0.0)
         if UPCAST:
@@ -242,12 +242,12 @@ def _htwa_bwd_small_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
             do = do.to(tl.float32)
-        l_ptr = _tok(b, head, tt, hh, ww, slb, sln, slt, slh, slw)
+        l_ptr = head_token_offset(b, head, tt, hh, ww, slb, sln, slt, slh, slw)
         lse2 = tl.load(LSE + l_ptr, mask=ok, other=0.0) * 1.4426950408889634
         delta = tl.sum(do.to(ACC) * o.to(ACC), 1)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
         if HAS_BIAS:
-            bq = _bias_q(r, head, BT, BH, BW)
+            bq = query_bias_offset(r, head, BT, BH, BW)
             s += tl.load(BIAS + (bq[:, None] - r[None, :]), mask=ok2, other=0.0).to(ACC) * 1.4426950408889634
         p = tl.where(ok2, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC).to(ACC)
@@ -255,7 +255,7 @@ def _htwa_bwd_small_kernel(
         dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC).to(ACC) * scale
         dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC).to(ACC) * scale
         dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC).to(ACC)
-        g_ptr = _tok(b, head, tt, hh, ww, sgb, sgn, sgt, sgh, sgw)[:, None] + offs_d[None, :]
+        g_ptr = head_token_offset(b, head, tt, hh, ww, sgb, sgn, sgt, sgh, sgw)[:, None] + offs_d[None, :]
         tl.store(DQ + g_ptr, dq.to(DQ.dtype.element_ty), mask=md)
         tl.store(DK + g_ptr, dk.to(DK.dtype.element_ty), mask=md)
         tl.store(DV + g_ptr, dv.to(DV.dtype.element_ty), mask=md)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .htwa_geometry import _bias_q, _box3, _decode, _off, _tok
+from .htwa_geometry import query_bias_offset, window_box, decode_token, token_offset, head_token_offset
 
 
 @triton.jit
-def _htwa_bwd_dq_kernel(
+def htwa_bwd_dq_kernel(
     Q, K, V, BIAS, OUT, DOUT, LSE, DELTA, DQ, PART, UNITS, CHUNK_PTR,
     sqb, sqt, sqh, sqw, sqn,
     skb, skt, skh, skw, skn,
@@ -52,16 +52,16 @@ def _htwa_bwd_dq_kernel(
         unit = tl.load(UNITS + ui)
         b = unit // NBOX
         box = unit % NBOX
-        t0, h0, w0, lh, lw, ct, ch, cw, nb = _box3(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW)
+        t0, h0, w0, lh, lw, ct, ch, cw, nb = window_box(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW)
         if tile * BLOCK_M < nb:
             offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
             m_ok = offs_m < nb
             md = m_ok[:, None] & d_ok[None, :]
-            tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
-            bq = _bias_q(r_q, head, BT, BH, BW)
-            o_base = _tok(b, head, tq, hq, wq, sob, son, sot, soh, sow)[:, None] + offs_d[None, :]
-            l_ptr = _tok(b, head, tq, hq, wq, slb, sln, slt, slh, slw)
-            q = tl.load(Q + _tok(b, head, tq, hq, wq, sqb, sqn, sqt, sqh, sqw)[:, None] + offs_d[None, :], mask=md,
+            tq, hq, wq, n_q, r_q = decode_token(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+            bq = query_bias_offset(r_q, head, BT, BH, BW)
+            o_base = head_token_offset(b, head, tq, hq, wq, sob, son, sot, soh, sow)[:, None] + offs_d[None, :]
+            l_ptr = head_token_offset(b, head, tq, hq, wq, slb, sln, slt, slh, slw)
+            q = tl.load(Q + head_token_offset(b, head, tq, hq, wq, sqb, sqn, sqt, sqh, sqw)[:, None] + offs_d[None, :], mask=md,
                         other=0.0)
             do = tl.load(DOUT + o_base, mask=md, other=0.0)
             o = tl.load(OUT + o_base, mask=md, other=0.0)
@@ -77,9 +77,9 @@ def _htwa_bwd_dq_kernel(
             for start_n in range(0, nb, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
                 n_ok = offs_n < nb
-                tk, hk, wk, n_k, r_k = _decode(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
-                k_off = _off(tk, hk, wk, skt, skh, skw)
-                v_off = _off(tk, hk, wk, svt, svh, svw)
+                tk, hk, wk, n_k, r_k = decode_token(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+                k_off = token_offset(tk, hk, wk, skt, skh, skw)
+                v_off = token_offset(tk, hk, wk, svt, svh, svw)
                 kv_mask = n_ok[:, None] & d_ok[None, :]
                 k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
                 v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -101,14 +101,14 @@ def _htwa_bwd_dq_kernel(
                     pp = part + n_q[:, None] * NWIN + n_k[None, :]
                     cur = tl.load(pp, mask=mn, other=0.0, cache_modifier=".cg")  # L2: coherent across threads
                     tl.store(pp, cur + ds.to(PART.dtype.element_ty), mask=mn)
-            g_ptr = _tok(b, head, tq, hq, wq, sgb, sgn, sgt, sgh, sgw)[:, None] + offs_d[None, :]
+            g_ptr = head_token_offset(b, head, tq, hq, wq, sgb, sgn, sgt, sgh, sgw)[:, None] + offs_d[None, :]
             tl.store(DQ + g_ptr, (dq * scale).to(DQ.dtype.element_ty), mask=md)
         # the next unit may read a workspace element that another thread of this program just wrote
         tl.debug_barrier()
 
 
 @triton.jit
-def _htwa_bwd_dkdv_kernel(
+def htwa_bwd_dkdv_kernel(
     Q, K, V, BIAS, DOUT, LSE, DELTA, DK, DV,
     sqb, sqt, sqh, sqw, sqn,
     skb, skt, skh, skw, skn,
@@ -131,7 +131,7 @@ def _htwa_bwd_dkdv_kernel(
     b = tl.program_id(2)
     box = pid // N_TILES
     tile = pid % N_TILES
-    t0, h0, w0, lh, lw, ct, ch, cw, nb = _box3(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW)
+    t0, h0, w0, lh, lw, ct, ch, cw, nb = window_box(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW)
     if tile * BLOCK_N >= nb:
         return
     ACC = LSE.dtype.element_ty
@@ -141,10 +141,10 @@ def _htwa_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     nd = n_ok[:, None] & d_ok[None, :]
-    tk, hk, wk, n_k, r_k = _decode(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+    tk, hk, wk, n_k, r_k = decode_token(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
     bk = r_k
-    k = tl.load(K + _tok(b, head, tk, hk, wk, skb, skn, skt, skh, skw)[:, None] + offs_d[None, :], mask=nd, other=0.0)
-    v = tl.load(V + _tok(b, head, tk, hk, wk, svb, svn, svt, svh, svw)[:, None] + offs_d[None, :], mask=nd, other=0.0)
+    k = tl.load(K + head_token_offset(b, head, tk, hk, wk, skb, skn, skt, skh, skw)[:, None] + offs_d[None, :], mask=nd, other=0.0)
+    v = tl.load(V + head_token_offset(b, head, tk, hk, wk, svb, svn, svt, svh, svw)[:, None] + offs_d[None, :], mask=nd, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -158,11 +158,11 @@ def _htwa_bwd_dkdv_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < nb
         md = m_ok[:, None] & d_ok[None, :]
-        tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
-        bq = _bias_q(r_q, head, BT, BH, BW)
-        q_off = _off(tq, hq, wq, sqt, sqh, sqw)
-        o_off = _off(tq, hq, wq, sot, soh, sow)
-        l_off = _off(tq, hq, wq, slt, slh, slw)
+        tq, hq, wq, n_q, r_q = decode_token(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+        bq = query_bias_offset(r_q, head, BT, BH, BW)
+        q_off = token_offset(tq, hq, wq, sqt, sqh, sqw)
+        o_off = token_offset(tq, hq, wq, sot, soh, sow)
+        l_off = token_offset(tq, hq, wq, slt, slh, slw)
         q = tl.load(q_base + q_off[:, None] + offs_d[None, :], mask=md, other=0.0)
         do = tl.load(DOUT + o_base + o_off[:, None] + offs_d[None, :], mask=md, other=0.0)
         if UPCAST:
@@ -181,6 +181,6 @@ def _htwa_bwd_dkdv_kernel(
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC).to(ACC)
 
-    ptrs = _tok(b, head, tk, hk, wk, sgb, sgn, sgt, sgh, sgw)[:, None] + offs_d[None, :]
+    ptrs = head_token_offset(b, head, tk, hk, wk, sgb, sgn, sgt, sgh, sgw)[:, None] + offs_d[None, :]
     tl.store(DK + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=nd)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=nd)

@@ -5,8 +5,8 @@ workspace PART[chunk, head, n_q, n_k] over in-window indices (N = Wt*Wh*Ww). A c
 (batch, box) units that all have the same box CLASS (per axis: the same clipped length and c0; at most 3 per
 axis), so a query tile of any unit of the chunk maps to the same in-window rows n_q, and no two programs touch
 the same workspace element; one program adds its units' dS in a fixed order (read-modify-write, a barrier
-between units). Then the chunks are summed in order (`_chunk_sum_kernel`, below) and the dense (head, N, N) is
-gathered into the table rows through a cached CSR inverse index built on the host (`_dbias_gather_kernel`, below),
+between units). Then the chunks are summed in order (`chunk_sum_kernel`, below) and the dense (head, N, N) is
+gathered into the table rows through a cached CSR inverse index built on the host (`dbias_gather_kernel`, below),
 also in a fixed order. Bitwise deterministic for a given device (the chunk plan depends on the SM count).
 Memory bound: the workspace is n_chunks * heads * N^2 * 4 bytes, with n_chunks <= max(1, 64 MiB /
 (heads * N^2 * 4)) + (number of box classes, <= 27): <= 64 MiB + 27 * heads * N^2 * 4 B, independent of B.
@@ -22,7 +22,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _chunk_sum_kernel(PART, OUT, NCHUNK, M, G, BLOCK: tl.constexpr):
+def chunk_sum_kernel(PART, OUT, NCHUNK, M, G, BLOCK: tl.constexpr):
     """One level of the ordered chunk reduction: OUT[g, i] = sum of PART[c, i] for c = g*G, g*G + 1, ...,
     min((g+1)*G, NCHUNK) - 1, in that order. PART (NCHUNK, M), OUT (cdiv(NCHUNK, G), M), both contiguous fp32.
     The host repeats it until one row is left: a fixed tree, so the sum is the same bits every run.
@@ -41,7 +41,7 @@ def _chunk_sum_kernel(PART, OUT, NCHUNK, M, G, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _dbias_gather_kernel(DENSE, ROW_PTR, PAIRS, DBIAS, NBIAS, HEADS, NN, MAXCNT,
+def dbias_gather_kernel(DENSE, ROW_PTR, PAIRS, DBIAS, NBIAS, HEADS, NN, MAXCNT,
                          BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
     """DBIAS[r, head] = sum over the pairs p of row r (CSR: PAIRS[ROW_PTR[r]:ROW_PTR[r+1]], ascending) of
     DENSE[head, p], BLOCK_J pairs at a time (a fixed summation order). DENSE (HEADS, NN) fp32, ROW_PTR int32

@@ -20,11 +20,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .htwa_geometry import _bias_q, _box3, _decode, _off, _tok
+from .htwa_geometry import query_bias_offset, window_box, decode_token, token_offset, head_token_offset
 
 
 @triton.jit
-def _htwa_fwd_kernel(
+def htwa_fwd_kernel(
     Q, K, V, BIAS, OUT, LSE,
     sqb, sqt, sqh, sqw, sqn,
     skb, skt, skh, skw, skn,
@@ -54,7 +54,7 @@ def _htwa_fwd_kernel(
     b = tl.program_id(2)
     box = pid // N_TILES
     tile = pid % N_TILES
-    t0, h0, w0, lh, lw, ct, ch, cw, nb = _box3(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW)
+    t0, h0, w0, lh, lw, ct, ch, cw, nb = window_box(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW)
     if tile * BLOCK_M >= nb:
         return
     ACC = LSE.dtype.element_ty
@@ -63,9 +63,9 @@ def _htwa_fwd_kernel(
     m_ok = offs_m < nb
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    tq, hq, wq, n_q, r_q = _decode(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
-    bq = _bias_q(r_q, head, BT, BH, BW)
-    q = tl.load(Q + _tok(b, head, tq, hq, wq, sqb, sqn, sqt, sqh, sqw)[:, None] + offs_d[None, :],
+    tq, hq, wq, n_q, r_q = decode_token(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+    bq = query_bias_offset(r_q, head, BT, BH, BW)
+    q = tl.load(Q + head_token_offset(b, head, tq, hq, wq, sqb, sqn, sqt, sqh, sqw)[:, None] + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -78,9 +78,9 @@ def _htwa_fwd_kernel(
     for start_n in range(0, nb, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < nb
-        tk, hk, wk, n_k, r_k = _decode(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
-        k_off = _off(tk, hk, wk, skt, skh, skw)
-        v_off = _off(tk, hk, wk, svt, svh, svw)
+        tk, hk, wk, n_k, r_k = decode_token(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, BH, BW)
+        k_off = token_offset(tk, hk, wk, skt, skh, skw)
+        v_off = token_offset(tk, hk, wk, svt, svh, svw)
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -103,6 +103,6 @@ def _htwa_fwd_kernel(
 
     out = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    tl.store(OUT + _tok(b, head, tq, hq, wq, sob, son, sot, soh, sow)[:, None] + offs_d[None, :],
+    tl.store(OUT + head_token_offset(b, head, tq, hq, wq, sob, son, sot, soh, sow)[:, None] + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + _tok(b, head, tq, hq, wq, slb, sln, slt, slh, slw), lse, mask=m_ok)
+    tl.store(LSE + head_token_offset(b, head, tq, hq, wq, slb, sln, slt, slh, slw), lse, mask=m_ok)

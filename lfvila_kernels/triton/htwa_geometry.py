@@ -35,7 +35,7 @@ def _box(j, L, O, WN):
 
 
 @triton.jit
-def _box3(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW):
+def window_box(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW):
     """Box `box` of the grid (t-major, NBH x NBW boxes per frame slab): its first token (t0, h0, w0), its extent
     along h and w (lh, lw), the in-window coordinates of its first token (ct, ch, cw) and its token count nb."""
     t0, lt, ct = _box(box // (NBH * NBW), T, OT, WT)
@@ -45,7 +45,7 @@ def _box3(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW):
 
 
 @triton.jit
-def _decode(idx, t0, h0, w0, lh, lw, ct, ch, cw,
+def decode_token(idx, t0, h0, w0, lh, lw, ct, ch, cw,
             WH: tl.constexpr, WW: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     """Flat box indices -> (frame, row, column) as int64 (for offsets), in-window index n, bias key R."""
     lhw = lh * lw
@@ -65,20 +65,20 @@ def _decode(idx, t0, h0, w0, lh, lw, ct, ch, cw,
 
 
 @triton.jit
-def _off(tt, hh, ww, st, sh, sw):
+def token_offset(tt, hh, ww, st, sh, sw):
     """int64 element offsets of tokens (tt, hh, ww) through the frame/row/column strides."""
     return tt * st + hh * sh + ww * sw
 
 
 @triton.jit
-def _tok(b, head, tt, hh, ww, sb, sn, st, sh, sw):
+def head_token_offset(b, head, tt, hh, ww, sb, sn, st, sh, sw):
     """int64 element offsets of tokens (tt, hh, ww) of batch b and head `head` in a (B, T, H, W, heads, ...) tensor
     with strides (sb, st, sh, sw, sn); a token's D elements follow at unit stride."""
-    return (b.to(tl.int64) * sb + head * sn) + _off(tt, hh, ww, st, sh, sw)
+    return (b.to(tl.int64) * sb + head * sn) + token_offset(tt, hh, ww, st, sh, sw)
 
 
 @triton.jit
-def _bias_q(r_q, head, BT, BH: tl.constexpr, BW: tl.constexpr):
+def query_bias_offset(r_q, head, BT, BH: tl.constexpr, BW: tl.constexpr):
     """Query side of the bias offset into the TRANSPOSED table (heads, nbias): (head, row) -> head * nbias + row
     = bq - R_k with bq = head * nbias + R_q + R0, so a tile costs one 2D subtraction (module docstring). Keys
     adjacent along w read adjacent table entries (R_k + 1), so a warp's gather is coalesced; in the (nbias,

@@ -20,9 +20,9 @@ import triton
 from .. import geometry
 from ..backends._common import acc_dtype as _acc_dtype, triton_interpreted as _interpreted
 from . import experimental
-from .htwa_bwd import _htwa_bwd_dkdv_kernel, _htwa_bwd_dq_kernel
-from .htwa_dbias import _chunk_sum_kernel, _dbias_gather_kernel
-from .htwa_fwd import _htwa_fwd_kernel
+from .htwa_bwd import htwa_bwd_dkdv_kernel, htwa_bwd_dq_kernel
+from .htwa_dbias import chunk_sum_kernel, dbias_gather_kernel
+from .htwa_fwd import htwa_fwd_kernel
 
 __all__ = ["htwa_fwd_triton", "htwa_bwd_triton"]
 
@@ -96,7 +96,7 @@ def htwa_fwd_triton(q, k, v, bias: Optional[torch.Tensor], window, shift, bias_w
     n_tiles = triton.cdiv(nwin, cfg["BLOCK_M"])
     has_bias = bias is not None
     grid = (nbt * nbh * nbw * n_tiles, heads, B)
-    _htwa_fwd_kernel[grid](
+    htwa_fwd_kernel[grid](
         q, k, v, bias.t().contiguous() if has_bias else q, out, lse,
         *_strides5(q), *_strides5(k), *_strides5(v), *_strides5(out), *lse.stride(),
         *geo, nbh, nbw, n_tiles, float(scale) * LOG2E,
@@ -154,12 +154,12 @@ def _bias_csr(window, bias_window, device):
 
 
 def _sum_chunks(part):
-    """(C, M) -> (M,): ordered tree of `_chunk_sum_kernel` levels, G chunks per program and level."""
+    """(C, M) -> (M,): ordered tree of `chunk_sum_kernel` levels, G chunks per program and level."""
     G, block = (4, 16384) if _interpreted() else (8, 512)
     while part.shape[0] > 1:
         C, M = part.shape
         nxt = torch.empty((triton.cdiv(C, G), M), dtype=part.dtype, device=part.device)
-        _chunk_sum_kernel[(triton.cdiv(M, block), nxt.shape[0])](part, nxt, C, M, G, BLOCK=block)
+        chunk_sum_kernel[(triton.cdiv(M, block), nxt.shape[0])](part, nxt, C, M, G, BLOCK=block)
         part = nxt
     return part[0]
 
@@ -171,13 +171,13 @@ def _launch_bwd(plan):
     scale = plan["scale"]
     delta = torch.empty(q.shape[:5], dtype=plan["acc"], device=q.device)  # <dO, O> per row: dQ -> dK/dV kernel
     consts = dict(plan["geometry"], **plan["cfg"], **_launch_kw(plan["cfg"], backward=True))
-    _htwa_bwd_dq_kernel[(plan["n_chunks"], n_tiles, heads)](
+    htwa_bwd_dq_kernel[(plan["n_chunks"], n_tiles, heads)](
         q, plan["k"], plan["v"], plan["bias_arg"], plan["out"], plan["dout"], plan["lse"], delta, plan["dq"],
         plan["part"], plan["units"], plan["chunk_ptr"], *plan["strides"],
         *geo, nbt * nbh * nbw, nbh, nbw, float(scale), float(scale) * LOG2E,
         DBIAS=plan["has_bias"], **consts,
     )
-    _htwa_bwd_dkdv_kernel[(nbt * nbh * nbw * n_tiles, heads, B)](
+    htwa_bwd_dkdv_kernel[(nbt * nbh * nbw * n_tiles, heads, B)](
         q, plan["k"], plan["v"], plan["bias_arg"], plan["dout"], plan["lse"], delta, plan["dk"], plan["dv"],
         *plan["strides"], *geo, nbh, nbw, n_tiles, float(scale), float(scale) * LOG2E, **consts,
     )
@@ -219,7 +219,7 @@ def htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, s
         strides=(*_strides5(q), *_strides5(k), *_strides5(v), *_strides5(out), *lse.stride(), *_strides5(dq)),
         geometry=dict(WT=window[0], WH=window[1], WW=window[2], BT=bias_window[0], BH=bias_window[1],
                       BW=bias_window[2], HAS_BIAS=has_bias),
-        bias_arg=bias.t().contiguous() if has_bias else q,  # (heads, nbias): see htwa_geometry._bias_q
+        bias_arg=bias.t().contiguous() if has_bias else q,  # (heads, nbias): see htwa_geometry.query_bias_offset
     )
     if experimental.backward_experiment_on():
         experimental.launch_bwd(plan, LOG2E, _launch_kw)
@@ -232,7 +232,7 @@ def htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, s
     nbias = bias.shape[0]
     dbias = torch.empty((nbias, heads), dtype=bias.dtype, device=q.device)
     block_r, block_j = (1024, 64) if _interpreted() else (32, 32)
-    _dbias_gather_kernel[(triton.cdiv(nbias, block_r), heads)](
+    dbias_gather_kernel[(triton.cdiv(nbias, block_r), heads)](
         dense, row_ptr, pairs, dbias, nbias, heads, nwin * nwin, maxcnt, BLOCK_R=block_r, BLOCK_J=block_j,
     )
     return dq, dk, dv, dbias
