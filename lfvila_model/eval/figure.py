@@ -72,6 +72,11 @@ def _runs(ranks: Union[Ranks, Mapping[str, Ranks]], run: str | None) -> dict[str
     return out
 
 
+def _num_items(ranks: np.ndarray) -> int:
+    """N of a direction: its number of queries (or more, if a rank is larger: fewer queries than candidates)."""
+    return max(int(ranks.max()), ranks.size)
+
+
 def _run_from_path(path: str) -> str:
     """runs/demo/eval/metrics.png -> "demo": the folder holding the eval output (or its parent, if "eval")."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -95,7 +100,7 @@ def retrieval_figure(path: str | os.PathLike | None, ranks: Union[Ranks, Mapping
         run = _run_from_path(path)
     runs = _runs(ranks, run)
     several = len(runs) > 1
-    n = max(max(int(r.max()), r.size) for dirs in runs.values() for r in dirs.values())
+    n = max(_num_items(r) for dirs in runs.values() for r in dirs.values())
     ks = k_values(n)
 
     fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, layout="constrained")
@@ -107,7 +112,7 @@ def retrieval_figure(path: str | os.PathLike | None, ranks: Union[Ranks, Mapping
             style, marker = _STYLES.get(d, _OTHER_STYLES[j % len(_OTHER_STYLES)])
             if not several:  # one run: the directions get the colours
                 colour = _COLOURS[j % len(_COLOURS)]
-            n_d = max(int(r.max()), r.size)
+            n_d = _num_items(r)
             # the curve at every K = 1..N (a step at each rank), the markers at the K of the axis ticks
             k_all = np.arange(1, n_d + 1)
             rec_all = recall_at_k(r, k_all)
@@ -117,8 +122,10 @@ def retrieval_figure(path: str | os.PathLike | None, ranks: Union[Ranks, Mapping
             if several:  # no room for the values on the plot: R@1/5/10 go into the legend
                 at = "/".join(f"{rec_all[min(k, n_d) - 1]:.1f}" for k in ANNOTATED_K)
                 label = f"{name}, {what}: R@1/5/10 {at}, median rank {np.median(r):g}"
+            # recall at K is a step function of K: drawn as steps, not interpolated between ranks
             ax.plot(k_all, rec_all, linestyle=style, marker=marker, markevery=list(ks_d - 1), markersize=5,
-                    linewidth=1.8, drawstyle="steps-post", color=colour, label=label, gid=f"{name}/{d}" if several else d)
+                    linewidth=1.8, drawstyle="steps-post", color=colour, label=label,
+                    gid=f"{name}/{d}" if several else d)
             if several:
                 continue
             for k, v in zip(ks_d, rec_all[ks_d - 1]):
@@ -131,7 +138,9 @@ def retrieval_figure(path: str | os.PathLike | None, ranks: Union[Ranks, Mapping
     ax.set_xscale("log")
     ax.set_xlim(0.8, n * 1.25)
     ax.xaxis.set_major_locator(FixedLocator(ks))
-    ax.xaxis.set_major_formatter(FixedFormatter([str(int(k)) for k in ks]))
+    # N gets its tick but no label when it is too close to the previous one (50 and 60 would overprint)
+    labels = [str(int(k)) if i == 0 or i < len(ks) - 1 or k / ks[i - 1] >= 1.6 else "" for i, k in enumerate(ks)]
+    ax.xaxis.set_major_formatter(FixedFormatter(labels))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_ylim(-3, 106)
