@@ -1,4 +1,5 @@
-"""Build lfvila: two Python packages and the `lfvila_kernels._C` extension compiled from csrc/.
+"""Build lfvila's `lfvila_kernels._C` extension, compiled from csrc/ (the package metadata, dependencies, extras,
+the `lfvila` script and the package list are in pyproject.toml's [project] table).
 
 The CPU sources (csrc/*.cpp) are always built. The CUDA sources (csrc/*.cu) are built only where the installed
 torch has CUDA and nvcc is found; otherwise the build says why it skipped them. Environment switches:
@@ -13,7 +14,7 @@ import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 try:
     import torch
@@ -107,25 +108,6 @@ def _extensions():
 
 
 setup(
-    name="lfvila",
-    version="0.1.0",
-    description="Fast, faithful LF-VILA: HTWA attention and fused contrastive-loss ops, model, training",
-    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["lfvila_kernels", "lfvila_kernels.*", "lfvila_model", "lfvila_model.*"]),
-    package_data={"lfvila_model": ["configs/*.yaml"]},
-    python_requires=">=3.10",
-    # Loose on purpose: the package runs under whatever torch the environment has (CPU 2.13 here, CUDA 2.11 on
-    # the GPU image). Exact pins live in the Makefile's CPU set-up.
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
-        "triton": ["triton"],
-        "video": ["av"],
-        "model": ["transformers", "safetensors", "pyyaml", "tqdm", "tensorboard"],
-    },
-    entry_points={"console_scripts": ["lfvila=lfvila_model.cli:main"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
-    zip_safe=False,
 )

@@ -4,6 +4,7 @@ Configs and presets (`get_config`, `create_model`), the video encoder (HTWA), th
 pre-training and fine-tuning models, and their weights (official checkpoints, Swin/BERT inits, own format).
 """
 
+from . import _requirements  # noqa: F401  (first: says which extra to install when one is missing)
 from .config import LFVILAConfig, TextEncoderConfig, VideoEncoderConfig
 from .factory import build_model, create_model, load_pretrained
 from .models import (

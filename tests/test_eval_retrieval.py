@@ -1,8 +1,6 @@
 """Retrieval metrics against hand-computed ranks, the temporal-order score, the JSON + PNG report."""
 
 import json
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -76,59 +74,99 @@ def test_temporal_order_score_hand_case():
         R.temporal_order_score(scores, true_index=[0, 0, 3])
 
 
+def _decode_png(path):
+    """The PNG as an (H, W, C) uint8 array, decoded by Pillow (installed with matplotlib), not by our code."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGB"))
+
+
 def test_json_and_png_written_and_valid(tmp_path):
     m = R.retrieval_metrics(SIM, return_ranks=True)
     m["temporal_order_score"] = np.float64(0.5)
-    paths = R.write_metrics_json(tmp_path / "out" / "metrics.json", m)
-    loaded = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    paths = R.write_metrics_json(tmp_path / "run1" / "eval" / "metrics.json", m)
+    loaded = json.loads((tmp_path / "run1" / "eval" / "metrics.json").read_text())
     assert loaded["t2v"]["R@1"] == 25.0 and loaded["ranks"]["v2t"] == V2T and loaded["temporal_order_score"] == 0.5
     png = paths["png"]
-    data = open(png, "rb").read()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    # independent check of the chunk structure: IHDR first, with the right size, CRCs valid
-    n, kind = struct.unpack(">I4s", data[8:16])
-    body = data[16:16 + n]
-    assert kind == b"IHDR" and struct.unpack(">II", body[:8]) == (720, 300)
-    assert struct.unpack(">I", data[16 + n:20 + n])[0] == zlib.crc32(kind + body)
-    img = FIG.read_png(png)
-    assert img.shape == (300, 720, 3)
-    colours = {tuple(c) for c in img.reshape(-1, 3)[::7]}
-    assert FIG.BLUE in colours and FIG.ORANGE in colours  # both directions are drawn
-    # corrupting one byte of the image data breaks the CRC
-    bad = bytearray(data)
-    bad[60] ^= 0xFF
-    (tmp_path / "bad.png").write_bytes(bytes(bad))
-    with pytest.raises(ValueError, match="CRC mismatch"):
-        FIG.read_png(tmp_path / "bad.png")
+    assert png == str(tmp_path / "run1" / "eval" / "metrics.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    img = _decode_png(png)
+    assert img.shape == (640, 960, 3)  # the default width x height
+    # not blank: mostly white background, but with ink, and both directions' colours (tab:blue, tab:orange)
+    assert (img < 250).any(axis=2).mean() > 0.01
+    colours = {tuple(c) for c in img.reshape(-1, 3)}
+    assert (31, 119, 180) in colours and (255, 127, 14) in colours
+    assert len(colours) > 50  # anti-aliased text and lines, not a flat fill
+    assert not [f for f in (tmp_path / "run1" / "eval").iterdir() if ".tmp" in f.name]  # no temporary left
 
 
-def test_png_round_trip_exact(tmp_path):
-    img = np.random.default_rng(0).integers(0, 256, (13, 17, 3), dtype=np.uint8)
-    FIG.write_png(tmp_path / "x.png", img)
-    assert np.array_equal(FIG.read_png(tmp_path / "x.png"), img)
+def test_figure_data_matches_metrics(tmp_path):
+    rng = np.random.default_rng(3)
+    sim = rng.normal(size=(60, 60)) + 2.0 * np.eye(60)
+    m = R.retrieval_metrics(sim, return_ranks=True)
+    fig = FIG.retrieval_figure(tmp_path / "r.png", m["ranks"], width=800, height=500, run="my-run")
+    assert _decode_png(tmp_path / "r.png").shape == (500, 800, 3)
+    (ax,) = fig.axes
+    lines = {line.get_gid(): line for line in ax.get_lines()}
+    assert set(lines) == {"t2v", "v2t"}
+    for d in ("t2v", "v2t"):
+        k, rec = (np.asarray(a) for a in lines[d].get_data())
+        assert np.array_equal(k, np.arange(1, 61))  # every K = 1..N
+        for kk in (1, 5, 10, 50):
+            assert rec[kk - 1] == pytest.approx(m[d][f"R@{kk}"])
+        assert rec[-1] == 100.0 and np.all(np.diff(rec) >= 0)
+        assert f"median rank {m[d]['MedR']:g}" in lines[d].get_label()
+    assert ax.get_xscale() == "log"
+    assert "my-run" in ax.get_title() and "N = 60" in ax.get_title()
+    assert ax.get_xlabel() and "%" in ax.get_ylabel()
+    assert [int(t) for t in ax.get_xticks()] == [1, 5, 10, 50, 60]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(legend) == 2 and legend[0].startswith("t2v") and legend[1].startswith("v2t")
+    # R@1, R@5, R@10 written on the plot
+    notes = {t.get_text() for t in ax.texts}
+    assert {f"{m[d][f'R@{kk}']:.1f}" for d in ("t2v", "v2t") for kk in (1, 5, 10)} <= notes
 
 
-def test_png_reader_handles_all_filters(tmp_path):
-    # a PNG written independently here with each scanline filter (0..4), as other encoders produce
-    rng = np.random.default_rng(1)
-    h, w = 5, 4
-    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    x = img.reshape(h, w * 3).astype(int)
-    rows = []
-    for y in range(h):
-        ft = y % 5
-        prev = x[y - 1] if y else np.zeros(w * 3, int)
-        enc = []
-        for i in range(w * 3):
-            a = x[y, i - 3] if i >= 3 else 0
-            b, c = prev[i], (prev[i - 3] if i >= 3 else 0)
-            p = a + b - c
-            paeth = a if abs(p - a) <= abs(p - b) and abs(p - a) <= abs(p - c) else (b if abs(p - b) <= abs(p - c) else c)
-            pred = [0, a, b, (a + b) // 2, paeth][ft]
-            enc.append((x[y, i] - pred) % 256)
-        rows.append(bytes([ft] + enc))
-    chunk = lambda k, d: struct.pack(">I", len(d)) + k + d + struct.pack(">I", zlib.crc32(k + d))  # noqa: E731
-    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
-    (tmp_path / "f.png").write_bytes(data)
-    assert np.array_equal(FIG.read_png(tmp_path / "f.png"), img)
+def test_figure_several_runs():
+    a = {"t2v": np.array([1, 2, 3, 1]), "v2t": np.array([2, 1, 1, 4])}
+    b = {"t2v": np.array([4, 3, 2, 1]), "v2t": np.array([1, 1, 1, 1])}
+    fig = FIG.retrieval_figure(None, {"mtc": a, "no-mtc": b})
+    (ax,) = fig.axes
+    lines = {line.get_gid(): line for line in ax.get_lines()}
+    assert list(lines) == ["mtc/t2v", "mtc/v2t", "no-mtc/t2v", "no-mtc/v2t"]
+    assert list(lines["no-mtc/v2t"].get_ydata()) == [100.0] * 4
+    assert list(lines["mtc/t2v"].get_ydata()) == [50.0, 75.0, 100.0, 100.0]
+    assert "mtc" in ax.get_title() and "no-mtc" in ax.get_title() and "N = 4" in ax.get_title()
+    assert len(fig.legends[0].get_texts()) == 4
+    assert "R@1/5/10 50.0/100.0/100.0" in lines["mtc/t2v"].get_label()
+
+
+def test_figure_rejects_bad_ranks():
+    with pytest.raises(ValueError, match="at least one direction"):
+        FIG.retrieval_figure(None, {})
+    with pytest.raises(ValueError, match="ranks >= 1"):
+        FIG.retrieval_figure(None, {"t2v": np.array([0, 1])})
+
+
+def test_figure_leaves_the_global_backend_alone():
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    FIG.retrieval_figure(None, {"t2v": np.array([1, 2])})
+    assert matplotlib.get_backend() == before
+
+
+def test_json_written_before_a_missing_matplotlib_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.delitem(sys.modules, "lfvila_model.eval.figure", raising=False)
+    for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    m = R.retrieval_metrics(SIM, return_ranks=True)
+    with pytest.raises(ImportError, match=r"pip install 'lfvila\[model\]'"):
+        R.write_metrics_json(tmp_path / "metrics.json", m)
+    assert json.loads((tmp_path / "metrics.json").read_text())["t2v"]["R@1"] == 25.0
+    assert R.write_metrics_json(tmp_path / "m2.json", m, figure=False) == {"json": str(tmp_path / "m2.json")}

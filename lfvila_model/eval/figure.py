@@ -1,259 +1,172 @@
-"""A tiny dependency-free figure for retrieval results: a numpy rasteriser, a 3x5 pixel font and a PNG codec.
+"""The retrieval figure: recall at K for text-to-video and video-to-text, drawn with matplotlib.
 
-The report figure has two panels: the histogram of the true item's rank (text-to-video and video-to-text side
-by side per bin) and the recall-at-K curve (K = 1..N, percent). Matplotlib is deliberately not a dependency;
-this draws bars, polylines, axes and labels straight into a ``uint8 (H, W, 3)`` array and writes it as an
-8-bit RGB PNG (zlib + CRC32, filter type 0). :func:`read_png` reads such files back (used by the tests).
+One panel: recall at K (percent) against K on a log axis (K = 1, 5, 10, 50, 100, ... up to N), one line per
+direction and run, markers at every K with the R@1, R@5 and R@10 values written beside them, and each line's
+median rank in the legend. The figure is built on a :class:`matplotlib.figure.Figure` with its own Agg canvas,
+so the caller's pyplot state and chosen backend are never touched.
+
+matplotlib is in the ``model`` extra; without it :func:`retrieval_figure` raises an ImportError that says so
+(``write_metrics_json`` writes the JSON before it imports this module, so the metrics are never lost).
 """
 
 from __future__ import annotations
 
 import os
-import struct
-import zlib
-from typing import Mapping
+from typing import Mapping, Union
 
 import numpy as np
 
-__all__ = ["write_png", "read_png", "Canvas", "retrieval_figure"]
+try:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter, NullLocator
+except ImportError as e:  # pragma: no cover - exercised only where matplotlib is absent
+    raise ImportError("lfvila's retrieval figure needs matplotlib, which is in the 'model' extra: "
+                      "pip install 'lfvila[model]' (or pip install matplotlib)") from e
 
-_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+__all__ = ["retrieval_figure", "recall_at_k", "k_values", "ANNOTATED_K"]
 
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
-    """Writes ``uint8 (H, W, 3)`` as an RGB PNG (atomically: temporary file then rename)."""
-    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"img must be a uint8 (H, W, 3) array, got {getattr(img, 'dtype', None)} "
-                         f"{getattr(img, 'shape', None)}")
-    h, w, _ = img.shape
-    # each scanline is prefixed with its filter type byte (0 = none)
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), img.reshape(h, w * 3)], axis=1).tobytes()
-    data = (_PNG_SIG + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b""))
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+Ranks = Mapping[str, np.ndarray]
+ANNOTATED_K = (1, 5, 10)
+_DIRECTION_LABEL = {"t2v": "text → video", "v2t": "video → text"}
+# colour per run (tab10), line style / marker per direction
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+_STYLES = {"t2v": ("-", "o"), "v2t": ("--", "s")}
+_OTHER_STYLES = (("-.", "^"), (":", "D"))
 
 
-def read_png(path: str | os.PathLike) -> np.ndarray:
-    """Reads an 8-bit RGB, non-interlaced PNG (all five scanline filters), checking every chunk's CRC.
-
-    Returns ``uint8 (H, W, 3)``. Raises ValueError for anything else or a corrupt file.
-    """
-    with open(os.fspath(path), "rb") as f:
-        data = f.read()
-    if data[:8] != _PNG_SIG:
-        raise ValueError(f"{path}: not a PNG (bad signature)")
-    pos, idat, ihdr = 8, [], None
-    while pos < len(data):
-        if pos + 8 > len(data):
-            raise ValueError(f"{path}: truncated chunk header at byte {pos}")
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
-        kind = data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + n]
-        crc_bytes = data[pos + 8 + n:pos + 12 + n]
-        if len(body) != n or len(crc_bytes) != 4:
-            raise ValueError(f"{path}: truncated {kind!r} chunk")
-        if struct.unpack(">I", crc_bytes)[0] != zlib.crc32(kind + body) & 0xFFFFFFFF:
-            raise ValueError(f"{path}: CRC mismatch in {kind!r} chunk")
-        if kind == b"IHDR":
-            ihdr = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            idat.append(body)
-        elif kind == b"IEND":
-            break
-        pos += 12 + n
-    if ihdr is None:
-        raise ValueError(f"{path}: no IHDR chunk")
-    w, h, depth, ctype, _, _, interlace = ihdr
-    if (depth, ctype, interlace) != (8, 2, 0):
-        raise ValueError(f"{path}: only 8-bit RGB non-interlaced PNGs are supported, got depth {depth}, "
-                         f"colour type {ctype}, interlace {interlace}")
-    raw = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8)
-    stride = w * 3
-    if raw.size != h * (stride + 1):
-        raise ValueError(f"{path}: image data has {raw.size} bytes, expected {h * (stride + 1)}")
-    rows = raw.reshape(h, stride + 1)
-    out = np.zeros((h, stride), np.int32)
-    bpp = 3
-    for y in range(h):
-        ft, line = rows[y, 0], rows[y, 1:].astype(np.int32)
-        prev = out[y - 1] if y else np.zeros(stride, np.int32)
-        if ft == 0:
-            cur = line
-        elif ft == 2:
-            cur = (line + prev) & 0xFF
-        elif ft in (1, 3, 4):
-            cur = np.zeros(stride, np.int32)
-            for x in range(stride):
-                a = cur[x - bpp] if x >= bpp else 0
-                b = prev[x]
-                c = prev[x - bpp] if x >= bpp else 0
-                if ft == 1:
-                    pred = a
-                elif ft == 3:
-                    pred = (a + b) // 2
-                else:
-                    p = a + b - c
-                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-                    pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-                cur[x] = (line[x] + pred) & 0xFF
-        else:
-            raise ValueError(f"{path}: bad filter type {ft} on row {y}")
-        out[y] = cur
-    return out.astype(np.uint8).reshape(h, w, 3)
+def k_values(n: int) -> np.ndarray:
+    """K = 1, 5, 10, 50, 100, 500, ... below ``n``, then ``n`` itself (where recall is 100 %)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    ks, decade = [], 1
+    while decade < n:
+        ks += [k for k in (decade, 5 * decade) if k < n]
+        decade *= 10
+    return np.array(ks + [n], dtype=np.int64)
 
 
-# 3x5 pixel font: each glyph is 5 rows of 3 columns ('#' = ink)
-_FONT_SRC = {
-    "0": "###,#.#,#.#,#.#,###", "1": ".#.,##.,.#.,.#.,###", "2": "###,..#,###,#..,###",
-    "3": "###,..#,.##,..#,###", "4": "#.#,#.#,###,..#,..#", "5": "###,#..,###,..#,###",
-    "6": "###,#..,###,#.#,###", "7": "###,..#,.#.,.#.,.#.", "8": "###,#.#,###,#.#,###",
-    "9": "###,#.#,###,..#,###", "A": ".#.,#.#,###,#.#,#.#", "B": "##.,#.#,##.,#.#,##.",
-    "C": ".##,#..,#..,#..,.##", "D": "##.,#.#,#.#,#.#,##.", "E": "###,#..,##.,#..,###",
-    "F": "###,#..,##.,#..,#..", "G": ".##,#..,#.#,#.#,.##", "H": "#.#,#.#,###,#.#,#.#",
-    "I": "###,.#.,.#.,.#.,###", "J": "..#,..#,..#,#.#,.#.", "K": "#.#,#.#,##.,#.#,#.#",
-    "L": "#..,#..,#..,#..,###", "M": "#.#,###,###,#.#,#.#", "N": "##.,#.#,#.#,#.#,#.#",
-    "O": ".#.,#.#,#.#,#.#,.#.", "P": "##.,#.#,##.,#..,#..", "Q": ".#.,#.#,#.#,##.,.##",
-    "R": "##.,#.#,##.,#.#,#.#", "S": ".##,#..,.#.,..#,##.", "T": "###,.#.,.#.,.#.,.#.",
-    "U": "#.#,#.#,#.#,#.#,###", "V": "#.#,#.#,#.#,#.#,.#.", "W": "#.#,#.#,###,###,#.#",
-    "X": "#.#,#.#,.#.,#.#,#.#", "Y": "#.#,#.#,.#.,.#.,.#.", "Z": "###,..#,.#.,#..,###",
-    " ": "...,...,...,...,...", "-": "...,...,###,...,...", ".": "...,...,...,...,.#.",
-    ":": "...,.#.,...,.#.,...", "/": "..#,..#,.#.,#..,#..", "@": "###,#.#,###,#..,.##",
-    "%": "#.#,..#,.#.,#..,#.#", "(": ".#.,#..,#..,#..,.#.", ")": ".#.,..#,..#,..#,.#.",
-    "=": "...,###,...,###,...", ">": "#..,.#.,..#,.#.,#..", "<": "..#,.#.,#..,.#.,..#",
-}
-_FONT = {c: np.array([[ch == "#" for ch in row] for row in g.split(",")], dtype=bool) for c, g in _FONT_SRC.items()}
-
-WHITE = (255, 255, 255)
-BLACK = (20, 20, 20)
-GREY = (200, 200, 200)
-BLUE = (31, 119, 180)
-ORANGE = (255, 127, 14)
+def recall_at_k(ranks: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """Percent of queries whose true item has rank <= K (ranks are 1-based), for each K in ``ks``."""
+    ranks = np.asarray(ranks)
+    return np.array([100.0 * np.mean(ranks <= k) for k in ks])
 
 
-class Canvas:
-    """A white ``uint8 (H, W, 3)`` image with clipped drawing primitives (pixel coordinates, y down)."""
-
-    def __init__(self, height: int, width: int):
-        self.img = np.full((height, width, 3), 255, np.uint8)
-        self.h, self.w = height, width
-
-    def rect(self, x0: int, y0: int, x1: int, y1: int, colour) -> None:
-        """Fills [x0, x1) x [y0, y1)."""
-        x0, x1 = sorted((int(x0), int(x1)))
-        y0, y1 = sorted((int(y0), int(y1)))
-        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, self.w), min(y1, self.h)
-        if x0 < x1 and y0 < y1:
-            self.img[y0:y1, x0:x1] = colour
-
-    def line(self, x0: float, y0: float, x1: float, y1: float, colour, width: int = 1) -> None:
-        n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-        xs = np.rint(np.linspace(x0, x1, n)).astype(int)
-        ys = np.rint(np.linspace(y0, y1, n)).astype(int)
-        r0 = -(width // 2)
-        for dy in range(r0, r0 + width):
-            for dx in range(r0, r0 + width):
-                x, y = xs + dx, ys + dy
-                ok = (x >= 0) & (x < self.w) & (y >= 0) & (y < self.h)
-                self.img[y[ok], x[ok]] = colour
-
-    def text(self, x: int, y: int, s: str, colour=BLACK, scale: int = 2, anchor: str = "left") -> None:
-        """Draws ``s`` (upper-cased; unknown characters as blanks) with its top at y."""
-        s = s.upper()
-        adv = 4 * scale
-        if anchor == "center":
-            x -= (len(s) * adv - scale) // 2
-        elif anchor == "right":
-            x -= len(s) * adv - scale
-        for i, ch in enumerate(s):
-            g = _FONT.get(ch)
-            if g is None:
-                continue
-            for gy, gx in zip(*np.nonzero(g)):
-                self.rect(x + i * adv + gx * scale, y + gy * scale, x + i * adv + (gx + 1) * scale,
-                          y + (gy + 1) * scale, colour)
-
-
-def _panel_axes(c: Canvas, x0: int, y0: int, x1: int, y1: int) -> None:
-    c.line(x0, y1, x1, y1, BLACK)
-    c.line(x0, y0, x0, y1, BLACK)
-
-
-def retrieval_figure(path: str | os.PathLike, ranks: Mapping[str, np.ndarray], width: int = 720,
-                     height: int = 300) -> np.ndarray:
-    """Draws the rank histogram and recall curve for each direction in ``ranks`` (``{"t2v": (N,), "v2t": (N,)}``,
-    1-based ranks) and writes it as a PNG. Returns the image ``uint8 (height, width, 3)``."""
+def _runs(ranks: Union[Ranks, Mapping[str, Ranks]], run: str | None) -> dict[str, dict[str, np.ndarray]]:
+    """``{direction: ranks}`` (one run) or ``{run: {direction: ranks}}`` (several) -> ``{run: {direction: ranks}}``."""
     if not ranks:
         raise ValueError("ranks must hold at least one direction")
-    series = [(k, np.asarray(v, dtype=np.int64)) for k, v in ranks.items()]
-    colours = [BLUE, ORANGE, (44, 160, 44), (214, 39, 40)]
-    n = max(int(v.max()) for _, v in series)
-    n = max(n, max(len(v) for _, v in series))
-    c = Canvas(height, width)
-    top, bottom = 40, height - 40
-    # --- left panel: rank histogram over logarithmic bins (rank 1 gets its own bin; a linear scale would lump
-    # ranks 1..10 of a 200-video set into one bar)
-    lx0, lx1 = 50, width // 2 - 20
-    edges = np.unique(np.floor(np.geomspace(1, n + 1, min(20, n) + 1))) - 0.5
-    edges[-1] = n + 0.5
-    nb = len(edges) - 1
-    hists = [np.histogram(v, bins=edges)[0] for _, v in series]
-    hmax = max(int(h.max()) for h in hists) or 1
-    c.text((lx0 + lx1) // 2, 10, "RANK HISTOGRAM", anchor="center")
-    bw = (lx1 - lx0) / nb
-    for b in range(nb):
-        for s, h in enumerate(hists):
-            sub = bw / len(hists)
-            xa = lx0 + b * bw + s * sub + 1
-            ya = bottom - (bottom - top) * h[b] / hmax
-            c.rect(int(xa), int(ya), int(xa + sub - 1), bottom, colours[s % len(colours)])
-    _panel_axes(c, lx0, top, lx1, bottom)
-    c.text(lx0 - 4, top - 2, str(hmax), anchor="right", scale=1)
-    c.text(lx0 - 4, bottom - 4, "0", anchor="right", scale=1)
-    for b in range(nb):  # first rank of each bin, where there is room
-        if b == 0 or bw >= 16 or b % max(1, int(16 // bw) + 1) == 0:
-            c.text(int(lx0 + b * bw + bw / 2), bottom + 6, str(int(edges[b] + 0.5)), anchor="center", scale=1)
-    c.text((lx0 + lx1) // 2, bottom + 18, "RANK (LOG BINS)", anchor="center")
-    # --- right panel: recall at K, K = 1..n, percent, K on a log scale (R@1, R@5, R@10 stay readable)
-    rx0, rx1 = width // 2 + 40, width - 20
-    c.text((rx0 + rx1) // 2, 10, "RECALL@K (%)", anchor="center")
+    nested = all(isinstance(v, Mapping) for v in ranks.values())
+    runs = {str(k): dict(v) for k, v in ranks.items()} if nested else {run or "": dict(ranks)}
+    out = {}
+    for name, dirs in runs.items():
+        if not dirs:
+            raise ValueError(f"run {name!r} holds no direction")
+        out[name] = {}
+        for d, r in dirs.items():
+            r = np.asarray(r)
+            if r.ndim != 1 or r.size == 0 or not np.issubdtype(r.dtype, np.integer) or r.min() < 1:
+                raise ValueError(f"ranks[{name!r}][{d!r}] must be a non-empty 1-D array of ranks >= 1, "
+                                 f"got {r.dtype} {r.shape}")
+            out[name][d] = r.astype(np.int64)
+    return out
 
-    def kx(k):
-        return rx0 + (rx1 - rx0) * np.log(k) / np.log(n) if n > 1 else rx0
 
-    for yv in (25, 50, 75):
-        y = bottom - (bottom - top) * yv / 100
-        c.line(rx0, y, rx1, y, GREY)
-    ks = np.arange(1, n + 1)
-    for s, (_, v) in enumerate(series):
-        rec = 100.0 * (v[None, :] <= ks[:, None]).mean(axis=1)
-        xs = kx(ks)
-        ys = bottom - (bottom - top) * rec / 100.0
-        if n == 1:
-            c.rect(rx0 - 2, int(ys[0]) - 2, rx0 + 3, int(ys[0]) + 3, colours[s % len(colours)])
-        for i in range(n - 1):
-            c.line(xs[i], ys[i], xs[i + 1], ys[i + 1], colours[s % len(colours)], width=2)
-    _panel_axes(c, rx0, top, rx1, bottom)
-    c.text(rx0 - 4, top - 2, "100", anchor="right", scale=1)
-    c.text(rx0 - 4, bottom - 4, "0", anchor="right", scale=1)
-    for k in (1, 5, 10, 50, 100, 500, 1000, 5000, n):
-        if k <= n and (k == n or kx(n) - kx(k) > 20):
-            x = int(kx(k))
-            c.line(x, bottom, x, bottom + 3, BLACK)
-            c.text(x, bottom + 6, str(k), anchor="center", scale=1)
-    c.text((rx0 + rx1) // 2, bottom + 18, "K (LOG)", anchor="center")
-    # legend, bottom right of the recall panel (recall curves are high there, so it stays clear)
-    for s, (name, _) in enumerate(series):
-        x = rx1 - 70
-        y = bottom - 8 - 14 * (len(series) - s)
-        c.rect(x, y, x + 10, y + 10, colours[s % len(colours)])
-        c.text(x + 14, y, name, scale=2)
-    write_png(path, c.img)
-    return c.img
+def _num_items(ranks: np.ndarray) -> int:
+    """N of a direction: its number of queries (or more, if a rank is larger: fewer queries than candidates)."""
+    return max(int(ranks.max()), ranks.size)
+
+
+def _run_from_path(path: str) -> str:
+    """runs/demo/eval/metrics.png -> "demo": the folder holding the eval output (or its parent, if "eval")."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(folder) == "eval":
+        folder = os.path.dirname(folder)
+    return os.path.basename(folder)
+
+
+def retrieval_figure(path: str | os.PathLike | None, ranks: Union[Ranks, Mapping[str, Ranks]],
+                     width: int = 960, height: int = 640, *, run: str | None = None, dpi: int = 160) -> Figure:
+    """Draws recall at K for each direction in ``ranks`` and writes it as a PNG of ``width`` x ``height`` pixels.
+
+    ``ranks`` is ``{"t2v": (N,), "v2t": (N,)}`` of 1-based ranks for one run, or ``{run: {...}}`` for several
+    runs on one figure. ``run`` names a single run in the title (default: the run folder ``path`` lies in).
+    ``path=None`` draws without writing. Returns the :class:`~matplotlib.figure.Figure` (one axes; its lines are
+    the recall curves at every K = 1..N of their run, in the order of ``ranks``; each line's ``get_gid()`` is
+    ``"<direction>"``, or ``"<run>/<direction>"`` with several runs).
+    """
+    path = None if path is None else os.fspath(path)
+    if run is None and path is not None:
+        run = _run_from_path(path)
+    runs = _runs(ranks, run)
+    several = len(runs) > 1
+    n = max(_num_items(r) for dirs in runs.values() for r in dirs.values())
+    ks = k_values(n)
+
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, (name, dirs) in enumerate(runs.items()):
+        colour = _COLOURS[i % len(_COLOURS)]
+        for j, (d, r) in enumerate(dirs.items()):
+            style, marker = _STYLES.get(d, _OTHER_STYLES[j % len(_OTHER_STYLES)])
+            if not several:  # one run: the directions get the colours
+                colour = _COLOURS[j % len(_COLOURS)]
+            n_d = _num_items(r)
+            # the curve at every K = 1..N (a step at each rank), the markers at the K of the axis ticks
+            k_all = np.arange(1, n_d + 1)
+            rec_all = recall_at_k(r, k_all)
+            ks_d = k_values(n_d)
+            what = f"{d}: {_DIRECTION_LABEL[d]}" if d in _DIRECTION_LABEL else d
+            label = f"{what} (median rank {np.median(r):g})"
+            if several:  # no room for the values on the plot: R@1/5/10 go into the legend
+                at = "/".join(f"{rec_all[min(k, n_d) - 1]:.1f}" for k in ANNOTATED_K)
+                label = f"{name}, {what}: R@1/5/10 {at}, median rank {np.median(r):g}"
+            # recall at K is a step function of K: drawn as steps, not interpolated between ranks
+            ax.plot(k_all, rec_all, linestyle=style, marker=marker, markevery=list(ks_d - 1), markersize=5,
+                    linewidth=1.8, drawstyle="steps-post", color=colour, label=label,
+                    gid=f"{name}/{d}" if several else d)
+            if several:
+                continue
+            for k, v in zip(ks_d, rec_all[ks_d - 1]):
+                if k in ANNOTATED_K:
+                    # t2v values above the point, v2t below, so the two directions' labels do not overlap
+                    up = j % 2 == 0
+                    ax.annotate(f"{v:.1f}", (k, v), xytext=(0, 7 if up else -7), textcoords="offset points",
+                                ha="center", va="bottom" if up else "top", fontsize=7, color=colour)
+
+    ax.set_xscale("log")
+    ax.set_xlim(0.8, n * 1.25)
+    ax.xaxis.set_major_locator(FixedLocator(ks))
+    # N gets its tick but no label when it is too close to the previous one (50 and 60 would overprint)
+    labels = [str(int(k)) if i == 0 or i < len(ks) - 1 or k / ks[i - 1] >= 1.6 else "" for i, k in enumerate(ks)]
+    ax.xaxis.set_major_formatter(FixedFormatter(labels))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(-3, 106)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_xlabel("K (rank cut-off)")
+    ax.set_ylabel("Recall@K (%)")
+    ax.grid(True, which="major", color="0.88", linewidth=0.8)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    title = "Retrieval recall at K"
+    if several:
+        title += f": {', '.join(runs)}"
+    elif run:
+        title += f": {run}"
+    ax.set_title(f"{title} (N = {n})", fontsize=11)
+    if several:
+        fig.legend(loc="outside lower center", fontsize=8, frameon=False)
+    else:
+        ax.legend(loc="lower right", fontsize=8, frameon=True, framealpha=0.9)
+
+    if path is not None:
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}.png"  # atomically: a reader never sees half a PNG
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    return fig
+
