@@ -168,6 +168,93 @@ def _decode(path: str, stop: int | None, keep: set[int] | None) -> tuple[dict[in
     return kept, i, header
 
 
+class _NoSeek(Exception):
+    """The seeking reader met something it cannot map exactly (irregular timestamps, a seek past the target):
+    the caller decodes sequentially instead."""
+
+
+def _frame_duration(stream) -> float | None:
+    """Frame duration in the stream's time base for a constant-rate stream, else None."""
+    rate = stream.average_rate or stream.guessed_rate
+    if rate is None or float(rate) <= 0 or stream.time_base is None:
+        return None
+    return float(1 / (rate * stream.time_base))
+
+
+def _decode_seeking(path: str, wanted: list[int], min_seek_gap: int) -> dict[int, np.ndarray]:
+    """Frames ``wanted`` (sorted, distinct) decoded sequentially, but when the next wanted frame is more than
+    ``min_seek_gap`` frames ahead, seeks to the keyframe before it and decodes forward to its timestamp.
+
+    Frame i is the one with pts ``first_pts + i * frame_duration``: every frame seen is checked against that grid
+    (and against its sequential position), so a stream whose timestamps do not follow it raises :class:`_NoSeek`
+    and is decoded sequentially, which defines the frame order.
+    """
+    av = _import_av()
+    container = _open(path)
+    kept: dict[int, np.ndarray] = {}
+    try:
+        stream = container.streams.video[0]
+        dur = _frame_duration(stream)
+        if dur is None or dur <= 0:
+            raise _NoSeek("no constant frame rate")
+        frames = container.decode(stream)
+        first_pts = None
+
+        def index_of(frame) -> int:
+            if frame.pts is None:
+                raise _NoSeek("frame without pts")
+            pos = (frame.pts - first_pts) / dur
+            k = int(round(pos))
+            if abs(pos - k) > 1e-3:
+                raise _NoSeek(f"pts {frame.pts} is off the constant-rate grid")
+            return k
+
+        nxt = 0  # index of the frame the decoder gives next
+        frame = None
+        for want in wanted:
+            if first_pts is not None and want - nxt > min_seek_gap:
+                # mp4 seeks by decode time: with B-frames the keyframe found may present after the target, so
+                # step the seek point back until the first frame decoded is not past the target
+                back = 0
+                while True:
+                    container.seek(int(round(first_pts + (want - back) * dur)), backward=True, any_frame=False,
+                                   stream=stream)
+                    frames = container.decode(stream)
+                    frame = next(frames, None)
+                    if frame is None:
+                        raise _NoSeek(f"nothing decodable after seeking to frame {want - back}")
+                    k = index_of(frame)
+                    if k <= want:
+                        break
+                    back = max(2 * back, 4)
+                    if want - back <= nxt:
+                        raise _NoSeek(f"no keyframe found before frame {want}")
+            else:
+                frame = next(frames, None)
+                if frame is None:
+                    raise _NoSeek(f"stream ended before frame {want}")
+                if first_pts is None:
+                    first_pts = frame.pts if frame.pts is not None else 0
+                k = index_of(frame)
+                if k != nxt:
+                    raise _NoSeek(f"frame {nxt} has the pts of frame {k}")
+            while k < want:
+                frame = next(frames, None)
+                if frame is None:
+                    raise _NoSeek(f"stream ended before frame {want}")
+                k2 = index_of(frame)
+                if k2 != k + 1:
+                    raise _NoSeek(f"frame {k + 1} has the pts of frame {k2}")
+                k = k2
+            kept[k] = frame.to_ndarray(format="rgb24")
+            nxt = k + 1
+    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
+        raise _NoSeek(f"{type(e).__name__}: {e}") from None
+    finally:
+        container.close()
+    return kept
+
+
 def decode_all_frames(path: str | os.PathLike) -> np.ndarray:
     """Decodes every frame. Returns ``uint8 (N, H, W, 3)`` RGB."""
     path = os.fspath(path)
@@ -180,11 +267,20 @@ def decode_all_frames(path: str | os.PathLike) -> np.ndarray:
     return np.stack([kept[i] for i in range(n)])
 
 
-def decode_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray:
+# Seeking pays once the gap to the next wanted frame is longer than the decode from a keyframe to a frame (half a
+# group of pictures on average, 1 s at most for the prepared data) plus the seek itself; measured in
+# docs/data-loading.md. Short clips (3 fps, tens of frames) never seek.
+MIN_SEEK_GAP = 48
+
+
+def decode_frames(path: str | os.PathLike, indices: Sequence[int], *, min_seek_gap: int | None = MIN_SEEK_GAP
+                  ) -> np.ndarray:
     """Decodes the frames at ``indices`` (any order, repeats allowed). Returns ``uint8 (len(indices), H, W, 3)``.
 
-    Decodes sequentially up to the largest index (exact, frame-accurate; the videos LF-VILA reads are short 3 fps
-    clips, so seeking would save little and risks keyframe inaccuracy).
+    Decodes forward up to the largest index only. Where the next needed frame lies more than ``min_seek_gap``
+    frames ahead (long videos sampled sparsely), it seeks to the keyframe before that frame and decodes forward to
+    its timestamp instead of decoding the gap; the frames are exactly those of a full sequential decode (streams
+    whose timestamps are not a constant-rate grid are decoded sequentially). ``min_seek_gap=None`` never seeks.
     """
     path = os.fspath(path)
     idx = [int(i) for i in indices]
@@ -193,9 +289,17 @@ def decode_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray
     if min(idx) < 0:
         raise ValueError(f"indices must be >= 0, got min {min(idx)}")
     stop = max(idx) + 1
-    kept, n, _ = _decode(path, stop, set(idx))
-    if n < stop:
-        raise VideoReadError(path, f"truncated: frame {stop - 1} requested, only {n} decodable")
+    wanted = sorted(set(idx))
+    kept = None
+    if min_seek_gap is not None and any(b - a > min_seek_gap for a, b in zip([-1] + wanted, wanted)):
+        try:
+            kept = _decode_seeking(path, wanted, min_seek_gap)
+        except _NoSeek:
+            kept = None
+    if kept is None:
+        kept, n, _ = _decode(path, stop, set(idx))
+        if n < stop:
+            raise VideoReadError(path, f"truncated: frame {stop - 1} requested, only {n} decodable")
     return np.stack([kept[i] for i in idx])
 
 
