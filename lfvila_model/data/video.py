@@ -364,6 +364,16 @@ class FrameCache:
         self.hits = 0
         self.misses = 0
 
+    def __getstate__(self):
+        # picklable for DataLoader workers started by spawn/forkserver (each gets a copy of the memory entries)
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _disk_name(self, path: str) -> str:
         st = os.stat(path)
         key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()

@@ -36,7 +36,10 @@ DATA_DEFAULTS = {
     "video_root": None,  # train videos
     "val_video_root": None,  # eval videos (default: video_root)
     "frames_per_clip": None,  # pre-training: default num_frames / num_clips
-    "num_workers": 2,
+    # DataLoader worker processes per training process (training, evaluation, the demo's preloading); null:
+    # min(8, CPUs per process - 1); 0: read in the training process (docs/data-loading.md)
+    "num_workers": None,
+    "prefetch": 2,  # batches each worker prepares ahead
     "cache": "none",  # none | memory | disk (decoded-frame cache)
     "cache_dir": None,
     "max_skip_fraction": 0.01,
@@ -133,4 +136,9 @@ def load_run_config(path: str | None, overrides: Iterable[str] = ()) -> dict:
         extra = sorted(set(cfg[sec]) - set(defaults))
         if extra:
             raise ValueError(f"unknown {sec} keys {extra}; expected a subset of {sorted(defaults)}")
+    nw, pf = cfg["data"]["num_workers"], cfg["data"]["prefetch"]
+    if nw is not None and (isinstance(nw, bool) or not isinstance(nw, int) or nw < 0):
+        raise ValueError(f"data.num_workers must be an int >= 0 or null (automatic), got {nw!r}")
+    if isinstance(pf, bool) or not isinstance(pf, int) or pf < 1:
+        raise ValueError(f"data.prefetch must be an int >= 1, got {pf!r}")
     return cfg

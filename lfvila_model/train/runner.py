@@ -169,6 +169,7 @@ class _DemoSetup:
     def __init__(self, cfg: dict, model, progress: bool = True, train: bool = True):
         from ..data.datasets import PretrainDataset, RetrievalDataset
         from ..data.demo import make_demo_data
+        from ..data.loader import resolve_num_workers
         from .demo import DemoData, SentenceCache, preload_frames
 
         d, dm = cfg["data"], cfg["demo"]
@@ -185,7 +186,8 @@ class _DemoSetup:
         tag = f"F{F}_{size[0]}x{size[1]}"
         va = RetrievalDataset(summary["val_retrieval"], summary["video_root"], None, num_frames=F, size=size, train=False)
         self.val_paragraphs = [list(r.sentences) for r in va.records]
-        self.val_videos = preload_frames(va, os.path.join(packed, f"val_{tag}.pt"), workers=d["num_workers"],
+        workers = resolve_num_workers(d["num_workers"])
+        self.val_videos = preload_frames(va, os.path.join(packed, f"val_{tag}.pt"), workers=workers,
                                          progress=progress)
         sentences = {s for p in self.val_paragraphs for s in p}
         self.data = None
@@ -194,7 +196,7 @@ class _DemoSetup:
                                  frames_per_clip=fpc, size=size, train=False)
             train_par = [[c.text for c in s.clips[:mc.num_clips]] for s in tr.samples]
             sentences |= {s for p in train_par for s in p}
-            videos = preload_frames(tr, os.path.join(packed, f"train_{tag}.pt"), workers=d["num_workers"],
+            videos = preload_frames(tr, os.path.join(packed, f"train_{tag}.pt"), workers=workers,
                                     progress=progress)
         self.cache = SentenceCache(model, sorted(sentences), mc.max_sentence_len, pooling=dm["sentence_pooling"])
         if train:
@@ -222,9 +224,11 @@ def _write_json(path: str, obj) -> None:
 def run_training(cfg: dict, resume=False, task_kind: Optional[str] = None) -> dict:
     """Train as `cfg` says (pre-training, fine-tuning or the demo), evaluate, write `result.json` in the run
     directory. Returns the summary."""
+    from ..data.loader import resolve_num_workers
     from .tasks import TASKS, PretrainTask
 
     tc = TrainConfig.from_dict(cfg.get("train") or {})
+    workers = resolve_num_workers(cfg["data"]["num_workers"])
     dist_info = init_distributed(None if tc.device == "auto" else tc.device)
     if tc.device == "auto":
         tc.device = dist_info.device.type
@@ -270,14 +274,16 @@ def run_training(cfg: dict, resume=False, task_kind: Optional[str] = None) -> di
                 from .evaluate import evaluate_accuracy
 
                 def evaluate(m, step):
-                    return evaluate_accuracy(m, val_ds, cfg["eval"]["batch_size"], out_eval)
+                    return evaluate_accuracy(m, val_ds, cfg["eval"]["batch_size"], out_eval, num_workers=workers)
             elif val_ds is not None and mc.model_type in ("retrieval",) or (val_ds is not None and mc.stage == 1
                                                                              and mc.model_type == "pretrain"):
                 from .evaluate import evaluate_retrieval
 
                 def evaluate(m, step):
-                    return evaluate_retrieval(m, val_ds, cfg["eval"]["batch_size"], out_eval, cfg["eval"]["figure"])
-        trainer = Trainer(model, task, data, tc, dist_info, evaluate=evaluate, run_config=cfg)
+                    return evaluate_retrieval(m, val_ds, cfg["eval"]["batch_size"], out_eval, cfg["eval"]["figure"],
+                                              num_workers=workers)
+        trainer = Trainer(model, task, data, tc, dist_info, evaluate=evaluate, run_config=cfg, num_workers=workers,
+                          prefetch=cfg["data"]["prefetch"])
         t0 = time.time()
         summary = trainer.fit(resume=resume)
         summary["wall_minutes"] = (time.time() - t0) / 60.0
@@ -311,14 +317,17 @@ def run_evaluation(cfg: dict, checkpoint: str, out: Optional[str] = None) -> dic
         setup = _DemoSetup(cfg, model, train=False)
         return evaluate_demo(model, setup.cache, setup.val_videos, setup.val_paragraphs, setup.paragraph_tokens,
                              out_path=out)
+    from ..data.loader import resolve_num_workers
     from .evaluate import evaluate_accuracy, evaluate_retrieval
 
     _, val_ds = _real_datasets(cfg, model.config, train=False)
     if val_ds is None:
         raise ValueError("data.val is required for evaluation")
+    workers = resolve_num_workers(cfg["data"]["num_workers"])
     if cfg["data"]["kind"] in ACCURACY_KINDS:
-        return evaluate_accuracy(model, val_ds, cfg["eval"]["batch_size"], out, progress=True)
-    return evaluate_retrieval(model, val_ds, cfg["eval"]["batch_size"], out, cfg["eval"]["figure"], progress=True)
+        return evaluate_accuracy(model, val_ds, cfg["eval"]["batch_size"], out, num_workers=workers, progress=True)
+    return evaluate_retrieval(model, val_ds, cfg["eval"]["batch_size"], out, cfg["eval"]["figure"],
+                              num_workers=workers, progress=True)
 
 
 def demo_result_rows(run_dirs) -> list:
