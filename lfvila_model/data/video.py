@@ -181,77 +181,100 @@ def _frame_duration(stream) -> float | None:
     return float(1 / (rate * stream.time_base))
 
 
-def _decode_seeking(path: str, wanted: list[int], min_seek_gap: int) -> dict[int, np.ndarray]:
-    """Frames ``wanted`` (sorted, distinct) decoded sequentially, but when the next wanted frame is more than
-    ``min_seek_gap`` frames ahead, seeks to the keyframe before it and decodes forward to its timestamp.
+def _decode_sparse(container, path: str, wanted: list[int], min_seek_gap: int | None) -> dict[int, np.ndarray]:
+    """Frames ``wanted`` (sorted, distinct) of an open container, decoding no more than needed:
 
-    Frame i is the one with pts ``first_pts + i * frame_duration``: every frame seen is checked against that grid
-    (and against its sequential position), so a stream whose timestamps do not follow it raises :class:`_NoSeek`
-    and is decoded sequentially, which defines the frame order.
+    - packets are fed to the decoder one by one; a packet whose frame is not wanted is decoded with
+      ``skip_frame = NONREF``, so a non-reference frame (most B-frames) that nobody needs is not decoded at all
+      (no other frame depends on it, so the rest decode bit for bit as in a full decode);
+    - when the next wanted frame lies more than ``min_seek_gap`` frames past the last one decoded, it seeks to
+      the keyframe before it and decodes forward from there (None: never seeks);
+    - it stops at the last wanted frame.
+
+    Frame i is the one with pts ``first_pts + i * frame_duration`` (``first_pts``: the first packet's, checked
+    against the first frame out). A frame off that grid, out of order, or a wanted frame that never comes raises
+    :class:`_NoSeek`: the caller then decodes sequentially, which defines the frame order.
     """
     av = _import_av()
-    container = _open(path)
     kept: dict[int, np.ndarray] = {}
     try:
         stream = container.streams.video[0]
+        cc = stream.codec_context
         dur = _frame_duration(stream)
         if dur is None or dur <= 0:
             raise _NoSeek("no constant frame rate")
-        frames = container.decode(stream)
+        want = set(wanted)
+        pending = list(wanted)  # wanted frames not decoded yet, ascending
         first_pts = None
 
-        def index_of(frame) -> int:
-            if frame.pts is None:
-                raise _NoSeek("frame without pts")
-            pos = (frame.pts - first_pts) / dur
+        def index_of(pts) -> int:
+            pos = (pts - first_pts) / dur
             k = int(round(pos))
             if abs(pos - k) > 1e-3:
-                raise _NoSeek(f"pts {frame.pts} is off the constant-rate grid")
+                raise _NoSeek(f"pts {pts} is off the constant-rate grid")
             return k
 
-        nxt = 0  # index of the frame the decoder gives next
-        frame = None
-        for want in wanted:
-            if first_pts is not None and want - nxt > min_seek_gap:
-                # mp4 seeks by decode time: with B-frames the keyframe found may present after the target, so
-                # step the seek point back until the first frame decoded is not past the target
-                back = 0
-                while True:
-                    container.seek(int(round(first_pts + (want - back) * dur)), backward=True, any_frame=False,
-                                   stream=stream)
-                    frames = container.decode(stream)
-                    frame = next(frames, None)
-                    if frame is None:
-                        raise _NoSeek(f"nothing decodable after seeking to frame {want - back}")
-                    k = index_of(frame)
-                    if k <= want:
-                        break
-                    back = max(2 * back, 4)
-                    if want - back <= nxt:
-                        raise _NoSeek(f"no keyframe found before frame {want}")
-            else:
-                frame = next(frames, None)
-                if frame is None:
-                    raise _NoSeek(f"stream ended before frame {want}")
+        seek_to = None  # frame index to seek to before the next pass
+        back = 0  # frames before the target the seek aims at (grows when the keyframe found is past the target)
+        last = -1  # highest frame index decoded
+        while pending:
+            if seek_to is not None:
+                container.seek(int(round(first_pts + (seek_to - back) * dur)), backward=True, any_frame=False,
+                               stream=stream)
+                cc.flush_buffers()
+            fresh = True  # the next frame out is the first of this pass
+            prev = -1  # the pass's previous frame out
+            restart = False
+            for packet in container.demux(stream):
                 if first_pts is None:
-                    first_pts = frame.pts if frame.pts is not None else 0
-                k = index_of(frame)
-                if k != nxt:
-                    raise _NoSeek(f"frame {nxt} has the pts of frame {k}")
-            while k < want:
-                frame = next(frames, None)
-                if frame is None:
-                    raise _NoSeek(f"stream ended before frame {want}")
-                k2 = index_of(frame)
-                if k2 != k + 1:
-                    raise _NoSeek(f"frame {k + 1} has the pts of frame {k2}")
-                k = k2
-            kept[k] = frame.to_ndarray(format="rgb24")
-            nxt = k + 1
+                    if packet.pts is None:
+                        raise _NoSeek("packet without pts")
+                    first_pts = packet.pts
+                if packet.pts is not None and packet.size:
+                    k = (packet.pts - first_pts) / dur
+                    cc.skip_frame = "DEFAULT" if int(round(k)) in want else "NONREF"
+                else:
+                    cc.skip_frame = "DEFAULT"
+                for frame in cc.decode(packet):
+                    if frame.pts is None:
+                        raise _NoSeek("frame without pts")
+                    k = index_of(frame.pts)
+                    if fresh:
+                        fresh = False
+                        if seek_to is None and k != 0:
+                            raise _NoSeek(f"the first frame has the pts of frame {k}")
+                        if seek_to is not None and k > pending[0]:
+                            # mp4 seeks by decode time: with B-frames the keyframe found may present after the
+                            # target; aim further back
+                            back = max(2 * back, 4)
+                            if pending[0] - back < 0:
+                                raise _NoSeek(f"no keyframe found before frame {pending[0]}")
+                            restart = True
+                            break
+                    elif k <= prev:
+                        raise _NoSeek(f"frame {k} came after frame {prev}")
+                    prev, last = k, max(last, k)
+                    if k in want and k not in kept:
+                        kept[k] = frame.to_ndarray(format="rgb24")
+                if restart:
+                    break
+                while pending and pending[0] in kept:
+                    pending.pop(0)
+                if not pending:
+                    break
+                if pending[0] < last:
+                    raise _NoSeek(f"frame {pending[0]} was not decoded")
+                if (min_seek_gap is not None and last >= 0 and pending[0] - last > min_seek_gap
+                        and pending[0] != seek_to):  # one seek per target: then decode forward to it
+                    seek_to, back, restart = pending[0], 0, True
+                    break
+            else:
+                if pending:
+                    raise _NoSeek(f"the stream ended before frame {pending[0]}")
+            if not restart:
+                break
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
         raise _NoSeek(f"{type(e).__name__}: {e}") from None
-    finally:
-        container.close()
     return kept
 
 
@@ -277,10 +300,11 @@ def decode_frames(path: str | os.PathLike, indices: Sequence[int], *, min_seek_g
                   ) -> np.ndarray:
     """Decodes the frames at ``indices`` (any order, repeats allowed). Returns ``uint8 (len(indices), H, W, 3)``.
 
-    Decodes forward up to the largest index only. Where the next needed frame lies more than ``min_seek_gap``
-    frames ahead (long videos sampled sparsely), it seeks to the keyframe before that frame and decodes forward to
-    its timestamp instead of decoding the gap; the frames are exactly those of a full sequential decode (streams
-    whose timestamps are not a constant-rate grid are decoded sequentially). ``min_seek_gap=None`` never seeks.
+    Decodes no more than needed (see :func:`_decode_sparse`): up to the largest index only, without the
+    non-reference frames nobody asked for, and, where the next needed frame lies more than ``min_seek_gap``
+    frames ahead (long videos sampled sparsely), from the keyframe before it (None: never seeks). The frames are
+    exactly those of a full sequential decode; a stream whose timestamps are not a constant-rate grid is decoded
+    sequentially.
     """
     path = os.fspath(path)
     idx = [int(i) for i in indices]
@@ -288,19 +312,34 @@ def decode_frames(path: str | os.PathLike, indices: Sequence[int], *, min_seek_g
         raise ValueError("indices must be non-empty")
     if min(idx) < 0:
         raise ValueError(f"indices must be >= 0, got min {min(idx)}")
-    stop = max(idx) + 1
-    wanted = sorted(set(idx))
+    return _read_frames(path, lambda n: idx, min_seek_gap, count=False)[0]
+
+
+def _read_frames(path: str, choose: Callable[[int], Sequence[int]], min_seek_gap: int | None,
+                 count: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``choose(frame count)`` -> those frames, in one open of the file when the header gives the count."""
+    container = _open(path)
     kept = None
-    if min_seek_gap is not None and any(b - a > min_seek_gap for a, b in zip([-1] + wanted, wanted)):
+    try:
+        n = int(container.streams.video[0].frames or 0)
+        if count and n <= 0:
+            n = count_frames(path)
+        idx = np.asarray(choose(n), dtype=np.int64)
+        if count and (idx.size == 0 or idx.min() < 0 or idx.max() >= n):
+            raise ValueError(f"chosen indices {idx.tolist()} out of range for {n} frames ({path})")
+        wanted = sorted(set(idx.tolist()))
         try:
-            kept = _decode_seeking(path, wanted, min_seek_gap)
+            kept = _decode_sparse(container, path, wanted, min_seek_gap)
         except _NoSeek:
             kept = None
+    finally:
+        container.close()
     if kept is None:
-        kept, n, _ = _decode(path, stop, set(idx))
-        if n < stop:
-            raise VideoReadError(path, f"truncated: frame {stop - 1} requested, only {n} decodable")
-    return np.stack([kept[i] for i in idx])
+        stop = int(idx.max()) + 1
+        kept, decoded, _ = _decode(path, stop, set(idx.tolist()))
+        if decoded < stop:
+            raise VideoReadError(path, f"truncated: frame {stop - 1} requested, only {decoded} decodable")
+    return np.stack([kept[i] for i in idx.tolist()]), idx
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 3, codec: str = "libx264",
@@ -424,7 +463,10 @@ class FrameCache:
 def load_video(path: str | os.PathLike, choose: Callable[[int], Sequence[int]],
                cache: FrameCache | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Reads the frames chosen by ``choose(num_frames)`` (a function of the video length, so the sampling is
-    decided from the real frame count). Returns ``(frames uint8 (T, H, W, 3), indices int64 (T,))``."""
+    decided from the real frame count). Returns ``(frames uint8 (T, H, W, 3), indices int64 (T,))``.
+
+    Without a cache the file is opened once (the header's frame count, then :func:`decode_frames`' decoding of
+    only what is needed)."""
     path = os.fspath(path)
     if cache is not None:
         allf = cache.get(path)
@@ -432,11 +474,7 @@ def load_video(path: str | os.PathLike, choose: Callable[[int], Sequence[int]],
         if idx.size == 0 or idx.min() < 0 or idx.max() >= len(allf):
             raise ValueError(f"chosen indices {idx.tolist()} out of range for {len(allf)} frames ({path})")
         return np.ascontiguousarray(allf[idx]), idx
-    n = count_frames(path)
-    idx = np.asarray(choose(n), dtype=np.int64)
-    if idx.size == 0 or idx.min() < 0 or idx.max() >= n:
-        raise ValueError(f"chosen indices {idx.tolist()} out of range for {n} frames ({path})")
-    return decode_frames(path, idx.tolist()), idx
+    return _read_frames(path, choose, MIN_SEEK_GAP)
 
 
 # ----------------------------------------------------------------------------------------------------------------
