@@ -19,7 +19,8 @@ process, so it is right with any number of DataLoader workers.)
 
 Randomness (clip window, frame jitter, crop, flip) comes from ``numpy.random.default_rng([seed, epoch, index])``:
 an item depends only on (seed, epoch, index), never on worker count or iteration order, which keeps resumed
-and distributed runs reproducible. Call :meth:`set_epoch` each epoch.
+and distributed runs reproducible. Call :meth:`set_epoch` each epoch (the trainer's loader,
+:mod:`lfvila_model.data.loader`, passes the epoch with every batch request, so it reaches persistent workers).
 """
 
 from __future__ import annotations

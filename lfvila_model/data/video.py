@@ -168,6 +168,116 @@ def _decode(path: str, stop: int | None, keep: set[int] | None) -> tuple[dict[in
     return kept, i, header
 
 
+class _NoSeek(Exception):
+    """The seeking reader met something it cannot map exactly (irregular timestamps, a seek past the target):
+    the caller decodes sequentially instead."""
+
+
+def _frame_duration(stream) -> float | None:
+    """Frame duration in the stream's time base for a constant-rate stream, else None."""
+    rate = stream.average_rate or stream.guessed_rate
+    if rate is None or float(rate) <= 0 or stream.time_base is None:
+        return None
+    return float(1 / (rate * stream.time_base))
+
+
+def _decode_sparse(container, path: str, wanted: list[int], min_seek_gap: int | None) -> dict[int, np.ndarray]:
+    """Frames ``wanted`` (sorted, distinct) of an open container, decoding no more than needed:
+
+    - packets are fed to the decoder one by one; a packet whose frame is not wanted is decoded with
+      ``skip_frame = NONREF``, so a non-reference frame (most B-frames) that nobody needs is not decoded at all
+      (no other frame depends on it, so the rest decode bit for bit as in a full decode);
+    - when the next wanted frame lies more than ``min_seek_gap`` frames past the last one decoded, it seeks to
+      the keyframe before it and decodes forward from there (None: never seeks);
+    - it stops at the last wanted frame.
+
+    Frame i is the one with pts ``first_pts + i * frame_duration`` (``first_pts``: the first packet's, checked
+    against the first frame out). A frame off that grid, out of order, or a wanted frame that never comes raises
+    :class:`_NoSeek`: the caller then decodes sequentially, which defines the frame order.
+    """
+    av = _import_av()
+    kept: dict[int, np.ndarray] = {}
+    try:
+        stream = container.streams.video[0]
+        cc = stream.codec_context
+        dur = _frame_duration(stream)
+        if dur is None or dur <= 0:
+            raise _NoSeek("no constant frame rate")
+        want = set(wanted)
+        pending = list(wanted)  # wanted frames not decoded yet, ascending
+        first_pts = None
+
+        def index_of(pts) -> int:
+            pos = (pts - first_pts) / dur
+            k = int(round(pos))
+            if abs(pos - k) > 1e-3:
+                raise _NoSeek(f"pts {pts} is off the constant-rate grid")
+            return k
+
+        seek_to = None  # frame index to seek to before the next pass
+        back = 0  # frames before the target the seek aims at (grows when the keyframe found is past the target)
+        last = -1  # highest frame index decoded
+        while pending:
+            if seek_to is not None:
+                container.seek(int(round(first_pts + (seek_to - back) * dur)), backward=True, any_frame=False,
+                               stream=stream)
+                cc.flush_buffers()
+            fresh = True  # the next frame out is the first of this pass
+            prev = -1  # the pass's previous frame out
+            restart = False
+            for packet in container.demux(stream):
+                if first_pts is None:
+                    if packet.pts is None:
+                        raise _NoSeek("packet without pts")
+                    first_pts = packet.pts
+                if packet.pts is not None and packet.size:
+                    k = (packet.pts - first_pts) / dur
+                    cc.skip_frame = "DEFAULT" if int(round(k)) in want else "NONREF"
+                else:
+                    cc.skip_frame = "DEFAULT"
+                for frame in cc.decode(packet):
+                    if frame.pts is None:
+                        raise _NoSeek("frame without pts")
+                    k = index_of(frame.pts)
+                    if fresh:
+                        fresh = False
+                        if seek_to is None and k != 0:
+                            raise _NoSeek(f"the first frame has the pts of frame {k}")
+                        if seek_to is not None and k > pending[0]:
+                            # mp4 seeks by decode time: with B-frames the keyframe found may present after the
+                            # target; aim further back
+                            back = max(2 * back, 4)
+                            if pending[0] - back < 0:
+                                raise _NoSeek(f"no keyframe found before frame {pending[0]}")
+                            restart = True
+                            break
+                    elif k <= prev:
+                        raise _NoSeek(f"frame {k} came after frame {prev}")
+                    prev, last = k, max(last, k)
+                    if k in want and k not in kept:
+                        kept[k] = frame.to_ndarray(format="rgb24")
+                if restart:
+                    break
+                while pending and pending[0] in kept:
+                    pending.pop(0)
+                if not pending:
+                    break
+                if pending[0] < last:
+                    raise _NoSeek(f"frame {pending[0]} was not decoded")
+                if (min_seek_gap is not None and last >= 0 and pending[0] - last > min_seek_gap
+                        and pending[0] != seek_to):  # one seek per target: then decode forward to it
+                    seek_to, back, restart = pending[0], 0, True
+                    break
+            else:
+                if pending:
+                    raise _NoSeek(f"the stream ended before frame {pending[0]}")
+            if not restart:
+                break
+    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
+        raise _NoSeek(f"{type(e).__name__}: {e}") from None
+    return kept
+
+
 def decode_all_frames(path: str | os.PathLike) -> np.ndarray:
     """Decodes every frame. Returns ``uint8 (N, H, W, 3)`` RGB."""
     path = os.fspath(path)
@@ -180,11 +290,21 @@ def decode_all_frames(path: str | os.PathLike) -> np.ndarray:
     return np.stack([kept[i] for i in range(n)])
 
 
-def decode_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray:
+# Seeking pays once the gap to the next wanted frame is longer than the decode from a keyframe to a frame (half a
+# group of pictures on average, 1 s at most for the prepared data) plus the seek itself; measured in
+# docs/data-loading.md. Short clips (3 fps, tens of frames) never seek.
+MIN_SEEK_GAP = 48
+
+
+def decode_frames(path: str | os.PathLike, indices: Sequence[int], *, min_seek_gap: int | None = MIN_SEEK_GAP
+                  ) -> np.ndarray:
     """Decodes the frames at ``indices`` (any order, repeats allowed). Returns ``uint8 (len(indices), H, W, 3)``.
 
-    Decodes sequentially up to the largest index (exact, frame-accurate; the videos LF-VILA reads are short 3 fps
-    clips, so seeking would save little and risks keyframe inaccuracy).
+    Decodes no more than needed (see :func:`_decode_sparse`): up to the largest index only, without the
+    non-reference frames nobody asked for, and, where the next needed frame lies more than ``min_seek_gap``
+    frames ahead (long videos sampled sparsely), from the keyframe before it (None: never seeks). The frames are
+    exactly those of a full sequential decode; a stream whose timestamps are not a constant-rate grid is decoded
+    sequentially.
     """
     path = os.fspath(path)
     idx = [int(i) for i in indices]
@@ -192,11 +312,34 @@ def decode_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray
         raise ValueError("indices must be non-empty")
     if min(idx) < 0:
         raise ValueError(f"indices must be >= 0, got min {min(idx)}")
-    stop = max(idx) + 1
-    kept, n, _ = _decode(path, stop, set(idx))
-    if n < stop:
-        raise VideoReadError(path, f"truncated: frame {stop - 1} requested, only {n} decodable")
-    return np.stack([kept[i] for i in idx])
+    return _read_frames(path, lambda n: idx, min_seek_gap, count=False)[0]
+
+
+def _read_frames(path: str, choose: Callable[[int], Sequence[int]], min_seek_gap: int | None,
+                 count: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``choose(frame count)`` -> those frames, in one open of the file when the header gives the count."""
+    container = _open(path)
+    kept = None
+    try:
+        n = int(container.streams.video[0].frames or 0)
+        if count and n <= 0:
+            n = count_frames(path)
+        idx = np.asarray(choose(n), dtype=np.int64)
+        if count and (idx.size == 0 or idx.min() < 0 or idx.max() >= n):
+            raise ValueError(f"chosen indices {idx.tolist()} out of range for {n} frames ({path})")
+        wanted = sorted(set(idx.tolist()))
+        try:
+            kept = _decode_sparse(container, path, wanted, min_seek_gap)
+        except _NoSeek:
+            kept = None
+    finally:
+        container.close()
+    if kept is None:
+        stop = int(idx.max()) + 1
+        kept, decoded, _ = _decode(path, stop, set(idx.tolist()))
+        if decoded < stop:
+            raise VideoReadError(path, f"truncated: frame {stop - 1} requested, only {decoded} decodable")
+    return np.stack([kept[i] for i in idx.tolist()]), idx
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 3, codec: str = "libx264",
@@ -260,6 +403,16 @@ class FrameCache:
         self.hits = 0
         self.misses = 0
 
+    def __getstate__(self):
+        # picklable for DataLoader workers started by spawn/forkserver (each gets a copy of the memory entries)
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _disk_name(self, path: str) -> str:
         st = os.stat(path)
         key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()
@@ -310,7 +463,10 @@ class FrameCache:
 def load_video(path: str | os.PathLike, choose: Callable[[int], Sequence[int]],
                cache: FrameCache | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Reads the frames chosen by ``choose(num_frames)`` (a function of the video length, so the sampling is
-    decided from the real frame count). Returns ``(frames uint8 (T, H, W, 3), indices int64 (T,))``."""
+    decided from the real frame count). Returns ``(frames uint8 (T, H, W, 3), indices int64 (T,))``.
+
+    Without a cache the file is opened once (the header's frame count, then :func:`decode_frames`' decoding of
+    only what is needed)."""
     path = os.fspath(path)
     if cache is not None:
         allf = cache.get(path)
@@ -318,11 +474,7 @@ def load_video(path: str | os.PathLike, choose: Callable[[int], Sequence[int]],
         if idx.size == 0 or idx.min() < 0 or idx.max() >= len(allf):
             raise ValueError(f"chosen indices {idx.tolist()} out of range for {len(allf)} frames ({path})")
         return np.ascontiguousarray(allf[idx]), idx
-    n = count_frames(path)
-    idx = np.asarray(choose(n), dtype=np.int64)
-    if idx.size == 0 or idx.min() < 0 or idx.max() >= n:
-        raise ValueError(f"chosen indices {idx.tolist()} out of range for {n} frames ({path})")
-    return decode_frames(path, idx.tolist()), idx
+    return _read_frames(path, choose, MIN_SEEK_GAP)
 
 
 # ----------------------------------------------------------------------------------------------------------------

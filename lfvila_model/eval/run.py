@@ -23,8 +23,10 @@ def _readable_batches(model, dataset, batch_size: int, num_workers: int, progres
     after); unreadable videos' paths are appended to `skipped`."""
     from tqdm.auto import tqdm
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=collate, generator=torch.Generator().manual_seed(0))
+    from ..data.loader import make_loader
+
+    loader = make_loader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
+                         device=next(model.parameters()).device)
     was = model.training
     model.eval()
     try:

@@ -286,6 +286,7 @@ class DemoSetup:
     def __init__(self, cfg: dict, model, progress: bool = True, train: bool = True):
         from ..data.datasets import PretrainDataset, RetrievalDataset
         from ..data.demo_set import make_demo_data
+        from ..data.loader import resolve_num_workers
 
         d, dm = cfg["data"], cfg["demo"]
         root = d["root"] or "demo_data"
@@ -301,7 +302,8 @@ class DemoSetup:
         tag = f"F{F}_{size[0]}x{size[1]}"
         va = RetrievalDataset(summary["val_retrieval"], summary["video_root"], None, num_frames=F, size=size, train=False)
         self.val_paragraphs = [list(r.sentences) for r in va.records]
-        self.val_videos = preload_frames(va, os.path.join(packed, f"val_{tag}.pt"), workers=d["num_workers"],
+        workers = resolve_num_workers(d["num_workers"])
+        self.val_videos = preload_frames(va, os.path.join(packed, f"val_{tag}.pt"), workers=workers,
                                          progress=progress)
         sentences = {s for p in self.val_paragraphs for s in p}
         self.data = None
@@ -310,7 +312,7 @@ class DemoSetup:
                                  frames_per_clip=fpc, size=size, train=False)
             train_par = [[c.text for c in s.clips[:mc.num_clips]] for s in tr.samples]
             sentences |= {s for p in train_par for s in p}
-            videos = preload_frames(tr, os.path.join(packed, f"train_{tag}.pt"), workers=d["num_workers"],
+            videos = preload_frames(tr, os.path.join(packed, f"train_{tag}.pt"), workers=workers,
                                     progress=progress)
         self.cache = SentenceCache(model, sorted(sentences), mc.max_sentence_len, pooling=dm["sentence_pooling"])
         if train:

@@ -9,6 +9,9 @@ What a step does is a `Task` (`lfvila_model.train.tasks`): `task.loss(model, bat
   gradient checkpointing (the model's `set_gradient_checkpointing`);
 - DDP under `torchrun` (gloo on CPU, NCCL on GPU), batches from `EpochBatches` (the same global batches for any
   world size) and MTC indices from a per-step generator (the same on every rank);
+- input from DataLoader workers (`lfvila_model.data.loader.TrainInput`: `num_workers` processes, `prefetch`
+  batches ahead each; the same batches for any worker count), with the time each step waited for its batch logged
+  as `data_seconds` and `data_fraction` (and a warning when input is the bottleneck);
 - a wall-clock budget (`max_minutes`; every rank stops at the same step); with `fit_schedule_to_budget` the
   schedule's total is fitted to the budget from the measured speed of the first steps (then frozen, and saved);
 - checkpoints (`checkpointing.py`) every `ckpt_every` updates and at the end, `resume` continuing exactly;
@@ -27,6 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ..data.loader import TrainInput, sync_skips
 from .checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, EpochBatches, barrier, is_distributed, mtc_generator
 from .logging import MetricLogger, get_logger
@@ -34,6 +38,9 @@ from .optim import LRSchedule, Scheduler, build_optimizer
 from .runconfig import TrainConfig
 
 __all__ = ["Trainer", "metric_value"]
+
+# a step that waits for its batch longer than this fraction of its time is input-bound (warned about)
+DATA_FRACTION_WARN = 0.3
 
 def metric_value(metrics: dict, name: str) -> float:
     """The number at `name` in an evaluation's metrics, a dotted path for nested ones (`t2v.R@1`)."""
@@ -64,16 +71,19 @@ class Trainer:
     Args:
         model: the (unwrapped) model; moved to the device, wrapped in DDP when distributed.
         task: `lfvila_model.train.tasks.Task` (loss of a batch; batch assembly).
-        train_data: what `task.batch(train_data, indices)` reads (a dataset).
+        train_data: the training set (a dataset of `lfvila_model.data`, or an in-memory set with `get_batch`).
         cfg: `TrainConfig`.
         dist_info: `DistInfo` from `init_distributed` (default: one CPU/GPU process).
         evaluate: optional `evaluate(model, step) -> dict of metrics`, called on rank 0 (unwrapped model, eval
             mode, no grad) every `eval_every` updates and at the end.
         run_config: the whole run's config, saved beside the checkpoints (`run_config.json`).
+        num_workers: DataLoader worker processes building the training batches (`data.num_workers`; 0: in this
+            process); prefetch: batches each worker prepares ahead (`data.prefetch`).
     """
 
     def __init__(self, model: nn.Module, task, train_data, cfg: TrainConfig, dist_info: Optional[DistInfo] = None,
-                 evaluate: Optional[Callable[[nn.Module, int], dict]] = None, run_config: Optional[dict] = None):
+                 evaluate: Optional[Callable[[nn.Module, int], dict]] = None, run_config: Optional[dict] = None,
+                 num_workers: int = 0, prefetch: int = 2):
         self.cfg = cfg
         self.task = task
         self.data = train_data
@@ -99,6 +109,9 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ValueError(f"one epoch ({len(self.batches)} batches) holds fewer than grad_accum="
                              f"{cfg.grad_accum} batches")
+        task.data_size = len(train_data)
+        self.input = TrainInput(train_data, task, self.batches, self.steps_per_epoch * cfg.grad_accum, self.device,
+                                num_workers=num_workers, prefetch=prefetch, seed=cfg.seed)
         total = cfg.max_steps or max(1, int(round(cfg.epochs * self.steps_per_epoch)))
         warm = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * self.steps_per_epoch))
         self.schedule = LRSchedule(cfg.schedule, total_steps=total, warmup_steps=min(warm, total),
@@ -240,6 +253,8 @@ class Trainer:
                        dynamic_ncols=True)
         sums: dict = {}
         n_logged = 0
+        data_wait = step_time = 0.0  # seconds waited for batches / taken by steps, this logging interval
+        slow_input = 0  # consecutive logging intervals over DATA_FRACTION_WARN
         interval_t0 = time.perf_counter()
         stop_reason = "schedule"
         epoch = self.step // self.steps_per_epoch
@@ -248,20 +263,29 @@ class Trainer:
         last_lr = self.optimizer.param_groups[0]["lr"]
 
         def flush(lr):
-            nonlocal sums, n_logged, interval_t0
+            nonlocal sums, n_logged, interval_t0, data_wait, step_time, slow_input
             if not n_logged:
                 return
             el = time.perf_counter() - interval_t0
             rec = {k: v / n_logged for k, v in sums.items()}
+            fraction = data_wait / step_time if step_time > 0 else 0.0
             rec.update(lr=lr, epoch=self.step / self.steps_per_epoch, seconds_per_step=el / n_logged,
                        samples_per_second=n_logged * accum * cfg.batch_size * self.dist.world_size / el,
-                       train_minutes=self.train_seconds / 60.0)
+                       train_minutes=self.train_seconds / 60.0, data_seconds=data_wait / n_logged,
+                       data_fraction=fraction, skipped_videos=sync_skips(self.task.tracker))
             mlog.log(self.step, rec)
-            sums, n_logged, interval_t0 = {}, 0, time.perf_counter()
+            # the first interval includes the workers' start-up; warn once input stays the bottleneck
+            slow_input = slow_input + 1 if fraction > DATA_FRACTION_WARN else 0
+            if slow_input == 2 and self.dist.is_main:
+                self.log.warning(
+                    "steps wait for input %.0f%% of their time (%.2f s per step): the GPU idles. Raise "
+                    "data.num_workers (now %d) if CPU cores are free, or train on smaller clips (360p instead of "
+                    "720p; see docs/data-loading.md)", 100 * fraction, data_wait / n_logged, self.input.num_workers)
+            sums, n_logged, interval_t0, data_wait, step_time = {}, 0, time.perf_counter(), 0.0, 0.0
 
+        # one stream of batches for the whole run: workers keep preparing across epoch boundaries
+        it = self.input.start(epoch, start_batch)
         while self.step < self.schedule.total_steps:
-            it = self.batches.batches(epoch, start_batch)
-            start_batch = 0
             out_of_time = False
             for _ in range(self.steps_per_epoch - (self.step % self.steps_per_epoch)):
                 if self.step >= self.schedule.total_steps:
@@ -273,8 +297,9 @@ class Trainer:
                 t0 = time.perf_counter()
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in range(accum):
-                    idx = next(it)
-                    batch = self.task.batch(self.data, idx, self.device)
+                    tw = time.perf_counter()
+                    batch = next(it)
+                    data_wait += time.perf_counter() - tw
                     gen = mtc_generator(cfg.seed, self.step * accum + micro)
                     sync = micro == accum - 1 or self.ddp is None
                     ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
@@ -303,12 +328,14 @@ class Trainer:
                 self.step += 1
                 dt = time.perf_counter() - t0
                 self.train_seconds += dt
+                step_time += dt
                 n_logged += 1
                 if gnorm is not None:
                     sums["grad_norm"] = sums.get("grad_norm", 0.0) + gnorm
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(out['loss'].detach()):.3f}", lr=f"{lr:.2e}")
+                    bar.set_postfix(loss=f"{float(out['loss'].detach()):.3f}", lr=f"{lr:.2e}",
+                                    data=f"{data_wait / step_time:.0%}")
                 last_lr = lr
                 if self.step % cfg.log_every == 0 or self.step == self.schedule.total_steps:
                     flush(lr)
@@ -330,6 +357,7 @@ class Trainer:
                 break
             epoch += 1
         flush(last_lr)
+        self.input.close()
         if bar is not None:
             bar.close()
         if not (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):

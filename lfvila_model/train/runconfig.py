@@ -58,7 +58,10 @@ class DataConfig:
     video_root: Optional[str] = None  # train videos
     val_video_root: Optional[str] = None  # eval videos (default: video_root)
     frames_per_clip: Optional[int] = None  # pre-training: default num_frames / num_clips
-    num_workers: int = 2
+    # DataLoader worker processes per training process (training, evaluation, embedding, the demo's preloading);
+    # null: min(8, CPUs per process - 1); 0: read in the training process (docs/data-loading.md)
+    num_workers: Optional[int] = None
+    prefetch: int = 2  # batches each worker prepares ahead
     cache: str = "none"  # none | memory | disk (decoded-frame cache)
     cache_dir: Optional[str] = None
     max_skip_fraction: float = 0.01
@@ -72,7 +75,8 @@ class DataConfig:
             raise ValueError(f"data.kind must be a data kind name, got {self.kind!r}")
         if self.cache not in CACHE_KINDS:
             raise ValueError(f"data.cache must be one of {CACHE_KINDS}, got {self.cache!r}")
-        _check_int("data", "num_workers", self.num_workers, 0)
+        _check_int("data", "num_workers", self.num_workers, 0, allow_none=True)
+        _check_int("data", "prefetch", self.prefetch, 1)
         _check_int("data", "frames_per_clip", self.frames_per_clip, 1, allow_none=True)
         _check_int("data", "seed", self.seed, 0)
         if isinstance(self.max_skip_fraction, bool) or not isinstance(self.max_skip_fraction, (int, float)) \

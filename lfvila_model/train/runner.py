@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ..data.loader import resolve_num_workers
 from .distributed import DistInfo, cleanup, init_distributed
 from .logging import add_run_log_file, get_logger, remove_run_log_file
 from .loop import Trainer
@@ -179,17 +180,19 @@ def real_data_job(cfg: dict, model, tc, dist_info, resume, out_eval: str):
     else:
         task = TASKS[mc.model_type](cfg["data"]["max_skip_fraction"])
     data = train_ds
+    workers = resolve_num_workers(cfg["data"]["num_workers"])
     if val_ds is not None and kind in ACCURACY_KINDS:
         from ..eval.run import evaluate_accuracy
 
         def evaluate(m, step):
-            return evaluate_accuracy(m, val_ds, cfg["eval"]["batch_size"], out_eval)
+            return evaluate_accuracy(m, val_ds, cfg["eval"]["batch_size"], out_eval, num_workers=workers)
     elif val_ds is not None and mc.model_type in ("retrieval",) or (val_ds is not None and mc.stage == 1
                                                                      and mc.model_type == "pretrain"):
         from ..eval.run import evaluate_retrieval
 
         def evaluate(m, step):
-            return evaluate_retrieval(m, val_ds, cfg["eval"]["batch_size"], out_eval, cfg["eval"]["figure"])
+            return evaluate_retrieval(m, val_ds, cfg["eval"]["batch_size"], out_eval, cfg["eval"]["figure"],
+                                      num_workers=workers)
     return task, data, evaluate
 
 
@@ -215,6 +218,7 @@ def run_training(cfg: dict, resume=False, task_kind: Optional[str] = None) -> di
     """Train as `cfg` says (pre-training, fine-tuning or the demo), evaluate, write `result.json` in the run
     directory. Returns the summary."""
     tc = TrainConfig.from_dict(cfg.get("train") or {})
+    workers = resolve_num_workers(cfg["data"]["num_workers"])
     dist_info = init_distributed(None if tc.device == "auto" else tc.device)
     if tc.device == "auto":
         tc.device = dist_info.device.type
@@ -229,7 +233,8 @@ def run_training(cfg: dict, resume=False, task_kind: Optional[str] = None) -> di
         out_eval = os.path.join(tc.out_dir, cfg["eval"]["out"])
         job = JOBS.get(kind, real_data_job)
         task, data, evaluate = job(cfg, model, tc, dist_info, resume, out_eval)
-        trainer = Trainer(model, task, data, tc, dist_info, evaluate=evaluate, run_config=cfg)
+        trainer = Trainer(model, task, data, tc, dist_info, evaluate=evaluate, run_config=cfg, num_workers=workers,
+                          prefetch=cfg["data"]["prefetch"])
         t0 = time.time()
         summary = trainer.fit(resume=resume)
         summary["wall_minutes"] = (time.time() - t0) / 60.0
@@ -265,9 +270,11 @@ def run_evaluation(cfg: dict, checkpoint: str, out: Optional[str] = None) -> dic
     _, val_ds = _real_datasets(cfg, model.config, train=False)
     if val_ds is None:
         raise ValueError("data.val is required for evaluation")
+    workers = resolve_num_workers(cfg["data"]["num_workers"])
     if cfg["data"]["kind"] in ACCURACY_KINDS:
-        return evaluate_accuracy(model, val_ds, cfg["eval"]["batch_size"], out, progress=True)
-    return evaluate_retrieval(model, val_ds, cfg["eval"]["batch_size"], out, cfg["eval"]["figure"], progress=True)
+        return evaluate_accuracy(model, val_ds, cfg["eval"]["batch_size"], out, num_workers=workers, progress=True)
+    return evaluate_retrieval(model, val_ds, cfg["eval"]["batch_size"], out, cfg["eval"]["figure"],
+                              num_workers=workers, progress=True)
 
 
 def demo_result_rows(run_dirs) -> list:

@@ -9,8 +9,8 @@
 | `ClassificationTask` | `LFVILAQAClassification` / `LFVILAVideoClassification` | video[, text], labels | CE |
 
 Unreadable videos: an item whose video cannot be read is replaced by the next readable index (so every rank keeps
-its batch size, which the all-gathers need), and counted by a `SkipTracker` that stops the run past
-`max_skip_fraction`.
+its batch size, which the all-gathers need; `data.loader.read_batch`, in a DataLoader worker or here), and counted
+by a `SkipTracker` (`Task.take`, in the training process) that stops the run past `max_skip_fraction`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ __all__ = ["Task", "PretrainTask", "RetrievalTask", "QAMultichoiceTask", "Classi
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    # non_blocking overlaps the copy with compute only from pinned memory (the CUDA loader pins batches)
+    nb = torch.device(device).type == "cuda"
+    return {k: (v.to(device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int, mask_token_id: int,
@@ -64,26 +66,28 @@ class Task(abc.ABC):
     def __init__(self, max_skip_fraction: float = 0.01):
         self.max_skip_fraction = max_skip_fraction
         self.tracker: Optional[SkipTracker] = None
+        self.data_size: Optional[int] = None  # the training set's length (the trainer sets it)
 
     def batch(self, data, indices: list, device) -> dict:
+        """The batch of `indices`, read in this process (the trainer reads through `data.loader.TrainInput`)."""
         if hasattr(data, "get_batch"):
             return to_device(data.get_batch(indices), device)
-        if self.tracker is None:
-            self.tracker = SkipTracker(len(data), self.max_skip_fraction)
-        items = []
-        for i in indices:
-            item = data[i]
-            k = 0
-            while item.get("skipped"):
-                self.tracker.update({"skipped": [item]})
-                k += 1
-                if k > self.max_replacements:
-                    raise RuntimeError(f"no readable video near index {i} after {k} tries")
-                item = data[(i + k) % len(data)]
-            items.append(item)
-        b = collate(items)
-        b.pop("skipped", None)
-        return to_device(b, device)
+        from ..data.loader import read_batch
+
+        return self.take(read_batch(data, indices, max_replacements=self.max_replacements), device, len(data))
+
+    def take(self, batch: dict, device, total: Optional[int] = None) -> dict:
+        """A batch from `data.loader.read_batch` (possibly built in a worker): its skipped items are counted
+        (`SkipTracker`, raising past `max_skip_fraction` of `total` items), then it goes to `device`."""
+        skipped = batch.pop("skipped", None)
+        if skipped is not None:
+            if self.tracker is None:
+                self.tracker = SkipTracker(total or self.data_size, self.max_skip_fraction)
+            for s in skipped:
+                self.tracker.update({"skipped": [s]})
+        if "error" in batch:
+            raise RuntimeError(batch["error"])
+        return to_device(batch, device)
 
     @abc.abstractmethod
     def loss(self, model, batch: dict, generator: torch.Generator) -> dict:
