@@ -296,7 +296,8 @@ def _register_embed(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="DIR", help="own-format checkpoint folder (save_pretrained, a run's "
                                                          "checkpoints/step-N, or convert-checkpoint's output) of a "
-                                                         "pre-training or retrieval model")
+                                                         "pre-training or retrieval model, or a run directory (its "
+                                                         "latest checkpoint)")
     src.add_argument("--preset", metavar="NAME", help="a preset instead (untrained video tower, seeded: for trying "
                                                       "the commands, not for meaningful rankings)")
     p.add_argument("--videos", required=True, nargs="+", metavar="DIR_OR_FILE",
@@ -315,7 +316,12 @@ def _register_embed(sub) -> None:
 def cmd_embed(args) -> int:
     from .eval.embed import embed_videos
 
-    doc = embed_videos(args.videos, args.out, checkpoint=args.checkpoint, preset=args.preset,
+    checkpoint = args.checkpoint
+    if checkpoint and os.path.isdir(os.path.join(checkpoint, "checkpoints")):  # a run directory: its latest
+        from .train.checkpointing import latest_checkpoint
+
+        checkpoint = latest_checkpoint(os.path.join(checkpoint, "checkpoints")) or checkpoint
+    doc = embed_videos(args.videos, args.out, checkpoint=checkpoint, preset=args.preset,
                        batch_size=args.batch_size, num_workers=args.workers, device=args.device,
                        precision=args.precision, progress=not args.no_progress)
     print(f"{len(doc['ids'])} videos -> {args.out}.safetensors ({len(doc['ids'])} x {doc['dim']}, {doc['precision']}) "

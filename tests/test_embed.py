@@ -175,6 +175,20 @@ def test_embed_files_ids_relative_to_their_folder(tmp_path, videos):
     assert idx.meta["checkpoint"] is None and idx.meta["num_frames"] == 8 and idx.skipped == {}
 
 
+def test_embed_from_a_run_directory_takes_its_latest_checkpoint(tmp_path, videos):
+    """As `lfvila evaluate --checkpoint RUN_DIR`: the newest complete checkpoints/step-N of the run."""
+    for step, seed in ((1, 5), (2, 0)):
+        ck = tmp_path / "run" / "checkpoints" / f"step-{step:08d}"
+        embed_model("retrieval", seed=seed).save_pretrained(str(ck))
+        (ck / "trainer_state.pt").write_bytes(b"")
+    prefix = str(tmp_path / "run_index")
+    _run(["embed", "--checkpoint", str(tmp_path / "run"), "--videos", os.path.join(videos, "a.mp4"), "--out",
+          prefix, "--workers", "0", "--no-progress"])
+    idx = read_index(prefix)
+    assert idx.meta["checkpoint"] == str(tmp_path / "run" / "checkpoints" / "step-00000002")
+    torch.testing.assert_close(idx.features, embed_model("retrieval").encode_videos(os.path.join(videos, "a.mp4")))
+
+
 def test_search_json_order_and_scores(index, videos):
     q = "A red square moves left. It stops."
     res = json.loads(_run(["search", "--index", index, "--json", q]))
@@ -189,3 +203,20 @@ def test_search_json_order_and_scores(index, videos):
     assert top2 == res[:2]
     text = _run(["search", "--index", index, q])
     assert text.splitlines()[0].split()[-1] == res[0]["id"]
+
+
+@pytest.mark.parametrize("cmd,words", [("embed", ["--checkpoint", "--preset", "--videos", "--out", "--workers",
+                                                  "--precision", "skipped"]),
+                                       ("search", ["--index", "--top-k", "--json", "paragraph"]),
+                                       ("serve", ["--index", "--videos", "--host", "127.0.0.1", "--port",
+                                                  "/api/search"])])
+def test_help(cmd, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for w in words:
+        assert w in out, w
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert cmd in capsys.readouterr().out

@@ -191,7 +191,7 @@ def encode_video_files(model, paths: Sequence[str | os.PathLike], ids: Optional[
     with tqdm(total=len(ds), desc="embedding", unit="video", disable=not progress) as bar:
         for b in loader:
             for s in b["skipped"]:
-                log.warning("skipping %s: %s", s["path"], s["reason"])
+                log.info("skipping %s: %s", s["path"], s["reason"])
                 skipped[s["path"]] = s["reason"]
             if b["size"]:
                 feats.append(model.encode_videos(b["video"], batch_size=b["size"], autocast_dtype=autocast_dtype))
