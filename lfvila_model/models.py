@@ -11,6 +11,9 @@
 
 Inputs: `video (B, 3, T, H, W)`; text `input_ids`/`attention_mask` `(B, M, L)` (M sentences of L tokens; QA
 multiple choice adds the candidate axis: `(B, K, M, L)`).
+
+`LFVILAPretrain` and `LFVILARetrieval` also encode your own inputs: `encode_videos` (files or tensors) and
+`encode_paragraphs`, the features the retrieval evaluation scores (`_EncodeMixin`, docs/own-videos.md).
 """
 
 from __future__ import annotations
