@@ -235,13 +235,14 @@ class _EncodeMixin:
                              f"input_size; pass file paths to have them sampled), got {tuple(videos.shape)}")
         if not videos.is_floating_point():
             raise TypeError(f"videos must be a floating tensor (ImageNet-normalised frames), got {videos.dtype}")
-        device = self._device()
-        use_autocast = autocast_dtype is not None and device.type == "cuda"
+        param = next(self.parameters())
+        use_autocast = autocast_dtype is not None and param.device.type == "cuda"
         out = []
         with _eval_mode(self):
             for chunk in videos.split(batch_size):
+                chunk = chunk.to(param.device, param.dtype, non_blocking=True)
                 with torch.autocast("cuda", dtype=autocast_dtype, enabled=use_autocast):
-                    out.append(self._video_features(chunk.to(device, non_blocking=True)).float().cpu())
+                    out.append(self._video_features(chunk).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.embedding_dim)
 
     @torch.no_grad()
