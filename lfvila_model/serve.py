@@ -25,7 +25,6 @@ import mimetypes
 import os
 import re
 import threading
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -303,7 +302,8 @@ video{width:100%;background:#000;border-radius:4px}
 <body>
 <h1>LF-VILA search</h1>
 <form id="f">
-  <textarea id="q" rows="3" placeholder="Describe the video in a few sentences, e.g. A man opens a door. He walks in."></textarea>
+  <textarea id="q" rows="3"
+    placeholder="Describe the video in a few sentences, e.g. A man opens a door. He walks in."></textarea>
   <div><label>top <input id="k" type="number" min="1" value="10" style="width:4em"></label><br>
   <button type="submit">Search</button></div>
 </form>

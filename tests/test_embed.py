@@ -14,9 +14,9 @@ from lfvila_model.cli import main
 from lfvila_model.data import annotations as ann
 from lfvila_model.data.datasets import RetrievalDataset
 from lfvila_model.data.text import ParagraphTokenizer
-from lfvila_model.data.video import decode_frames, count_frames, downstream_indices, eval_transform
-from lfvila_model.eval.embed import (encode_video_files, list_videos, read_index, split_sentences,
-                                     tokenize_paragraphs)
+from lfvila_model.data.video import count_frames, decode_frames, downstream_indices, eval_transform
+from lfvila_model.eval.embed import (encode_video_files, list_videos, read_index, resolve_precision,
+                                     split_sentences, tokenize_paragraphs)
 from lfvila_model.train.evaluate import encode_retrieval
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,6 +133,13 @@ def test_unreadable_files_are_skipped_with_their_reason(model, videos):
     assert kept == NAMES and f.shape == (len(NAMES), model.embedding_dim)
     assert list(skipped) == [CORRUPT] and "cannot open" in skipped[CORRUPT]
     torch.testing.assert_close(f, model.encode_videos([os.path.join(videos, n) for n in NAMES]))
+
+
+def test_precision_is_fp32_on_the_cpu():
+    cpu = torch.device("cpu")
+    assert [resolve_precision(p, cpu) for p in ("auto", "fp32", "fp16", "bf16")] == ["fp32"] * 4
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp8", cpu)
 
 
 # -- lfvila embed / search ------------------------------------------------------------------------------------------

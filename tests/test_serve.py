@@ -6,7 +6,6 @@ import io
 import json
 import os
 import threading
-import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -180,3 +179,14 @@ def test_resolve_video(site):
         with pytest.raises(PathRefused) as e:
             resolve_video(root, rel, allowed)
         assert e.value.status == status, rel
+
+
+def test_head_sends_headers_only(server, site):
+    size = os.path.getsize(os.path.join(site["videos"], "a.mp4"))
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=TIMEOUT)
+    try:
+        conn.request("HEAD", "/video/a.mp4")
+        r = conn.getresponse()
+        assert r.status == 200 and int(r.headers["Content-Length"]) == size and r.read() == b""
+    finally:
+        conn.close()

@@ -31,7 +31,8 @@ from ..data.datasets import collate
 from ..data.video import VideoReadError, downstream_indices, eval_transform, load_video
 
 __all__ = ["VIDEO_EXTENSIONS", "split_sentences", "tokenize_paragraphs", "list_videos", "VideoFiles",
-           "encode_video_files", "Index", "write_index", "read_index", "load_model", "embed_videos"]
+           "encode_video_files", "Index", "write_index", "read_index", "load_model", "resolve_device",
+           "resolve_precision", "embed_videos"]
 
 log = logging.getLogger("lfvila.embed")
 
