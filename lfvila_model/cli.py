@@ -7,6 +7,9 @@
                                                      QA / classification accuracy
     lfvila convert-checkpoint IN OUT     official .bin -> own format (config.json + model.safetensors) and back
     lfvila info                          environment, op backends, presets and their parameter counts
+    lfvila embed --checkpoint DIR --videos DIR --out PREFIX   index your own videos (features + ids)
+    lfvila search --index PREFIX "a paragraph"                rank the indexed videos for a paragraph
+    lfvila serve --index PREFIX --videos DIR                  a local search page over the index
 
 Every training/eval command reads a run YAML (see `lfvila_model/train/runconfig.py` and `configs/`) and takes
 `--set section.key=value` overrides, e.g. `--set train.lr=1e-4 --set loss.mtc_weight=0`.
@@ -115,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print versions (python, torch, CUDA, triton), which op backends can run here, "
                                    "and each preset's model type and parameter count (built on the meta device).")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    for register in (_register_embed, _register_search, _register_serve):
+        register(sub)
     return ap
 
 
@@ -274,8 +280,105 @@ def cmd_info(args) -> int:
     return 0
 
 
+# -- your own videos: embed, search, serve (docs/own-videos.md) ---------------------------------------------------
+
+
+def _register_embed(sub) -> None:
+    p = sub.add_parser("embed", help="encode your own videos into a searchable index",
+                       description="Encode every video of a folder (searched recursively for the usual video "
+                                   "extensions) or the files given, sampled as the retrieval evaluation samples them "
+                                   "(the model's frame count evenly over the whole video, resized and centre-cropped "
+                                   "to its input size). Writes PREFIX.safetensors (features: float32 (N, E), "
+                                   "L2-normalised) and PREFIX.json (ids: paths relative to the videos folder in row "
+                                   "order; skipped: {path: reason} of the files that could not be decoded; the "
+                                   "checkpoint, preset, frame count and input size used). Unreadable files are "
+                                   "skipped and listed, never fatal.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="DIR", help="own-format checkpoint folder (save_pretrained, a run's "
+                                                         "checkpoints/step-N, or convert-checkpoint's output) of a "
+                                                         "pre-training or retrieval model, or a run directory (its "
+                                                         "latest checkpoint)")
+    src.add_argument("--preset", metavar="NAME", help="a preset instead (untrained video tower, seeded: for trying "
+                                                      "the commands, not for meaningful rankings)")
+    p.add_argument("--videos", required=True, nargs="+", metavar="DIR_OR_FILE",
+                   help="a folder of videos, or video files; ids are relative to the folder (to the deepest folder "
+                        "holding all the files)")
+    p.add_argument("--out", "-o", required=True, metavar="PREFIX", help="writes PREFIX.safetensors and PREFIX.json")
+    p.add_argument("--batch-size", type=int, default=8, help="videos per forward pass (default 8)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding videos (default 2; 0 decodes "
+                                                          "in the main process)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="autocast dtype on CUDA (auto: bf16 where supported, else fp16); the CPU runs fp32")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_embed(args) -> int:
+    from .eval.embed import embed_videos
+
+    checkpoint = args.checkpoint
+    if checkpoint and os.path.isdir(os.path.join(checkpoint, "checkpoints")):  # a run directory: its latest
+        from .train.checkpointing import latest_checkpoint
+
+        checkpoint = latest_checkpoint(os.path.join(checkpoint, "checkpoints")) or checkpoint
+    doc = embed_videos(args.videos, args.out, checkpoint=checkpoint, preset=args.preset,
+                       batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+                       precision=args.precision, progress=not args.no_progress)
+    print(f"{len(doc['ids'])} videos -> {args.out}.safetensors ({len(doc['ids'])} x {doc['dim']}, {doc['precision']}) "
+          f"and {args.out}.json; {len(doc['skipped'])} skipped")
+    for path, reason in doc["skipped"].items():
+        print(f"  skipped {path}: {reason}")
+    return 0
+
+
+def _register_search(sub) -> None:
+    p = sub.add_parser("search", help="rank the indexed videos for a paragraph",
+                       description="Load an index written by `lfvila embed` and the model it names, encode the "
+                                   "paragraph (split into sentences after . ! ? and at line breaks) and rank the "
+                                   "indexed videos by cosine similarity, best first.")
+    p.add_argument("paragraph", help='the text to search for, e.g. "A man opens a door. He walks in."')
+    p.add_argument("--index", required=True, metavar="PREFIX", help="the index (PREFIX.json + PREFIX.safetensors)")
+    p.add_argument("--top-k", "-k", type=int, default=10, metavar="K", help="results to show (default 10)")
+    p.add_argument("--json", action="store_true", help='print a JSON list of {"id", "score"}, best first')
+    p.add_argument("--device", default="cpu", help="where the text is encoded (default cpu)")
+
+
+def cmd_search(args) -> int:
+    from .eval.embed import resolve_device
+    from .eval.search import Searcher, results_json
+
+    results = Searcher(args.index, device=resolve_device(args.device)).search(args.paragraph, top_k=args.top_k)
+    if args.json:
+        print(results_json(results))
+    else:
+        for n, r in enumerate(results, 1):
+            print(f"{n:4d}  {r['score']:+.4f}  {r['id']}")
+    return 0
+
+
+def _register_serve(sub) -> None:
+    p = sub.add_parser("serve", help="a local search page over an index",
+                       description="Serve a search page: a text box, and the ranked videos with their poster frame, "
+                                   "score and a player. GET /api/search?q=TEXT&k=K returns the same JSON as "
+                                   "`lfvila search --json`. Only the indexed videos inside --videos are served.")
+    p.add_argument("--index", required=True, metavar="PREFIX", help="the index written by `lfvila embed`")
+    p.add_argument("--videos", required=True, metavar="DIR", help="the folder given to `lfvila embed --videos`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--device", default="cpu", help="where queries are encoded (default cpu)")
+
+
+def cmd_serve(args) -> int:
+    from .eval.embed import resolve_device
+    from .serve import serve
+
+    serve(args.index, args.videos, host=args.host, port=args.port, device=resolve_device(args.device))
+    return 0
+
+
 COMMANDS = {"make-demo-data": cmd_make_demo_data, "pretrain": cmd_train, "finetune": cmd_train,
-            "evaluate": cmd_evaluate, "convert-checkpoint": cmd_convert, "info": cmd_info}
+            "evaluate": cmd_evaluate, "convert-checkpoint": cmd_convert, "info": cmd_info,
+            "embed": cmd_embed, "search": cmd_search, "serve": cmd_serve}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -11,11 +11,15 @@
 
 Inputs: `video (B, 3, T, H, W)`; text `input_ids`/`attention_mask` `(B, M, L)` (M sentences of L tokens; QA
 multiple choice adds the candidate axis: `(B, K, M, L)`).
+
+`LFVILAPretrain` and `LFVILARetrieval` also encode your own inputs: `encode_videos` (files or tensors) and
+`encode_paragraphs`, the features the retrieval evaluation scores (`_EncodeMixin`, docs/own-videos.md).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -173,7 +177,118 @@ class _CrossModalMixin:
         return self.video_token_pos(pooled)
 
 
-class LFVILAPretrain(_CrossModalMixin, LFVILABase):
+@contextmanager
+def _eval_mode(model: nn.Module):
+    """The model in eval mode (no dropout, no drop path) for the block, its mode restored after."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+class _EncodeMixin:
+    """`encode_videos` / `encode_paragraphs`: the features the retrieval evaluation scores, for your own inputs.
+
+    The evaluation (`encode_retrieval`) takes the global VPC features: `encode_paragraphs(p) @ encode_videos(v).T`
+    is its text-to-video score matrix. Subclasses give the two per-batch feature functions; this mixin adds
+    batching, eval mode, no-grad, autocast and the input forms. Files are read by `lfvila_model.eval.embed`
+    (imported when a path is given: the model modules read no files themselves).
+    """
+
+    def _video_features(self, video: Tensor) -> Tensor:  # (B, 3, F, H, W) -> (B, E)
+        raise NotImplementedError
+
+    def _paragraph_features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:  # (B, M, L) -> (B, E)
+        raise NotImplementedError
+
+    @property
+    def embedding_dim(self) -> int:
+        """E, the width of the features (`proj_dim`, times `num_clips` with `global_features="ordered"`)."""
+        cfg = self.config
+        return cfg.proj_dim * (cfg.num_clips if cfg.global_features == "ordered" else 1)
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def encode_videos(self, videos: Union[Tensor, str, Sequence], batch_size: int = 8, num_workers: int = 0, *,
+                      autocast_dtype: Optional[torch.dtype] = None, progress: bool = False) -> Tensor:
+        """L2-normalised float32 video features `(N, E)`, on the CPU, in input order.
+
+        Args:
+            videos: `(N, 3, F, H, W)` float tensor, already sampled and transformed (F = `config.video.num_frames`,
+                (H, W) = `config.video.input_size`, ImageNet-normalised), or video file paths (one path or a list):
+                each file, of any length and resolution, is sampled as the retrieval evaluation samples it
+                (`F` frames evenly over the whole video, Resize -> CenterCrop -> Resize).
+            batch_size: videos per forward pass.
+            num_workers: DataLoader processes decoding files (paths only; 0 decodes in this process).
+            autocast_dtype: `torch.float16` / `torch.bfloat16` to run the encoder under CUDA autocast (ignored on
+                the CPU); None runs in the model's own dtype. Features are returned as float32 either way.
+            progress: a tqdm bar over the files (paths only).
+        Raises:
+            ValueError when a file cannot be decoded, naming every such file and why (to skip unreadable files
+            instead, use `lfvila_model.eval.embed.encode_video_files`).
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(videos, Tensor):
+            from .eval.embed import encode_video_files
+
+            paths = [videos] if isinstance(videos, (str, bytes)) or hasattr(videos, "__fspath__") else list(videos)
+            feats, _, skipped = encode_video_files(self, paths, batch_size=batch_size, num_workers=num_workers,
+                                                   autocast_dtype=autocast_dtype, progress=progress)
+            if skipped:
+                raise ValueError(f"{len(skipped)} video(s) could not be read: "
+                                 + "; ".join(f"{p}: {r}" for p, r in skipped.items()))
+            return feats
+        v = self.config.video
+        want = (3, v.num_frames, *v.input_size)
+        if videos.ndim != 5 or tuple(videos.shape[1:]) != want:
+            raise ValueError(f"videos must be (N, {', '.join(map(str, want))}) (config.video num_frames and "
+                             f"input_size; pass file paths to have them sampled), got {tuple(videos.shape)}")
+        if not videos.is_floating_point():
+            raise TypeError(f"videos must be a floating tensor (ImageNet-normalised frames), got {videos.dtype}")
+        param = next(self.parameters())
+        use_autocast = autocast_dtype is not None and param.device.type == "cuda"
+        out = []
+        with _eval_mode(self):
+            for chunk in videos.split(batch_size):
+                chunk = chunk.to(param.device, param.dtype, non_blocking=True)
+                with torch.autocast("cuda", dtype=autocast_dtype, enabled=use_autocast):
+                    out.append(self._video_features(chunk).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.embedding_dim)
+
+    @torch.no_grad()
+    def encode_paragraphs(self, paragraphs: Union[str, Sequence], batch_size: int = 32,
+                          tokenizer_dir: Optional[str] = None) -> Tensor:
+        """L2-normalised float32 paragraph features `(N, E)`, on the CPU, in input order.
+
+        Args:
+            paragraphs: one paragraph or a list of them; a paragraph is a list of sentences, or a string that is
+                split into sentences by `lfvila_model.eval.embed.split_sentences` (after `.`, `!` or `?` followed
+                by white space, and at line breaks). Sentences are then merged to / padded to
+                `config.num_sentences` of `config.max_sentence_len` tokens, as the evaluation's tokenizer does.
+            batch_size: paragraphs per forward pass.
+            tokenizer_dir: Hugging Face tokenizer folder (default: the BERT-uncased vocabulary the training and
+                evaluation use, `lfvila_model.data.text.default_tokenizer_dir`).
+        """
+        from .eval.embed import tokenize_paragraphs
+
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        ids, mask = tokenize_paragraphs(paragraphs, self.config, tokenizer_dir)
+        device = self._device()
+        out = []
+        with _eval_mode(self):
+            for i in range(0, ids.shape[0], batch_size):
+                out.append(self._paragraph_features(ids[i:i + batch_size].to(device),
+                                                    mask[i:i + batch_size].to(device)).float().cpu())
+        return torch.cat(out)
+
+
+class LFVILAPretrain(_EncodeMixin, _CrossModalMixin, LFVILABase):
     """Pre-training model (spec 3). Stage 1: dual encoder, VPC + `mtc_weight` MTC. Stage 2: cross-modal encoder on
     top, MLM + `vtm_weight` VTM; every stage-1 part is frozen after construction (spec 3.3, 7.5)."""
 
@@ -238,6 +353,20 @@ class LFVILAPretrain(_CrossModalMixin, LFVILABase):
             "sentences": F.normalize(self.text_local_proj(sent), dim=-1),
         }
 
+    def _video_features(self, video: Tensor) -> Tensor:
+        """`stage1_features(...)["video"]` alone (the retrieval evaluation's video feature)."""
+        self._check_video_batch(video)
+        pooled, _ = self.video_tokens(video)
+        return global_video_features(clip_means(pooled, self.config.num_clips), self.video_global_proj,
+                                     self.config.global_features)
+
+    def _paragraph_features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """`stage1_features(...)["paragraph"]` alone (the retrieval evaluation's paragraph feature)."""
+        _check_text(input_ids, attention_mask)
+        _, para, _ = self.encode_text(input_ids, attention_mask)
+        return global_paragraph_features(para, self.text_global_proj, self.config.global_features,
+                                         *input_ids.shape[1:])
+
     def forward(self, video: Tensor, input_ids: Tensor, attention_mask: Tensor, mlm_labels: Optional[Tensor] = None,
                 mtc_indices: Optional[tuple] = None, generator: Optional[torch.Generator] = None) -> dict:
         """Args:
@@ -288,7 +417,7 @@ class LFVILAPretrain(_CrossModalMixin, LFVILABase):
         return out
 
 
-class LFVILARetrieval(LFVILABase):
+class LFVILARetrieval(_EncodeMixin, LFVILABase):
     """Paragraph-to-video retrieval (spec 4.2): the stage-1 dual encoder with global projections, VPC loss."""
 
     def __init__(self, config: LFVILAConfig):
@@ -315,6 +444,10 @@ class LFVILARetrieval(LFVILABase):
         para, _ = self.text_encoder.encode_paragraph(tokens, attention_mask, self.sent_embedding)
         return global_paragraph_features(para, self.text_global_proj, self.config.global_features,
                                          *input_ids.shape[1:])
+
+    # the retrieval evaluation's own calls (`encode_retrieval`)
+    _video_features = encode_video
+    _paragraph_features = encode_text
 
     def forward(self, video: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict:
         _check_text(input_ids, attention_mask)
