@@ -305,8 +305,8 @@ def _register_embed(sub) -> None:
                         "holding all the files)")
     p.add_argument("--out", "-o", required=True, metavar="PREFIX", help="writes PREFIX.safetensors and PREFIX.json")
     p.add_argument("--batch-size", type=int, default=8, help="videos per forward pass (default 8)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding videos (default 2; 0 decodes "
-                                                          "in the main process)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader processes decoding videos (default: min(8, "
+                                                             "CPUs - 1); 0 decodes in the main process)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                    help="autocast dtype on CUDA (auto: bf16 where supported, else fp16); the CPU runs fp32")

@@ -229,12 +229,12 @@ class _EncodeMixin:
             progress: a tqdm bar over the files (paths only).
         Raises:
             ValueError when a file cannot be decoded, naming every such file and why (to skip unreadable files
-            instead, use `lfvila_model.eval.embed.encode_video_files`).
+            instead, use `lfvila_model.eval.encode.encode_video_files`).
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(videos, Tensor):
-            from .eval.embed import encode_video_files
+            from .eval.encode import encode_video_files
 
             paths = [videos] if isinstance(videos, (str, bytes)) or hasattr(videos, "__fspath__") else list(videos)
             feats, _, skipped = encode_video_files(self, paths, batch_size=batch_size, num_workers=num_workers,
@@ -267,14 +267,14 @@ class _EncodeMixin:
 
         Args:
             paragraphs: one paragraph or a list of them; a paragraph is a list of sentences, or a string that is
-                split into sentences by `lfvila_model.eval.embed.split_sentences` (after `.`, `!` or `?` followed
+                split into sentences by `lfvila_model.eval.encode.split_sentences` (after `.`, `!` or `?` followed
                 by white space, and at line breaks). Sentences are then merged to / padded to
                 `config.num_sentences` of `config.max_sentence_len` tokens, as the evaluation's tokenizer does.
             batch_size: paragraphs per forward pass.
             tokenizer_dir: Hugging Face tokenizer folder (default: the BERT-uncased vocabulary the training and
                 evaluation use, `lfvila_model.data.text.default_tokenizer_dir`).
         """
-        from .eval.embed import tokenize_paragraphs
+        from .eval.encode import tokenize_paragraphs
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")

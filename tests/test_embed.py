@@ -17,7 +17,7 @@ from lfvila_model.data.text import ParagraphTokenizer
 from lfvila_model.data.video import count_frames, decode_frames, downstream_indices, eval_transform
 from lfvila_model.eval.embed import (encode_video_files, list_videos, read_index, resolve_precision,
                                      split_sentences, tokenize_paragraphs)
-from lfvila_model.train.evaluate import encode_retrieval
+from lfvila_model.eval.run import encode_retrieval
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
