@@ -45,7 +45,7 @@ def _check_positive(name: str, v, allow_none: bool = True) -> Optional[float]:
 
 
 def _even(x: float) -> int:
-    return max(2, 2 * int(round(x / 2.0)))
+    return max(2, 2 * int(math.floor(x / 2.0 + 0.5)))  # nearest even, halves up
 
 
 def output_size(width: int, height: int, short_side: Optional[int] = None) -> tuple[int, int]:
