@@ -272,3 +272,23 @@ def test_zero_shot_evaluation_of_pretraining_checkpoints(didemo, tmp_path, capsy
         assert m["num_queries"] == 2 and m["skipped_videos"] == [] and 0 <= m["t2v"]["R@1"] <= 100
         assert printed["t2v"] == m["t2v"] and printed["v2t"] == m["v2t"]
         assert os.path.isfile(tmp_path / "m.png")
+
+
+def test_evaluate_runs_on_the_training_device(didemo, tmp_path):
+    """`lfvila evaluate` places the model as training does (train.device, auto: the GPU when there is one)."""
+    import torch
+
+    ann, raw, out = didemo
+    B.prepare_benchmark("didemo", ann, raw, out, short_side=24, workers=1, progress=False)
+    nano_model(0, text=dict(NANO_TEXT, vocab_size=30522)).save_pretrained(str(tmp_path / "stage1"))
+    argv = ["evaluate", "--checkpoint", str(tmp_path / "stage1"), "--set", f"data.val={out / 'train.jsonl'}",
+            "--set", f"data.video_root={out / 'videos'}", "--out", str(tmp_path / "m.json"), "--set"]
+    assert main(argv + ["train.device=cpu"]) == 0
+    on_cpu = json.load(open(tmp_path / "m.json"))
+    if torch.cuda.is_available():
+        assert main(argv + ["train.device=cuda"]) == 0
+        on_gpu = json.load(open(tmp_path / "m.json"))
+        assert on_gpu["num_queries"] == on_cpu["num_queries"] == 2 and on_gpu["skipped_videos"] == []
+    else:
+        with pytest.raises(ValueError, match="train.device='cuda' but torch sees no GPU"):
+            main(argv + ["train.device=cuda"])
