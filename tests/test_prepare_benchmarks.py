@@ -122,6 +122,10 @@ def test_activitynet_rows_videos_and_report(activitynet):
     # other re-encoding options would mix two kinds of videos in one folder
     with pytest.raises(ValueError, match="prepared with other options .*fps 3 -> 2"):
         B.prepare_benchmark("activitynet", ann, raw, out, fps=2, short_side=32, progress=False)
+    for f in os.listdir(out / "videos"):  # as the message says: without the old videos, a new rate is fine
+        os.remove(out / "videos" / f)
+    B.prepare_benchmark("activitynet", ann, raw, out, fps=2, short_side=32, workers=1, progress=False)
+    assert probe(out / "videos" / "v_aaa.mp4") == (6, 2.0, 42, 32)
 
 
 def test_activitynet_split_lists_match_ids_with_and_without_v(activitynet, tmp_path):

@@ -271,7 +271,8 @@ def _write_json(path: str, obj: Any) -> None:
 def _check_options(out_dir: str, options: Mapping[str, Any]) -> None:
     """A folder already prepared with other re-encoding options would mix two kinds of videos: refuse."""
     path = os.path.join(out_dir, "report.json")
-    if not os.path.isfile(path):
+    videos = os.path.join(out_dir, "videos")
+    if not os.path.isfile(path) or not os.path.isdir(videos) or not any(f.endswith(".mp4") for f in os.listdir(videos)):
         return
     try:
         with open(path, encoding="utf-8") as f:
