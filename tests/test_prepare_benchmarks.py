@@ -150,6 +150,8 @@ def test_activitynet_split_lists_match_ids_with_and_without_v(activitynet, tmp_p
     assert [r["clip_id"] for r in read_rows(out / "train.jsonl")] == ["v_aaa"]
     assert rep["splits"]["val"]["rows"] == 0 and rep["splits"]["val"]["jsonl"] is None
     assert not os.path.exists(out / "val.jsonl") and not os.path.exists(out / "val_2.jsonl")
+    with pytest.raises(ValueError, match="no split 'test' here"):
+        B.prepare_benchmark("activitynet", ann, raw, out, split_lists=[f"test={tmp_path / 'all.txt'}"])
 
 
 def test_didemo_order_ids_extensions_and_max_seconds(didemo):

@@ -203,6 +203,9 @@ def parse_split_lists(specs: Iterable[str], splits: Sequence[str]) -> dict[str, 
     out: dict[str, Optional[set[str]]] = {s: None for s in splits}
     for spec in specs:
         name, sep, file = spec.partition("=")
+        if sep and name not in out and not os.path.isfile(spec):
+            raise ValueError(f"split list {spec!r}: no split {name!r} here (splits: {', '.join(out)}), and no "
+                             f"file of that name")
         targets = [name] if sep and name in out else list(out)
         if not sep or name not in out:
             file = spec
@@ -327,7 +330,7 @@ def prepare_benchmark(dataset: str, annotations_dir: str | os.PathLike, raw_dir:
 
     splits: dict[str, dict] = {}
     rows_by_split: dict[str, list[BenchmarkRow]] = {}
-    matched: set[str] = set()  # split-list ids that found their video
+    matched: set[str] = set()  # ids of the rows the split lists kept
     for split, path in present:
         rows = reader(path)
         info = {"annotation_file": path, "videos_in_annotations": len(rows)}

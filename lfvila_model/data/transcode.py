@@ -14,10 +14,10 @@ Size: ``short_side=S`` scales the shorter side to S and the other to keep the as
 to even numbers (yuv420p needs even sizes), so a 640x360 video with S = 224 becomes 398x224. Without
 ``short_side`` the size is kept, an odd side rounded down to even.
 
-An output is written to a temporary name in its folder and renamed once complete: a file at the final name is
-always whole, which is what makes the driver resumable (an existing output is never redone). An input that
-cannot be used raises :class:`lfvila_model.data.video.VideoReadError` (``.path``, ``.reason``); the driver
-records it and goes on.
+Only the first video stream is kept (no audio). An output is written to a temporary name in its folder and
+renamed once complete: a file at the final name is always whole, which is what makes the driver resumable (an
+existing output is never redone). An input that cannot be used raises
+:class:`lfvila_model.data.video.VideoReadError` (``.path``, ``.reason``); the driver records it and goes on.
 """
 
 from __future__ import annotations
