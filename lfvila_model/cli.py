@@ -1,6 +1,7 @@
 """`lfvila`: the command line of LF-VILA (also `python -m lfvila_model`).
 
     lfvila make-demo-data DIR            render the long-form demo set (mp4 files + annotations)
+    lfvila prepare activitynet|didemo    public benchmark annotations -> retrieval jsonl, videos -> 3 fps mp4
     lfvila pretrain --config YAML        stage-1 / stage-2 pre-training (and the CPU demo: configs/demo.yaml)
     lfvila finetune --config YAML        fine-tuning: retrieval, How2QA, VIOLIN, ActivityNet-QA, COIN/LVU
     lfvila evaluate --config YAML --checkpoint DIR   retrieval metrics (+ temporal order on the demo set) or
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, nargs=2, default=(64, 96), metavar=("H", "W"), help="frame size (default 64 96)")
     p.add_argument("--workers", type=int, default=None, help="rendering processes (default: min(2, CPUs))")
     p.add_argument("--force", action="store_true", help="regenerate even if DIR holds the same set")
+    _add_prepare_parser(sub)
 
     p = sub.add_parser("pretrain", help="pre-train (stage 1: VPC + MTC; stage 2: MLM + VTM) or run the CPU demo",
                        description="Pre-training. Stage 1 trains the dual encoder with VPC + MTC, stage 2 the "
@@ -173,6 +175,95 @@ def cmd_make_demo_data(args) -> int:
     print(f"demo set in {s['out_dir']}: {s['num_train']} train + {s['num_val']} val videos, {s['num_events']} events, "
           f"{s['frames_per_clip']} frames per clip at {s['size'][0]}x{s['size'][1]} ({s['seconds']} s)")
     return 0
+
+
+# -- prepare: public data into the formats the configs read (one target each: _PREPARE_TARGETS) --------------------
+
+_BENCHMARK_FILES = {
+    "activitynet": ("ActivityNet Captions", "train.json, val_1.json, val_2.json ({video_id: {duration, timestamps, "
+                                            "sentences}})", "train.jsonl, val.jsonl (from val_1), val_2.jsonl",
+                    "sentences ordered by timestamp start; clip_id is the annotation key (v_<YouTube id>)"),
+    "didemo": ("DiDeMo", "train_data.json, val_data.json, test_data.json (lists of {video, description, times})",
+               "train.jsonl, val.jsonl, test.jsonl",
+               "descriptions ordered by their earliest start over the annotators' times; clip_id is the video "
+               "file name without its extension"),
+}
+
+
+def _benchmark_arguments(p: argparse.ArgumentParser, dataset: str) -> None:
+    import textwrap
+
+    name, files, outputs, order = _BENCHMARK_FILES[dataset]
+    p.description = f"Convert {name} to the retrieval format and re-encode its videos.\n\n" + textwrap.fill(
+        f"Reads {files} from --annotations (absent files are skipped) and writes {outputs} to --out: one row "
+        f"{{\"clip_id\", \"text\": [sentences]}} per video, whitespace stripped, {order}. Videos are looked up in "
+        f"--videos (recursively, any extension PyAV opens) and re-encoded to OUT/videos/<clip_id>.mp4 at --fps, in "
+        f"parallel; a second run redoes nothing already encoded. Rows whose video is missing or unreadable are "
+        f"left out of the jsonl files; OUT/report.json lists them and every missing and unreadable video.", 100)
+    p.epilog = textwrap.fill(
+        "Then: lfvila finetune -c configs/finetune_retrieval.yaml --set data.train=OUT/train.jsonl "
+        "--set data.val=OUT/val.jsonl --set data.video_root=OUT/videos; zero-shot: lfvila evaluate "
+        "--checkpoint PRETRAIN_DIR --set data.val=OUT/val.jsonl --set data.video_root=OUT/videos "
+        "(docs/benchmarks-data.md).", 100)
+    p.add_argument("--annotations", required=True, metavar="DIR", help=f"folder of the {name} annotation files")
+    p.add_argument("--videos", required=True, metavar="RAW_DIR", help="folder of the downloaded videos (searched "
+                                                                       "recursively)")
+    p.add_argument("--out", "-o", required=True, metavar="OUT", help="output folder: the jsonl files, videos/, "
+                                                                      "report.json")
+    p.add_argument("--fps", type=float, default=3.0, help="frame rate of the re-encoded videos (default 3, as "
+                                                          "LF-VILA samples)")
+    p.add_argument("--short-side", type=int, metavar="S", help="scale the shorter side to S pixels, aspect kept "
+                                                               "(default: keep the size; 240 matches the first "
+                                                               "resize of the evaluation of 192x320 models, 240x428)")
+    p.add_argument("--workers", type=int, metavar="N", help="re-encoding processes (default: the CPUs available)")
+    split_names = "train, val, val_2" if dataset == "activitynet" else "train, val, test"
+    id_note = (" ActivityNet ids match with or without their v_ prefix." if dataset == "activitynet" else
+               " DiDeMo ids match with or without the file extension.")
+    p.add_argument("--split-list", action="append", default=[], metavar="[SPLIT=]FILE",
+                   help=f"keep only the videos listed in FILE (one id per line), in split SPLIT ({split_names}) or, "
+                        f"without SPLIT=, in every split; repeatable.{id_note}")
+    if dataset == "didemo":
+        p.add_argument("--max-seconds", type=float, metavar="S",
+                       help="keep at most the first S seconds of each video (the annotations cover the first 30)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_benchmark(args) -> int:
+    from .data.benchmarks import prepare_benchmark
+
+    rep = prepare_benchmark(args.target, args.annotations, args.videos, args.out, fps=args.fps,
+                            short_side=args.short_side, max_seconds=getattr(args, "max_seconds", None),
+                            workers=args.workers, split_lists=args.split_list, progress=not args.no_progress)
+    v = rep["videos"]
+    for split, info in rep["splits"].items():
+        print(f"{split}: {info['rows']} rows -> {info['jsonl'] or '(none written)'}")
+    print(f"videos: {v['total']} ({v['encoded_now']} encoded now, {v['already_encoded']} already there, "
+          f"{v['missing']} missing, {v['unreadable']} unreadable) in {rep['video_root']}; report "
+          f"{os.path.join(rep['out'], 'report.json')}")
+    return 0
+
+
+# target -> (one-line help, add its arguments, run it)
+_PREPARE_TARGETS = {
+    "activitynet": ("ActivityNet Captions -> retrieval jsonl + 3 fps videos",
+                    lambda p: _benchmark_arguments(p, "activitynet"), _run_benchmark),
+    "didemo": ("DiDeMo -> retrieval jsonl + 3 fps videos", lambda p: _benchmark_arguments(p, "didemo"),
+               _run_benchmark),
+}
+
+
+def _add_prepare_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="put public data into shape: " + ", ".join(_PREPARE_TARGETS),
+                       description="Put public data into the formats the configs read. One target per dataset; "
+                                   "`lfvila prepare TARGET --help` gives its options.")
+    targets = p.add_subparsers(dest="target", metavar="TARGET")
+    targets.required = True
+    for name, (help_text, add_arguments, _) in _PREPARE_TARGETS.items():
+        add_arguments(targets.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def cmd_prepare(args) -> int:
+    return _PREPARE_TARGETS[args.target][2](args)
 
 
 def cmd_train(args) -> int:
@@ -376,7 +467,7 @@ def cmd_serve(args) -> int:
     return 0
 
 
-COMMANDS = {"make-demo-data": cmd_make_demo_data, "pretrain": cmd_train, "finetune": cmd_train,
+COMMANDS = {"make-demo-data": cmd_make_demo_data, "prepare": cmd_prepare, "pretrain": cmd_train, "finetune": cmd_train,
             "evaluate": cmd_evaluate, "convert-checkpoint": cmd_convert, "info": cmd_info,
             "embed": cmd_embed, "search": cmd_search, "serve": cmd_serve}
 

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "VideoReadError",
+    "import_av",
+    "open_video",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "write_video",
@@ -76,7 +78,8 @@ class VideoReadError(RuntimeError):
 # decoding
 
 
-def _import_av():
+def import_av():
+    """The `av` module (PyAV), or an ImportError that says how to install it."""
     try:
         import av  # noqa: WPS433 (imported lazily: only decoding needs PyAV)
     except ImportError:
@@ -84,8 +87,10 @@ def _import_av():
     return av
 
 
-def _open(path: str):
-    av = _import_av()
+def open_video(path: str):
+    """An open PyAV container of `path` with at least one video stream; `VideoReadError` (naming the path and
+    why) when the file is missing, cannot be opened or has no video."""
+    av = import_av()
     if not os.path.isfile(path):
         raise VideoReadError(path, "file not found")
     try:
@@ -99,8 +104,8 @@ def _open(path: str):
 
 
 def _count_packets(path: str) -> int:
-    av = _import_av()
-    container = _open(path)
+    av = import_av()
+    container = open_video(path)
     try:
         stream = container.streams.video[0]
         return sum(1 for p in container.demux(stream) if p.size > 0)
@@ -113,7 +118,7 @@ def _count_packets(path: str) -> int:
 def count_frames(path: str | os.PathLike) -> int:
     """Number of frames of the first video stream (from the container header, else by demuxing packets)."""
     path = os.fspath(path)
-    container = _open(path)
+    container = open_video(path)
     try:
         n = int(container.streams.video[0].frames or 0)
     finally:
@@ -132,7 +137,7 @@ def video_fps(path: str | os.PathLike) -> float | None:
     Raises :class:`VideoReadError` when the file cannot be opened.
     """
     path = os.fspath(path)
-    container = _open(path)
+    container = open_video(path)
     try:
         stream = container.streams.video[0]
         for rate in (stream.average_rate, stream.guessed_rate):
@@ -148,8 +153,8 @@ def _decode(path: str, stop: int | None, keep: set[int] | None) -> tuple[dict[in
 
     Returns ``(kept frames by index, frames decoded, frame count from the header or 0 when it has none)``.
     """
-    av = _import_av()
-    container = _open(path)
+    av = import_av()
+    container = open_video(path)
     kept: dict[int, np.ndarray] = {}
     i = 0
     try:
@@ -195,7 +200,7 @@ def _decode_sparse(container, path: str, wanted: list[int], min_seek_gap: int | 
     against the first frame out). A frame off that grid, out of order, or a wanted frame that never comes raises
     :class:`_NoSeek`: the caller then decodes sequentially, which defines the frame order.
     """
-    av = _import_av()
+    av = import_av()
     kept: dict[int, np.ndarray] = {}
     try:
         stream = container.streams.video[0]
@@ -318,7 +323,7 @@ def decode_frames(path: str | os.PathLike, indices: Sequence[int], *, min_seek_g
 def _read_frames(path: str, choose: Callable[[int], Sequence[int]], min_seek_gap: int | None,
                  count: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """``choose(frame count)`` -> those frames, in one open of the file when the header gives the count."""
-    container = _open(path)
+    container = open_video(path)
     kept = None
     try:
         n = int(container.streams.video[0].frames or 0)
@@ -350,7 +355,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 3, codec
     frames (deterministic files for the demo set); ``codec='mpeg4'`` is the fallback for builds without x264.
     The file is written to a temporary name and renamed, so an interrupted run never leaves a half file.
     """
-    av = _import_av()
+    av = import_av()
     path = os.fspath(path)
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be a uint8 (T, H, W, 3) array, got "

@@ -267,6 +267,14 @@ def run_evaluation(cfg: dict, checkpoint: str, out: Optional[str] = None) -> dic
         return EVAL_JOBS[cfg["data"]["kind"]](cfg, model, out)
     from ..eval.run import evaluate_accuracy, evaluate_retrieval
 
+    # on the device the trainer would use (train.device; auto: the GPU when there is one): a benchmark's zero-shot
+    # evaluation encodes thousands of videos, far too many for the CPU when a GPU is there
+    want = (cfg.get("train") or {}).get("device") or "auto"
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but torch sees no GPU")
+    model.to(want)
     _, val_ds = _real_datasets(cfg, model.config, train=False)
     if val_ds is None:
         raise ValueError("data.val is required for evaluation")
