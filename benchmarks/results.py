@@ -219,7 +219,7 @@ def _gpu_unit(metric):
         return metric[:-3], "MiB"
     if metric.endswith("_gb"):
         return metric[:-3], "GiB"
-    if "ratio" in metric or "speedup" in metric:
+    if "ratio" in metric or "speedup" in metric or "_vs_" in metric:
         return metric, "x"
     if metric.startswith("err") or metric.endswith("_err"):
         return metric, "rel. error"
@@ -231,7 +231,8 @@ def rows_from_gpu_part(part: str, rows: list[dict], *, date: str, machine: str, 
     """The rows of one part of benchmarks/gpu_suite.py (`htwa`, `losses`, `cuda`, `model`), from the dicts its
     runner returns. benchmark = `gpu_<part>` (plus the row's `kind` or `op`); case = the identifying fields
     (_GPU_ID); provider = the row's `backend`, or the prefix of a `cuda_...`/`reference_...` figure; booleans
-    (checks passed, deterministic dbias) are 1/0 rows; strings other than the identity go to notes."""
+    (checks passed, deterministic dbias) are 1/0 rows; strings other than the identity go to notes; a list of
+    per-kernel times (`top_kernels`) gives `<benchmark>_profile` rows, the kernel named in notes."""
     out = []
     for r in rows:
         bench = "_".join(["gpu", part] + [str(r[k]) for k in ("kind", "op") if r.get(k)])
@@ -265,6 +266,15 @@ def rows_from_gpu_part(part: str, rows: list[dict], *, date: str, machine: str, 
                 unit = "bool"
             out.append({"date": date, "machine": machine, "commit": commit, "benchmark": bench, "case": case,
                         "provider": provider, "metric": metric, "value": float(v), "unit": unit, "notes": note})
+        for k, v in r.items():  # a profile: [{"kernel": name, "ms": per step, ...}, ...]
+            if not (isinstance(v, list) and v and all(isinstance(x, dict) and "kernel" in x for x in v)):
+                continue
+            for x in v:
+                ms = x.get("ms", x.get("ms_per_call"))
+                if isinstance(ms, (int, float)):
+                    out.append({"date": date, "machine": machine, "commit": commit, "benchmark": bench + "_profile",
+                                "case": case, "provider": default_provider, "metric": "kernel_ms", "value": float(ms),
+                                "unit": "ms", "notes": "; ".join(y for y in (note, f"kernel={x['kernel']}") if y)})
     return out
 
 
