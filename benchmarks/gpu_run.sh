@@ -46,4 +46,4 @@ tail -n 4 "$OUT/build.log"
 timeout "${CUDA_LIMIT:-200}" $PY benchmarks/gpu_suite.py --only "${CUDA_PARTS:-cuda,model}" \
   --out "$OUT" 2>&1 | tee "$OUT/cuda_model.log"
 echo "all done after $(( $(date +%s) - t0 )) s; bring back $OUT/results.csv and append it with"
-echo "  python benchmarks/results.py add results.csv"
+echo "  python benchmarks/results.py add results.csv [--commit HASH, where the copy here had no git]"

@@ -310,8 +310,8 @@ def rows_from_htwa_tune(report: dict, *, date: str, machine: str, commit: str, n
 
 
 def main(argv=None):
-    """`python benchmarks/results.py add FILE [--to CSV]`: appends the rows of another results CSV (the GPU
-    machine's `$OUT/results.csv`) to benchmarks/results.csv."""
+    """`python benchmarks/results.py add FILE [--to CSV] [--commit C]`: appends the rows of another results CSV (the
+    GPU machine's `$OUT/results.csv`) to benchmarks/results.csv; --commit fills in rows written outside git."""
     import argparse
 
     p = argparse.ArgumentParser(description=main.__doc__)
@@ -319,8 +319,11 @@ def main(argv=None):
     add = sub.add_parser("add", help="append the rows of another results CSV")
     add.add_argument("file")
     add.add_argument("--to", default=DEFAULT_CSV)
+    add.add_argument("--commit", help="commit for rows written outside git (their commit is 'unknown')")
     args = p.parse_args(argv)
     rows = read_rows(args.file)
+    if args.commit:
+        rows = [{**r, "commit": args.commit} if r["commit"] == "unknown" else r for r in rows]
     n = append_rows(rows, args.to)
     print(f"appended {n} rows of {args.file} to {args.to}")
     return 0

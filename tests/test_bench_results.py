@@ -168,3 +168,17 @@ def test_the_repository_csv_has_the_columns():
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", r["date"]), r
         assert r["machine"] and r["commit"] and r["benchmark"] and r["provider"] and r["metric"], r
     assert {"reference", "cpp"} <= {r["provider"] for r in rows}
+
+
+def test_results_add_appends_another_csv(tmp_path):
+    src, dst = str(tmp_path / "gpu.csv"), str(tmp_path / "repo.csv")
+    rows = results.rows_from_gpu_part("model", [{"part": "model", "preset": "p", "backend": "auto", "step_ms": 2.0}],
+                                      date="2026-01-01T00:00:00Z", machine="GPU", commit="unknown")
+    results.append_rows(rows, src)
+    results.append_rows(results.rows_from_pytest_benchmark(SYNTHETIC), dst)
+    before = len(results.read_rows(dst))
+    assert results.main(["add", src, "--to", dst, "--commit", "abc1234"]) == 0
+    after = results.read_rows(dst)
+    assert len(after) == before + 1
+    assert (after[-1]["commit"], after[-1]["benchmark"], after[-1]["metric"], after[-1]["value"]) == (
+        "abc1234", "gpu_model", "step", 2.0)
