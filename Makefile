@@ -5,7 +5,8 @@
 #                    run (ABLATION_MINUTES) with and without MTC, side by side (runs/demo_results.md)
 #                    (DEMO_THREADS=1 torch thread: on a shared 2-core machine 2 OpenMP threads are slower)
 #   make bench-quick a quick HTWA benchmark pass that prints the comparison table
-#   make bench       the full CPU benchmark suite (pytest benchmarks/), JSON + table
+#   make bench       the full CPU benchmark suite (pytest benchmarks/): rows appended to benchmarks/results.csv
+#                    ($LFVILA_RESULTS_CSV redirects, =0 disables), then the table of this run
 #   make cuda-check  compile the CUDA sources against a CUDA build of torch in its own venv (no GPU needed)
 #   make cuda-emu    run the CUDA kernels on the CPU (host-thread emulation) against the references
 
@@ -39,8 +40,8 @@ test: build
 	$(TEST_CMD)
 
 bench: build
-	$(BIN)/python -m pytest benchmarks -q --benchmark-json=benchmarks/last.json
-	$(BIN)/python benchmarks/report.py benchmarks/last.json
+	$(BIN)/python -m pytest benchmarks -q
+	$(BIN)/python benchmarks/report.py --latest
 
 DEMO_DIR ?= demo_data
 DEMO_RUNS ?= runs
@@ -69,8 +70,8 @@ demo-ablation: build
 
 bench-quick: build
 	LFVILA_BENCH_ROUNDS=3 LFVILA_BENCH_MEMORY=0 $(BIN)/python -m pytest benchmarks/test_bench_htwa.py -q \
-		-k "not flex" --benchmark-json=benchmarks/demo.json --benchmark-disable-gc
-	$(BIN)/python benchmarks/report.py benchmarks/demo.json
+		-k "not flex" --benchmark-disable-gc
+	$(BIN)/python benchmarks/report.py --latest --benchmark htwa
 
 CUDA_VENV ?= .venv-cuda
 CUDA_LIB := build/cuda-check-lib

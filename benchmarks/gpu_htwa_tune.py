@@ -7,7 +7,8 @@ Used once per lent GPU to choose the launch settings of lfvila_kernels/triton/ht
 lfvila_kernels/triton/experimental.py (also home of the opt-in kernels and the diagnostic switch), timed (median
 of CUDA events) on representative official shapes (bf16, B=16) and checked against the default variant's output and
 gradients, so a fast but wrong setting is never picked. Diagnostic variants (no bias; dQ kernel without its dbias
-workspace updates) bound what the bias costs. Writes `htwa_tune.json` after every variant. `--dry-run` runs the
+workspace updates) bound what the bias costs. Appends its figures to `results.csv` under --out after every
+variant (benchmarks/results.py, `rows_from_htwa_tune`). `--dry-run` runs the
 code path on tiny shapes through the Triton interpreter (correctness only, no meaningful times).
 """
 
@@ -93,12 +94,19 @@ def main(argv=None):
         batch, dtype, reps = 16, torch.bfloat16, 25
     report = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
               "batch": batch, "dtype": str(dtype), "fwd": [], "bwd": [], "profile": {}}
-    path = os.path.join(args.out, "htwa_tune.json")
+    path = os.path.join(args.out, "results.csv")
     os.makedirs(args.out, exist_ok=True)
+    from benchmarks import results
 
-    def save():
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
+    ident = {"date": results.utc_now(), "commit": results.git_commit(),
+             "machine": results.machine_name(gpu=dev == "cuda") + (" (dry run)" if args.dry_run else "")}
+    written = set()
+
+    def save():  # appends the rows not written yet: a sweep stopped at its time limit keeps what it measured
+        rows = [r for r in results.rows_from_htwa_tune(report, **ident)
+                if (r["benchmark"], r["case"], r["provider"], r["metric"], r["notes"]) not in written]
+        written.update((r["benchmark"], r["case"], r["provider"], r["metric"], r["notes"]) for r in rows)
+        results.append_rows(rows, path)
 
     inputs = {}
     for c in cases:

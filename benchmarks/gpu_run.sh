@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The whole GPU check as one command for a lent H100/H200 (see benchmarks/gpu_suite.py):
-#   bash benchmarks/gpu_run.sh            # results and logs under $OUT (or /tmp/lfvila_gpu)
+#   bash benchmarks/gpu_run.sh            # results.csv and logs under $OUT (or /tmp/lfvila_gpu)
 # 1. builds lfvila_kernels._C (CPU + CUDA kernels, sm_90) in place, in the background, while
 # 2. the Triton parts (HTWA, losses) run on the GPU; then
 # 3. the CUDA-kernel part and the model step run in a fresh process that loads the new extension.
-# Every stage has its own time limit, and each report is written part by part, so a stage that runs long or
-# breaks never costs the others' results. GPU time is scarce: the whole run is sized for about 5 minutes.
+# Every stage has its own time limit and appends its rows to $OUT/results.csv part by part, so a stage that runs
+# long or breaks never costs the others' results. GPU time is scarce: the whole run is sized for about 5 minutes.
 set -u
 OUT=${OUT:-/tmp/lfvila_gpu}
 mkdir -p "$OUT"
@@ -27,7 +27,7 @@ t0=$(date +%s)
 build=$!
 
 # 0. optional (TUNE_BUDGET=seconds): the HTWA Triton launch-settings sweep; the stages below then run with its
-#    best settings (LFVILA_HTWA_TUNE), recorded in their reports
+#    best settings (LFVILA_HTWA_TUNE), recorded in their rows' notes
 if [ "${TUNE_BUDGET:-0}" != 0 ]; then
   rm -f /tmp/lfvila_htwa_best.json
   timeout $(( TUNE_BUDGET + 60 )) $PY benchmarks/gpu_htwa_tune.py --out "$OUT" --budget "$TUNE_BUDGET" \
@@ -38,11 +38,12 @@ if [ "${TUNE_BUDGET:-0}" != 0 ]; then
 fi
 
 timeout "${TRITON_LIMIT:-230}" $PY benchmarks/gpu_suite.py --only "${TRITON_PARTS:-htwa,losses}" \
-  --json triton.json --out "$OUT" --htwa-budget "${HTWA_BUDGET:-150}" 2>&1 | tee "$OUT/triton.log"
+  --out "$OUT" --htwa-budget "${HTWA_BUDGET:-150}" 2>&1 | tee "$OUT/triton.log"
 echo "triton parts done after $(( $(date +%s) - t0 )) s"
 
 wait $build
 tail -n 4 "$OUT/build.log"
 timeout "${CUDA_LIMIT:-200}" $PY benchmarks/gpu_suite.py --only "${CUDA_PARTS:-cuda,model}" \
-  --json cuda_model.json --out "$OUT" 2>&1 | tee "$OUT/cuda_model.log"
-echo "all done after $(( $(date +%s) - t0 )) s"
+  --out "$OUT" 2>&1 | tee "$OUT/cuda_model.log"
+echo "all done after $(( $(date +%s) - t0 )) s; bring back $OUT/results.csv and append it with"
+echo "  python benchmarks/results.py add results.csv [--commit HASH, where the copy here had no git]"

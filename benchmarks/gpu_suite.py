@@ -3,8 +3,10 @@
     python benchmarks/gpu_suite.py [--out DIR] [--dry-run] [--only htwa,losses,model]
 
 On a CUDA machine (H100/H200): checks every GPU backend against the reference on the official shapes and times
-it against the baselines (see benchmarks/gpu_htwa.py and benchmarks/gpu_losses.py), prints one table and writes
-`gpu_suite.json` under --out (default: $OUT or the current directory). GPU time is scarce: the whole run is sized
+it against the baselines (see benchmarks/gpu_htwa.py and benchmarks/gpu_losses.py), prints one table and appends
+every figure as rows of `results.csv` under --out (default: $OUT or the current directory; columns in
+benchmarks/results.py), part by part. Back on the development machine, `python benchmarks/results.py add
+OUT/results.csv` appends them to benchmarks/results.csv. GPU time is scarce: the whole run is sized
 to finish in a few minutes. With --dry-run it runs the same code on tiny shapes on the CPU through the Triton
 interpreter, so the script itself is tested without a GPU.
 
@@ -26,10 +28,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for gpu_suite.json")
+    p.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for results.csv")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU via the Triton interpreter")
     p.add_argument("--only", default="htwa,losses,cuda,model", help="comma-separated parts to run")
-    p.add_argument("--json", default="gpu_suite.json", help="file name of the report under --out")
+    p.add_argument("--csv", default="results.csv", help="file name of the results CSV under --out (appended to)")
     p.add_argument("--htwa-budget", type=float, default=170.0,
                    help="seconds the HTWA part may spend (FlexAttention, compiled per shape, gets what is left)")
     return p.parse_args(argv)
@@ -95,7 +97,13 @@ def main(argv=None):
     }
     failures = 0
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, args.json)
+    path = os.path.join(args.out, args.csv)
+    from benchmarks import results
+
+    ident = {"date": results.utc_now(), "commit": results.git_commit(),
+             "machine": results.machine_name(gpu=device == "cuda")}
+    ident["machine"] += " (dry run)" if args.dry_run else ""
+    notes = f"htwa_tune={json.dumps(report['htwa_tune'], separators=(',', ':'))}" if "htwa_tune" in report else ""
     print(f"gpu_suite: {report['device']}, torch {report['torch']}, triton {triton_version}, parts {parts}",
           flush=True)
     for part in parts:
@@ -116,8 +124,7 @@ def main(argv=None):
         print(f"\n== {part}: {status} ({time.time() - t0:.1f} s)")
         _print_table(rows)
         # written after every part: a run stopped at its time limit still leaves what it measured
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
+        results.append_rows(results.rows_from_gpu_part(part, rows, notes=notes, **ident), path)
         sys.stdout.flush()
     print(f"\nwrote {path}")
     return 1 if failures else 0

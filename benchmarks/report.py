@@ -1,44 +1,118 @@
-"""Print a comparison table from a pytest-benchmark JSON file (`pytest benchmarks/ --benchmark-json=F`).
+"""Print comparison tables from the results CSV (benchmarks/results.csv, written by `pytest benchmarks/` and the GPU
+suite; columns in benchmarks/results.py).
 
-    python benchmarks/report.py F [--markdown]
+    python benchmarks/report.py [--latest] [--date 2026-11-26] [--machine EPYC] [--commit 9508063]
+                                [--benchmark htwa] [--metric median,peak_extra] [--markdown] [--csv FILE]
 
-For every group it lists each provider's median time, the speed-up of the fused kernel (`cpp`, or the provider
-given with --ours) over each other provider, and the peak extra memory with its ratio to the reference's. Paired
-groups (reference and ours timed in alternating rounds) get a second table: both medians and the median, min and
-max of the per-round ratios.
+Filters (all optional, combined with "and"): --date and --commit match a prefix (`2026-11-26`, `2026-11-26T18`,
+`95080`), --machine and --benchmark a substring, case-insensitive (`epyc`, `h100`; `htwa` matches `htwa`,
+`htwa_paired`, `gpu_htwa`). --latest keeps only the newest run left after the filters (`make bench` prints its own
+run this way). Without any filter the newest run is shown.
+
+One table per run (rows sharing date, machine and commit) and benchmark, one line per case and provider, one
+column per metric. Next to a time (ms, s) its ratio reference / provider (the speed-up over the reference: > 1 is
+faster), next to a memory figure (MiB, GiB) its ratio provider / reference (< 1 is less memory), where the same run
+measured the reference provider on the same case (--reference names it: first of `reference,naive` present).
+Paired groups show each side's median (`paired_median`) and the median, min and max of the per-round ratios
+reference / ours (`paired_ratio_*`). The mean and min times are in the CSV; `--metric all` shows them too.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-from collections import defaultdict
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.results import DEFAULT_CSV, default_path, read_rows  # noqa: E402
+
+HIDDEN = ("mean", "min")  # in the CSV, left out of the tables unless asked for
+TIME_UNITS = ("ms", "s")
+MEMORY_UNITS = ("MiB", "GiB", "MB", "GB")
 
 
-def load(path):
-    with open(path) as f:
-        data = json.load(f)
-    groups = defaultdict(dict)
-    paired = {}
-    for b in data["benchmarks"]:
-        info = b.get("extra_info", {})
-        if info.get("provider") == "paired":
-            paired[b["group"]] = info
-            continue
-        provider = info.get("backend") or info.get("provider") or b["name"]
-        groups[b["group"]][provider] = {"median_ms": b["stats"]["median"] * 1e3,
-                                        "mem_mb": (info.get("peak_extra_bytes") or 0) / 2**20 or None}
-    return data, groups, paired
+def select(rows, date=None, machine=None, commit=None, benchmark=None, latest=False):
+    """The rows matching every given filter (date and commit: prefix; machine and benchmark: substring, case-
+    insensitive); with `latest`, only those of the newest run (date) among them."""
+    def ok(r):
+        return ((not date or r["date"].startswith(date)) and (not commit or r["commit"].startswith(commit))
+                and (not machine or machine.lower() in r["machine"].lower())
+                and (not benchmark or benchmark.lower() in r["benchmark"].lower()))
+
+    out = [r for r in rows if ok(r)]
+    if latest and out:
+        newest = max(r["date"] for r in out)
+        out = [r for r in out if r["date"] == newest]
+    return out
 
 
-def paired_table(paired):
-    rows = [["group", "rounds", "reference ms", "ours ms", "reference/ours (median of rounds)", "min", "max"]]
-    for name, p in paired.items():
-        ours_ms = p.get("ours_median_ms", p.get("cpp_median_ms"))  # older result files name it after the backend
-        rows.append([name, str(p["rounds"]), f"{p['reference_median_ms']:.1f}", f"{ours_ms:.1f}",
-                     f"{p['ratio_median']:.2f}x", f"{p['ratio_min']:.2f}x", f"{p['ratio_max']:.2f}x"])
-    return rows
+def _fmt(v, unit=""):
+    if unit == "x":
+        return f"{v:.2f}x"
+    if unit == "bool":
+        return "yes" if v else "no"
+    a = abs(v)
+    if a == 0:
+        return "0"
+    if a >= 100:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    if a >= 1e-3:
+        return f"{v:.4f}"
+    return f"{v:.1e}"
+
+
+def tables(rows, metrics=None, reference=("reference", "naive")):
+    """[(title, table rows)] for the given rows: one per run and benchmark (see the module docstring)."""
+    runs = {}
+    for r in rows:
+        runs.setdefault((r["date"], r["machine"], r["commit"]), {}).setdefault(r["benchmark"], []).append(r)
+    out = []
+    for (date, machine, commit), benches in sorted(runs.items()):
+        for bench, brs in benches.items():
+            shown = [r for r in brs if (r["metric"] in metrics if metrics else r["metric"] not in HIDDEN)]
+            if not shown:
+                continue
+            cols, units, cases, providers, cell = [], {}, [], {}, {}
+            for r in shown:
+                if r["metric"] not in cols:
+                    cols.append(r["metric"])
+                units.setdefault(r["metric"], r["unit"])
+                if r["case"] not in cases:
+                    cases.append(r["case"])
+                providers.setdefault(r["case"], [])
+                if r["provider"] not in providers[r["case"]]:
+                    providers[r["case"]].append(r["provider"])
+                cell[(r["case"], r["provider"], r["metric"])] = r["value"]
+            head = ["case", "provider"]
+            for m in cols:
+                u = units[m]
+                head.append(f"{m} {u}" if u in TIME_UNITS + MEMORY_UNITS + ("1/s",) else m)
+                if u in TIME_UNITS:
+                    head.append("ref/this")
+                elif u in MEMORY_UNITS:
+                    head.append("this/ref")
+            body = [head]
+            for case in cases:
+                ref = next((p for p in reference if p in providers[case]), None)
+                order = sorted(providers[case], key=lambda p: p != ref)
+                for p in order:
+                    line = [case, p]
+                    for m in cols:
+                        u = units[m]
+                        v = cell.get((case, p, m))
+                        line.append("-" if v is None else _fmt(v, u))
+                        if u in TIME_UNITS or u in MEMORY_UNITS:
+                            rv = cell.get((case, ref, m)) if ref else None
+                            if v is None or rv is None or p == ref or not v or not rv:
+                                line.append("-")
+                            else:
+                                line.append(f"{(rv / v if u in TIME_UNITS else v / rv):.2f}")
+                    body.append(line)
+            out.append((f"{bench}: {date}, {machine}, commit {commit}", body))
+    return out
 
 
 def _print(rows, markdown):
@@ -50,55 +124,42 @@ def _print(rows, markdown):
     else:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
-            print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
-
-
-def table(groups, ours, baseline="reference"):
-    """Rows of the comparison table. `ours` is a provider name or a tuple of names tried in order per group
-    (the fused kernel is "cpp" in the op groups, "auto" in the model group)."""
-    candidates = (ours,) if isinstance(ours, str) else tuple(ours)
-    providers = []
-    for g in groups.values():
-        providers += [p for p in g if p not in providers]
-    others = [p for p in providers if p not in candidates and p != baseline]
-    head = ["group", "ours"] + [f"{p} ms" for p in [baseline] + others] + ["ours ms", f"{baseline}/ours"]
-    head += [f"{p}/ours" for p in others] + ["ours MB", f"{baseline} MB", "mem ratio"]
-    rows = [head]
-    for name, g in groups.items():
-        mine = next((c for c in candidates if c in g), None)
-        if mine is None:
-            continue
-        t = g[mine]["median_ms"]
-        row = [name, mine] + [f"{g[p]['median_ms']:.1f}" if p in g else "-" for p in [baseline] + others]
-        row.append(f"{t:.1f}")
-        row.append(f"{g[baseline]['median_ms'] / t:.2f}x" if baseline in g else "-")
-        row += [f"{g[p]['median_ms'] / t:.2f}x" if p in g else "-" for p in others]
-        mo, mb = g[mine]["mem_mb"], g.get(baseline, {}).get("mem_mb")
-        row += [f"{mo:.1f}" if mo else "-", f"{mb:.1f}" if mb else "-", f"{mo / mb:.2f}" if mo and mb else "-"]
-        rows.append(row)
-    return rows
+            print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json_file", help="pytest-benchmark JSON output")
-    parser.add_argument("--ours", default="cpp,auto,fused",
-                        help="the fused provider(s) whose speed-ups are reported, first present per group "
-                             "(default: cpp,auto,fused)")
-    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    args = parser.parse_args(argv)
-    data, groups, paired = load(args.json_file)
-    rows = table(groups, tuple(args.ours.split(",")))
-    mi = data.get("machine_info", {})
-    print(f"machine: {mi.get('cpu', {}).get('brand_raw', platform.processor())}, "
-          f"{mi.get('cpu', {}).get('count', '?')} cores; python {mi.get('python_version', '?')}; "
-          f"date {data.get('datetime', '?')}")
-    if len(rows) > 1:
-        _print(rows, args.markdown)
-    if paired:
-        print()
-        _print(paired_table(paired), args.markdown)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--csv", default=default_path() or DEFAULT_CSV,
+                   help="results CSV (default: $LFVILA_RESULTS_CSV when set, else benchmarks/results.csv)")
+    p.add_argument("--date", help="date prefix (UTC), e.g. 2026-11-26 or 2026-11-26T18")
+    p.add_argument("--machine", help="substring of the machine name, e.g. EPYC, Xeon, H100")
+    p.add_argument("--commit", help="commit hash prefix")
+    p.add_argument("--benchmark", help="substring of the benchmark name, e.g. htwa, info_nce, stage1, gpu_")
+    p.add_argument("--latest", action="store_true", help="only the newest run left after the filters")
+    p.add_argument("--metric", help="comma-separated metrics to show, or 'all' (default: all but mean and min)")
+    p.add_argument("--reference", default="reference,naive",
+                   help="provider(s) the ratios are taken against, first present per case (default: reference,naive)")
+    p.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    args = p.parse_args(argv)
+    if not os.path.exists(args.csv):
+        print(f"report: no results file {args.csv}")
+        return 1
+    filters = (args.date, args.machine, args.commit, args.benchmark)
+    rows = select(read_rows(args.csv), args.date, args.machine, args.commit, args.benchmark,
+                  latest=args.latest or not any(filters))
+    if not rows:
+        print("report: no rows match")
+        return 1
+    metrics = None
+    if args.metric == "all":
+        metrics = sorted({r["metric"] for r in rows})
+    elif args.metric:
+        metrics = args.metric.split(",")
+    for i, (title, body) in enumerate(tables(rows, metrics, tuple(args.reference.split(",")))):
+        print(("\n" if i else "") + title)
+        _print(body, args.markdown)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,7 +4,8 @@ Providers: `reference` (the naive official path: roll, partition, matmul, bias, 
 `sdpa` (same partitioning, scaled_dot_product_attention with a dense bias+mask; partition cost included),
 `flex` (FlexAttention with the bias as score_mod, compiled; forward only: no CPU backward), and `cpp` (ours).
 Peak extra memory per forward+backward case is measured in a fresh subprocess and stored in extra_info.
-Benchmarks measure; they never assert speed. `python benchmarks/report.py RESULTS.json` prints the table.
+Benchmarks measure; they never assert speed. The run's rows go to
+benchmarks/results.csv; `python benchmarks/report.py --latest` prints its table.
 
 `test_htwa_paired` times the reference and ours alternately, round by round (forward+backward), and records the
 median of the per-round ratios: this VM's speed drifts by up to +-20 % over minutes, so two medians taken a minute

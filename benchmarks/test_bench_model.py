@@ -3,7 +3,7 @@
     pytest benchmarks/test_bench_model.py                         # 32 frames, the official input
     LFVILA_BENCH_FRAMES=8 pytest benchmarks/test_bench_model.py   # lighter: the late layers' windows clip to 8
 
-Variants (the `backend` column of benchmarks/report.py):
+Variants (the `provider` column of benchmarks/results.csv):
 - `reference`: the official computation: `attention_backend="reference"` (roll, window partition, masked softmax)
   and the plain nn.LayerNorm / nn.Linear / nn.GELU block modules and BERT layers (`video.fused_blocks=False`,
   `text.fused_ffn=False`).
