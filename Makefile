@@ -96,4 +96,4 @@ cuda-emu: build
 	LFVILA_TEST_CUDA_EMU=1 $(BIN)/python -m pytest tests/test_cuda_emu.py -q
 
 clean:
-	rm -rf build dist *.egg-info lfvila_kernels/_C*.so benchmarks/last.json benchmarks/demo.json
+	rm -rf build dist *.egg-info lfvila_kernels/_C*.so
