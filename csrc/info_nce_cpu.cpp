@@ -72,6 +72,27 @@ inline float exp_f32(float x) {
 inline float exp_acc(float x) { return exp_f32(x); }
 inline double exp_acc(double x) { return std::exp(x); }
 
+// The tile GEMMs must run on one thread each, whatever the caller's thread settings, or the loss and its
+// gradients depend on them: torch.set_num_threads also calls mkl_set_dynamic(false), after which MKL spreads a
+// GEMM issued inside our parallel region over several threads and splits its reduction dimension, changing the
+// rounding. MKL's per-thread setting pins that thread's GEMMs to one thread. The symbol is weak: torch builds
+// without MKL (OpenBLAS runs single-threaded inside OpenMP regions) leave it null and the guard does nothing.
+// MKL_Set_Num_Threads_Local is MKL's C entry point (by value); the lower-case symbol is the Fortran one (by
+// reference): mkl.h maps mkl_set_num_threads_local to the former.
+extern "C" int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
+
+struct SequentialBlasGuard {
+  int previous = 0;
+  SequentialBlasGuard() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlasGuard() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);  // 0 restores the global setting
+  }
+  SequentialBlasGuard(const SequentialBlasGuard&) = delete;
+  SequentialBlasGuard& operator=(const SequentialBlasGuard&) = delete;
+};
+
 // Even split of n items into T blocks: block I is [I*n/T, (I+1)*n/T).
 inline int64_t block_begin(int64_t n, int64_t T, int64_t I) { return I * n / T; }
 
@@ -138,6 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& A, con
 
   for (int64_t s = 0; s < T; ++s) {
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+      const SequentialBlasGuard one_thread_gemms;
       const int64_t tid = at::get_thread_num();
       acc_t* buf = scratch[tid].data_ptr<acc_t>();
       for (int64_t I = begin; I < end; ++I) {
@@ -222,6 +244,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_impl(acc_t dloss, const at::Tensor& A, co
 
   for (int64_t s = 0; s < T; ++s) {
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+      const SequentialBlasGuard one_thread_gemms;
       const int64_t tid = at::get_thread_num();
       acc_t* buf = scratch[tid].data_ptr<acc_t>();
       for (int64_t I = begin; I < end; ++I) {
