@@ -45,4 +45,7 @@ wait $build
 tail -n 4 "$OUT/build.log"
 timeout "${CUDA_LIMIT:-200}" $PY benchmarks/gpu_suite.py --only "${CUDA_PARTS:-cuda,model}" \
   --json cuda_model.json --out "$OUT" 2>&1 | tee "$OUT/cuda_model.log"
+# 4. issue 18's limits (benchmarks/gpu_limits.py) -> $OUT/results_limits.csv; LIMITS_BUDGET=0 skips them
+[ "${LIMITS_BUDGET:-240}" = 0 ] || timeout $(( ${LIMITS_BUDGET:-240} + 60 )) $PY benchmarks/gpu_limits.py \
+  --out "$OUT" --budget "${LIMITS_BUDGET:-240}" 2>&1 | tee "$OUT/limits.log"
 echo "all done after $(( $(date +%s) - t0 )) s"
