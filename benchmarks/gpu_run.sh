@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_run.sh            # results.csv and logs under $OUT (or /tmp/lfvila_gpu)
 # 1. builds lfvila_kernels._C (CPU + CUDA kernels, sm_90) in place, in the background, while
 # 2. the Triton parts (HTWA, losses) run on the GPU; then
-# 3. the CUDA-kernel part and the model step run in a fresh process that loads the new extension.
+# 3. the CUDA-kernel part and the model step run in a fresh process that loads the new extension;
+# 4. issue 18's limits (benchmarks/gpu_limits.py).
 # Every stage has its own time limit and appends its rows to $OUT/results.csv part by part, so a stage that runs
 # long or breaks never costs the others' results. GPU time is scarce: the whole run is sized for about 5 minutes.
 set -u
@@ -45,5 +46,9 @@ wait $build
 tail -n 4 "$OUT/build.log"
 timeout "${CUDA_LIMIT:-200}" $PY benchmarks/gpu_suite.py --only "${CUDA_PARTS:-cuda,model}" \
   --out "$OUT" 2>&1 | tee "$OUT/cuda_model.log"
+# 4. issue 18's limits (benchmarks/gpu_limits.py: memory floors, the big-N loss, the stage-1 step, the long-form
+#    row), into the same $OUT/results.csv; LIMITS_BUDGET=0 skips them
+[ "${LIMITS_BUDGET:-240}" = 0 ] || timeout $(( ${LIMITS_BUDGET:-240} + 60 )) $PY benchmarks/gpu_limits.py \
+  --out "$OUT" --budget "${LIMITS_BUDGET:-240}" 2>&1 | tee "$OUT/limits.log"
 echo "all done after $(( $(date +%s) - t0 )) s; bring back $OUT/results.csv and append it with"
 echo "  python benchmarks/results.py add results.csv [--commit HASH, where the copy here had no git]"
