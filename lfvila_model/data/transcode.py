@@ -8,7 +8,11 @@ Frame choice (the constant-frame-rate resampling ffmpeg's ``fps`` filter does): 
 ``start + k / fps`` and shows the last source frame whose presentation time is at or before it (the first
 frame for times before it). Output frames are written while ``start + k / fps`` is before the end, where the
 end is the earliest of: the end of the last source frame, ``end``, ``start + max_seconds``. So a 4 s video at
-3 fps gives 12 frames, and ``start``/``end`` cut frame-accurately (no keyframe seeking).
+3 fps gives 12 frames, and ``start``/``end`` cut frame-accurately. A ``start`` inside the video seeks to the
+keyframe at or before it first (so cutting many short clips from one long video decodes each span once, not the
+video from its beginning each time), then decodes forward; where the container cannot seek there or lands after
+``start`` (a missing index, no start time), the video is decoded from its beginning instead: the frames written
+are the same either way.
 
 Size: ``short_side=S`` scales the shorter side to S and the other to keep the aspect ratio; both are rounded
 to even numbers (yuv420p needs even sizes), so a 640x360 video with S = 224 becomes 398x224. Without
@@ -65,7 +69,7 @@ def output_size(width: int, height: int, short_side: Optional[int] = None) -> tu
 
 def transcode_video(src: str | os.PathLike, dst: str | os.PathLike, *, fps: float = 3, short_side: Optional[int] = None,
                     max_seconds: Optional[float] = None, start: Optional[float] = None, end: Optional[float] = None,
-                    crf: int = 23, preset: str = "veryfast") -> dict:
+                    crf: int = 23, preset: str = "veryfast", seek: bool = True) -> dict:
     """Re-encodes ``src`` to the mp4 ``dst`` (H.264, yuv420p, one encoder thread) at ``fps`` frames per second.
 
     Args:
@@ -77,6 +81,8 @@ def transcode_video(src: str | os.PathLike, dst: str | os.PathLike, *, fps: floa
         start, end: the span ``[start, end)`` of the source to keep, in seconds from its first frame (None: from
             the beginning / to the end); cuts are frame-accurate.
         crf, preset: libx264 quality (lower crf = better, 23 is x264's default) and speed preset.
+        seek: jump to the keyframe at or before ``start`` instead of decoding from the beginning (the output is
+            the same; False only for checking that).
     Returns:
         ``{"frames", "fps", "width", "height", "seconds", "source_size": [w, h]}`` of the output.
     Raises:
@@ -127,10 +133,33 @@ def transcode_video(src: str | os.PathLike, dst: str | os.PathLike, *, fps: floa
         if stream.start_time is not None and stream.time_base is not None:
             origin = float(stream.start_time * stream.time_base)
         out = av.open(tmp, mode="w", format="mp4")
+        sought = seek and t0 > 0 and origin is not None and bool(stream.time_base)
+        if sought:
+            try:  # the keyframe at or before t0 (pts in the stream's time base)
+                target = stream.start_time + int(math.floor(Fraction(t0) / stream.time_base))
+                container.seek(target, stream=stream, backward=True, any_frame=False)
+            except (av.FFmpegError, OSError, ValueError, OverflowError):
+                sought = False
+                container.close()
+                container = open_video(src)
+                stream = container.streams.video[0]
         i = 0
         try:
-            for frame in container.decode(stream):
-                t = frame.time
+            frames = container.decode(stream)
+            while True:
+                frame = next(frames, None)
+                t = None if frame is None else frame.time
+                if sought and i == 0 and (t is None or t - origin > t0 + _TIME_EPS):
+                    # the seek landed after t0 (or found no frame, or lost the timestamps): decode from the
+                    # beginning instead
+                    sought = False
+                    container.close()
+                    container = open_video(src)
+                    stream = container.streams.video[0]
+                    frames = container.decode(stream)
+                    continue
+                if frame is None:
+                    break
                 if t is None:  # no timestamps: place frames by the stream's rate
                     t = i * (step or 1.0 / float(rate))
                 if origin is None:
@@ -193,11 +222,13 @@ class TranscodeJob:
 @dataclass
 class TranscodeResult:
     """What :func:`transcode_videos` did: ``done`` outputs written now, ``existing`` outputs already there (not
-    redone), ``failed`` ``{src: reason}`` of the inputs that could not be used (no output for them)."""
+    redone), ``failed`` ``{src: reason}`` of the inputs that could not be used (no output for them), and
+    ``failed_outputs`` ``{dst: reason}`` of the jobs that wrote nothing (several jobs may cut one input)."""
 
     done: list = field(default_factory=list)
     existing: list = field(default_factory=list)
     failed: dict = field(default_factory=dict)
+    failed_outputs: dict = field(default_factory=dict)
 
 
 def default_workers() -> int:
@@ -221,7 +252,7 @@ def _run_job(job: TranscodeJob, options: dict) -> tuple[TranscodeJob, Optional[s
 
 def transcode_videos(jobs: Iterable[TranscodeJob], *, fps: float = 3, short_side: Optional[int] = None,
                      max_seconds: Optional[float] = None, workers: Optional[int] = None, progress: bool = True,
-                     desc: str = "re-encoding") -> TranscodeResult:
+                     desc: str = "re-encoding", unit: str = "video") -> TranscodeResult:
     """Runs :func:`transcode_video` over ``jobs`` in ``workers`` processes, with a tqdm progress bar.
 
     Resumable: a job whose ``dst`` exists is not redone (outputs appear only when complete, so an interrupted
@@ -232,7 +263,7 @@ def transcode_videos(jobs: Iterable[TranscodeJob], *, fps: float = 3, short_side
         jobs: the videos; two jobs may not write the same ``dst``.
         fps, short_side, max_seconds: as :func:`transcode_video`, the same for every job.
         workers: processes (default :func:`default_workers`); 1 runs in this process.
-        progress: show the progress bar.
+        progress: show the progress bar (``desc``: its label, ``unit``: what one job is).
     """
     from tqdm.auto import tqdm
 
@@ -267,8 +298,9 @@ def transcode_videos(jobs: Iterable[TranscodeJob], *, fps: float = 3, short_side
             result.done.append(job.dst)
         else:
             result.failed[job.src] = reason
+            result.failed_outputs[job.dst] = reason
 
-    bar = tqdm(total=len(todo), desc=desc, unit="video", disable=not progress)
+    bar = tqdm(total=len(todo), desc=desc, unit=unit, disable=not progress)
     try:
         if workers == 1 or len(todo) <= 1:
             for j in todo:
