@@ -34,7 +34,8 @@ from typing import Iterable, Optional
 
 from .video import VideoReadError, import_av, open_video
 
-__all__ = ["TranscodeJob", "TranscodeResult", "transcode_video", "transcode_videos", "output_size", "default_workers"]
+__all__ = ["TranscodeJob", "TranscodeResult", "transcode_video", "transcode_videos", "output_size", "default_workers",
+           "temporary_name", "remove_stale_temporaries"]
 
 # a frame stamped within this many seconds after an output time counts as at that time (pts round-off)
 _TIME_EPS = 1e-6
@@ -65,6 +66,44 @@ def output_size(width: int, height: int, short_side: Optional[int] = None) -> tu
     if height <= width:
         return _even(width * short_side / height), _even(short_side)
     return _even(short_side), _even(height * short_side / width)
+
+
+def temporary_name(dst: str | os.PathLike, pid: Optional[int] = None) -> str:
+    """Where :func:`transcode_video` writes ``dst`` before renaming it: ``.<name>.<pid>.tmp.mp4`` beside it."""
+    dst = os.fspath(dst)
+    pid = os.getpid() if pid is None else pid
+    return os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.{pid}.tmp.mp4")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # a process of another user (or an absurd number, which no process of ours wrote)
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Deletes the temporary outputs in ``folder`` left by a killed run (their process is gone on this machine);
+    returns how many. Temporaries of running processes are kept."""
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        if not (name.startswith(".") and name.endswith(".tmp.mp4")):
+            continue
+        pid = name[: -len(".tmp.mp4")].rsplit(".", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 def transcode_video(src: str | os.PathLike, dst: str | os.PathLike, *, fps: float = 3, short_side: Optional[int] = None,
@@ -106,7 +145,7 @@ def transcode_video(src: str | os.PathLike, dst: str | os.PathLike, *, fps: floa
         output_size(2, 2, short_side)  # checks the value before any file is touched
 
     container = open_video(src)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.{os.getpid()}.tmp.mp4")
+    tmp = temporary_name(dst)
     out = ostream = None
     k = 0  # output frames written; output frame k stands at t0 + k / rate
     held = None  # [source frame, its time, its converted copy or None]: shown at output times from its time on
@@ -256,7 +295,8 @@ def transcode_videos(jobs: Iterable[TranscodeJob], *, fps: float = 3, short_side
     """Runs :func:`transcode_video` over ``jobs`` in ``workers`` processes, with a tqdm progress bar.
 
     Resumable: a job whose ``dst`` exists is not redone (outputs appear only when complete, so an interrupted
-    run leaves no half file; delete the outputs to redo them with other options). A bad video is recorded in
+    run leaves no half file; delete the outputs to redo them with other options); the temporaries a killed run
+    left in the output folders are deleted (:func:`remove_stale_temporaries`). A bad video is recorded in
     ``failed`` and the others go on. Output folders are created.
 
     Args:
@@ -286,12 +326,16 @@ def transcode_videos(jobs: Iterable[TranscodeJob], *, fps: float = 3, short_side
 
     result = TranscodeResult()
     todo = []
+    folders = set()
     for j in jobs:
         if os.path.isfile(j.dst):
             result.existing.append(j.dst)
         else:
-            os.makedirs(os.path.dirname(os.path.abspath(j.dst)), exist_ok=True)
+            folders.add(os.path.dirname(os.path.abspath(j.dst)))
             todo.append(j)
+    for folder in sorted(folders):
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(folder)
 
     def record(job: TranscodeJob, reason: Optional[str]) -> None:
         if reason is None:
