@@ -268,10 +268,10 @@ def prepare_clips(meta: str | os.PathLike, transcripts: str | os.PathLike, raw_d
         output_size(2, 2, short_side)  # raises ValueError naming short_side
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
-    meta, transcripts = _check_file("meta", meta), _check_file("transcripts", transcripts)
+    meta, transcripts = _check_file("meta (the metadata)", meta), _check_file("transcripts", transcripts)
     raw_dir, out_dir = os.fspath(raw_dir), os.fspath(out_dir)
     if not os.path.isdir(raw_dir):
-        raise FileNotFoundError(f"video folder not found: {raw_dir}")
+        raise FileNotFoundError(f"raw_dir (the video folder) not found: {raw_dir}")
     options = {"fps": float(fps), "short_side": short_side, "min_clips": min_clips}
     os.makedirs(out_dir, exist_ok=True)
     _check_reencoding(out_dir, options)

@@ -183,7 +183,7 @@ def write_shards(annotations: str | os.PathLike, video_root: str | os.PathLike, 
         raise ValueError(f"samples_per_shard must be a positive integer, got {samples_per_shard!r}")
     annotations, video_root, out_dir = os.fspath(annotations), os.fspath(video_root), os.fspath(out_dir)
     if not os.path.isdir(video_root):
-        raise FileNotFoundError(f"clip folder not found: {video_root}")
+        raise FileNotFoundError(f"video_root (the clip folder) not found: {video_root}")
     samples = read_pretrain_jsonl(annotations)
     os.makedirs(out_dir, exist_ok=True)
     index_path = os.path.join(out_dir, INDEX_FILE)
