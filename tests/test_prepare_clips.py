@@ -304,3 +304,36 @@ def test_cli_help_errors_and_run(tmp_path, corpus, capsys):
     assert main(common + ["--short-side", "24", "--workers", "2", "--no-progress"]) == 0
     assert "2 samples (10 clips)" in capsys.readouterr().out
     assert probe(clip_path(corpus["out"], "vB.0.mp4"))[2:] == (32, 24)
+
+
+def test_a_cut_seeks_and_gives_the_frames_of_a_full_decode(tmp_path, monkeypatch):
+    """The transcoder's seek (used for every clip) changes how much is decoded, never which frames are written,
+    also where the container lands after the span's start (then it decodes from the beginning)."""
+    from lfvila_model.data import transcode as T
+
+    src = make_video(tmp_path / "v.mp4", seconds=8)
+    decoded = []
+    decode = av.container.InputContainer.decode
+
+    def counting_decode(self, *a, **k):
+        for f in decode(self, *a, **k):
+            decoded.append(f.pts)
+            yield f
+
+    monkeypatch.setattr(av.container.InputContainer, "decode", counting_decode)
+    T.transcode_video(src, tmp_path / "full.mp4", fps=3, start=6.35, end=7.4, seek=False)
+    full = len(decoded)
+    decoded.clear()
+    T.transcode_video(src, tmp_path / "seek.mp4", fps=3, start=6.35, end=7.4)
+    assert len(decoded) < full / 3  # from the keyframe at 6.0 s, not from 0
+    want = expected_levels(6.35, 7.4, 3)
+    np.testing.assert_allclose(levels(tmp_path / "seek.mp4"), want, atol=5)
+    np.testing.assert_array_equal(levels(tmp_path / "seek.mp4"), levels(tmp_path / "full.mp4"))
+
+    seek = av.container.InputContainer.seek
+    monkeypatch.setattr(av.container.InputContainer, "seek",  # lands 2 s late (time base 1/10240 here)
+                        lambda self, offset, **k: seek(self, offset + 2 * 10240, **k))
+    decoded.clear()
+    T.transcode_video(src, tmp_path / "late.mp4", fps=3, start=3.35, end=4.4)
+    assert len(decoded) > 40  # decoded again from the beginning
+    np.testing.assert_allclose(levels(tmp_path / "late.mp4"), expected_levels(3.35, 4.4, 3), atol=5)
