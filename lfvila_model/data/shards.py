@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Optional
+from typing import Any
 
 from .annotations import clip_video_path, read_pretrain_jsonl
 
@@ -93,6 +93,14 @@ def read_index(path: str | os.PathLike) -> dict:
     return index
 
 
+def _import_webdataset():
+    try:
+        import webdataset
+    except ImportError as e:
+        raise ImportError(f"writing shards needs the webdataset package (pip install webdataset): {e}") from None
+    return webdataset
+
+
 def _write_json(path: str, obj: Any) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -103,8 +111,7 @@ def _write_json(path: str, obj: Any) -> None:
 
 def _verify_shard(path: str, expected: list[tuple[str, dict[str, str]]]) -> None:
     """Reads ``path`` back with webdataset: the samples' keys in order, their members and the bytes' digests."""
-    import webdataset as wds
-
+    wds = _import_webdataset()
     got = []
     for sample in wds.WebDataset(path, shardshuffle=False, empty_check=False):
         members = {k: hashlib.sha1(v).hexdigest() for k, v in sample.items() if not k.startswith("__")}
@@ -127,9 +134,8 @@ class _ShardSink:
         self.expected: list[tuple[str, dict[str, str]]] = []
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
-        import webdataset as wds
-
         if self.writer is None:
+            wds = _import_webdataset()
             self.tmp = os.path.join(self.out_dir, f".{shard_name(len(self.shards))}.tmp{os.getpid()}")
             self.writer = wds.TarWriter(self.tmp, **_TAR_OPTIONS)
         self.writer.write({"__key__": key, **members})
@@ -185,6 +191,7 @@ def write_shards(annotations: str | os.PathLike, video_root: str | os.PathLike, 
     if not os.path.isdir(video_root):
         raise FileNotFoundError(f"video_root (the clip folder) not found: {video_root}")
     samples = read_pretrain_jsonl(annotations)
+    _import_webdataset()  # before any file is touched
     os.makedirs(out_dir, exist_ok=True)
     index_path = os.path.join(out_dir, INDEX_FILE)
     if os.path.exists(index_path):  # the set is unfinished until the new index is written
