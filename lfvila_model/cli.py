@@ -2,6 +2,8 @@
 
     lfvila make-demo-data DIR            render the long-form demo set (mp4 files + annotations)
     lfvila prepare activitynet|didemo    public benchmark annotations -> retrieval jsonl, videos -> 3 fps mp4
+    lfvila prepare clips                 HD-VILA-100M metadata + transcripts + videos -> 3 fps clips, pretrain.jsonl
+    lfvila shard                         pretrain.jsonl + clips -> WebDataset tar shards + index.json
     lfvila pretrain --config YAML        stage-1 / stage-2 pre-training (and the CPU demo: configs/demo.yaml)
     lfvila finetune --config YAML        fine-tuning: retrieval, How2QA, VIOLIN, ActivityNet-QA, COIN/LVU
     lfvila evaluate --config YAML --checkpoint DIR   retrieval metrics (+ temporal order on the demo set) or
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="rendering processes (default: min(2, CPUs))")
     p.add_argument("--force", action="store_true", help="regenerate even if DIR holds the same set")
     _add_prepare_parser(sub)
+    _register_shard(sub)
 
     p = sub.add_parser("pretrain", help="pre-train (stage 1: VPC + MTC; stage 2: MLM + VTM) or run the CPU demo",
                        description="Pre-training. Stage 1 trains the dual encoder with VPC + MTC, stage 2 the "
@@ -243,12 +246,88 @@ def _run_benchmark(args) -> int:
     return 0
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low`` (argparse names the option in its error)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return v
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return v
+
+
+def _clips_arguments(p: argparse.ArgumentParser) -> None:
+    import textwrap
+
+    p.description = "Cut the HD-VILA-100M clips of the pre-training samples and write OUT/pretrain.jsonl.\n\n" + \
+        textwrap.fill(
+            "META has one video a line: {\"video_id\", \"url\", \"clip\": [{\"clip_id\": \"<video_id>.<n>.mp4\", "
+            "\"span\": [\"hh:mm:ss.fff\", \"hh:mm:ss.fff\"]}, ...]}; TEXT one {\"clip_id\", \"text\"} a line; "
+            "--videos holds <video_id>.<ext> (searched recursively, any container PyAV opens). A sample is each "
+            "maximal run of at least --min-clips consecutive clip numbers of one video that all have a text and "
+            "were cut. The clips of such runs are cut by their spans (frame-accurate), re-encoded at --fps (and "
+            "--short-side) to OUT/clips/<video_id>/<clip_id>, in parallel; a second run redoes nothing already "
+            "cut, and a missing or unreadable video is never fatal. OUT/pretrain.jsonl holds one sample a line "
+            "([{\"clip_id\", \"text\"}, ...]); OUT/report.json lists the missing and unreadable videos and "
+            "clips.", 100)
+    p.epilog = textwrap.fill(
+        "Then: lfvila shard --annotations OUT/pretrain.jsonl --videos OUT/clips --out SHARDS, or train on the "
+        "files: --set data.train=OUT/pretrain.jsonl --set data.video_root=OUT/clips "
+        "(docs/pretraining-at-scale.md).", 100)
+    p.add_argument("--meta", required=True, metavar="META.jsonl", help="HD-VILA-100M metadata, one video a line")
+    p.add_argument("--transcripts", required=True, metavar="TEXT.jsonl", help="one {clip_id, text} a line")
+    p.add_argument("--videos", required=True, metavar="RAW_DIR", help="the downloaded videos <video_id>.<ext>")
+    p.add_argument("--out", "-o", required=True, metavar="OUT", help="output folder: clips/, pretrain.jsonl, "
+                                                                      "report.json")
+    p.add_argument("--fps", type=_positive_float, default=3.0, help="frame rate of the clips (default 3, as LF-VILA "
+                                                                    "samples)")
+    p.add_argument("--short-side", type=_at_least(2), metavar="S", help="scale the shorter side to S pixels, aspect kept "
+                                                               "(default: keep the size; 720 for HD-VILA's 720p)")
+    p.add_argument("--min-clips", type=_at_least(1), default=4, metavar="K", help="fewest consecutive clips in a sample "
+                                                                          "(default 4, as LF-VILA-8M)")
+    p.add_argument("--workers", type=_at_least(1), metavar="N", help="processes cutting clips (default: the CPUs "
+                                                                        "available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_clips(args) -> int:
+    from .data.hdvila import prepare_clips
+
+    try:
+        rep = prepare_clips(args.meta, args.transcripts, args.videos, args.out, fps=args.fps,
+                            short_side=args.short_side, min_clips=args.min_clips, workers=args.workers,
+                            progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:  # a bad argument or input line: its message, no traceback
+        raise SystemExit(f"lfvila prepare clips: error: {e}") from None
+    v, c = rep["videos"], rep["clips"]
+    print(f"{rep['samples']} samples ({c['in_samples']} clips) -> {rep['pretrain_jsonl'] or '(none written)'}")
+    print(f"clips: {c['in_candidate_runs']} in runs of >= {args.min_clips} ({c['cut_now']} cut now, "
+          f"{c['already_cut']} already there, {c['failed']} failed); videos: {v['in_meta']} in META, "
+          f"{v['missing']} missing, {v['unreadable']} unreadable; report {os.path.join(rep['out'], 'report.json')}")
+    return 0
+
+
 # target -> (one-line help, add its arguments, run it)
 _PREPARE_TARGETS = {
     "activitynet": ("ActivityNet Captions -> retrieval jsonl + 3 fps videos",
                     lambda p: _benchmark_arguments(p, "activitynet"), _run_benchmark),
     "didemo": ("DiDeMo -> retrieval jsonl + 3 fps videos", lambda p: _benchmark_arguments(p, "didemo"),
                _run_benchmark),
+    "clips": ("HD-VILA-100M metadata + transcripts + videos -> 3 fps clips + pretrain.jsonl", _clips_arguments,
+              _run_clips),
 }
 
 
@@ -264,6 +343,41 @@ def _add_prepare_parser(sub) -> None:
 
 def cmd_prepare(args) -> int:
     return _PREPARE_TARGETS[args.target][2](args)
+
+
+def _register_shard(sub) -> None:
+    p = sub.add_parser("shard", help="pack pretrain.jsonl and its clips into WebDataset tar shards",
+                       description="Write SHARDS_DIR/shard-000000.tar, ... (WebDataset tar files, --samples-per-shard "
+                                   "samples each, in the order of the annotations) and SHARDS_DIR/index.json (shard "
+                                   "names, sample counts, the total). A sample is <key>.json ({video_id, clips, "
+                                   "texts}) and <key>.clip000.mp4, <key>.clip001.mp4, ... (its clips' bytes). Each "
+                                   "shard is read back and checked before it gets its name. A sample with a missing "
+                                   "clip file is skipped and counted (index.json, report.json). Train on the set "
+                                   "with data.kind: shards (docs/pretraining-at-scale.md).")
+    p.add_argument("--annotations", required=True, metavar="pretrain.jsonl", help="pre-training samples, one list "
+                                                                                   "of {clip_id, text} a line")
+    p.add_argument("--videos", required=True, metavar="CLIPS_DIR", help="clip folder: <video_id>/<clip_id> "
+                                                                         "(OUT/clips of `lfvila prepare clips`)")
+    p.add_argument("--out", "-o", required=True, metavar="SHARDS_DIR", help="shard folder (created; shards and an "
+                                                                             "index already there are replaced)")
+    p.add_argument("--samples-per-shard", type=_at_least(1), default=1000, metavar="N", help="samples per shard (default "
+                                                                                    "1000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_shard(args) -> int:
+    from .data.shards import write_shards
+
+    try:
+        index = write_shards(args.annotations, args.videos, args.out, samples_per_shard=args.samples_per_shard,
+                             progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"lfvila shard: error: {e}") from None
+    rep = index["report"]
+    print(f"{index['total']} samples in {len(index['shards'])} shards ({rep['bytes'] / 1e6:.1f} MB) -> "
+          f"{os.path.join(args.out, 'index.json')}; {index['skipped']} skipped (clip file missing), report "
+          f"{os.path.join(args.out, 'report.json')}")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -469,7 +583,7 @@ def cmd_serve(args) -> int:
 
 COMMANDS = {"make-demo-data": cmd_make_demo_data, "prepare": cmd_prepare, "pretrain": cmd_train, "finetune": cmd_train,
             "evaluate": cmd_evaluate, "convert-checkpoint": cmd_convert, "info": cmd_info,
-            "embed": cmd_embed, "search": cmd_search, "serve": cmd_serve}
+            "embed": cmd_embed, "search": cmd_search, "serve": cmd_serve, "shard": cmd_shard}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -8,7 +8,11 @@ Frame choice (the constant-frame-rate resampling ffmpeg's ``fps`` filter does): 
 ``start + k / fps`` and shows the last source frame whose presentation time is at or before it (the first
 frame for times before it). Output frames are written while ``start + k / fps`` is before the end, where the
 end is the earliest of: the end of the last source frame, ``end``, ``start + max_seconds``. So a 4 s video at
-3 fps gives 12 frames, and ``start``/``end`` cut frame-accurately (no keyframe seeking).
+3 fps gives 12 frames, and ``start``/``end`` cut frame-accurately. A ``start`` inside the video seeks to the
+keyframe at or before it first (so cutting many short clips from one long video decodes each span once, not the
+video from its beginning each time), then decodes forward; where the container cannot seek there or lands after
+``start`` (a missing index, no start time), the video is decoded from its beginning instead: the frames written
+are the same either way.
 
 Size: ``short_side=S`` scales the shorter side to S and the other to keep the aspect ratio; both are rounded
 to even numbers (yuv420p needs even sizes), so a 640x360 video with S = 224 becomes 398x224. Without
@@ -30,7 +34,8 @@ from typing import Iterable, Optional
 
 from .video import VideoReadError, import_av, open_video
 
-__all__ = ["TranscodeJob", "TranscodeResult", "transcode_video", "transcode_videos", "output_size", "default_workers"]
+__all__ = ["TranscodeJob", "TranscodeResult", "transcode_video", "transcode_videos", "output_size", "default_workers",
+           "temporary_name", "remove_stale_temporaries"]
 
 # a frame stamped within this many seconds after an output time counts as at that time (pts round-off)
 _TIME_EPS = 1e-6
@@ -63,9 +68,47 @@ def output_size(width: int, height: int, short_side: Optional[int] = None) -> tu
     return _even(short_side), _even(height * short_side / width)
 
 
+def temporary_name(dst: str | os.PathLike, pid: Optional[int] = None) -> str:
+    """Where :func:`transcode_video` writes ``dst`` before renaming it: ``.<name>.<pid>.tmp.mp4`` beside it."""
+    dst = os.fspath(dst)
+    pid = os.getpid() if pid is None else pid
+    return os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.{pid}.tmp.mp4")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # a process of another user (or an absurd number, which no process of ours wrote)
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Deletes the temporary outputs in ``folder`` left by a killed run (their process is gone on this machine);
+    returns how many. Temporaries of running processes are kept."""
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        if not (name.startswith(".") and name.endswith(".tmp.mp4")):
+            continue
+        pid = name[: -len(".tmp.mp4")].rsplit(".", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 def transcode_video(src: str | os.PathLike, dst: str | os.PathLike, *, fps: float = 3, short_side: Optional[int] = None,
                     max_seconds: Optional[float] = None, start: Optional[float] = None, end: Optional[float] = None,
-                    crf: int = 23, preset: str = "veryfast") -> dict:
+                    crf: int = 23, preset: str = "veryfast", seek: bool = True) -> dict:
     """Re-encodes ``src`` to the mp4 ``dst`` (H.264, yuv420p, one encoder thread) at ``fps`` frames per second.
 
     Args:
@@ -77,6 +120,8 @@ def transcode_video(src: str | os.PathLike, dst: str | os.PathLike, *, fps: floa
         start, end: the span ``[start, end)`` of the source to keep, in seconds from its first frame (None: from
             the beginning / to the end); cuts are frame-accurate.
         crf, preset: libx264 quality (lower crf = better, 23 is x264's default) and speed preset.
+        seek: jump to the keyframe at or before ``start`` instead of decoding from the beginning (the output is
+            the same; False only for checking that).
     Returns:
         ``{"frames", "fps", "width", "height", "seconds", "source_size": [w, h]}`` of the output.
     Raises:
@@ -100,7 +145,7 @@ def transcode_video(src: str | os.PathLike, dst: str | os.PathLike, *, fps: floa
         output_size(2, 2, short_side)  # checks the value before any file is touched
 
     container = open_video(src)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.{os.getpid()}.tmp.mp4")
+    tmp = temporary_name(dst)
     out = ostream = None
     k = 0  # output frames written; output frame k stands at t0 + k / rate
     held = None  # [source frame, its time, its converted copy or None]: shown at output times from its time on
@@ -127,10 +172,33 @@ def transcode_video(src: str | os.PathLike, dst: str | os.PathLike, *, fps: floa
         if stream.start_time is not None and stream.time_base is not None:
             origin = float(stream.start_time * stream.time_base)
         out = av.open(tmp, mode="w", format="mp4")
+        sought = seek and t0 > 0 and origin is not None and bool(stream.time_base)
+        if sought:
+            try:  # the keyframe at or before t0 (pts in the stream's time base)
+                target = stream.start_time + int(math.floor(Fraction(t0) / stream.time_base))
+                container.seek(target, stream=stream, backward=True, any_frame=False)
+            except (av.FFmpegError, OSError, ValueError, OverflowError):
+                sought = False
+                container.close()
+                container = open_video(src)
+                stream = container.streams.video[0]
         i = 0
         try:
-            for frame in container.decode(stream):
-                t = frame.time
+            frames = container.decode(stream)
+            while True:
+                frame = next(frames, None)
+                t = None if frame is None else frame.time
+                if sought and i == 0 and (t is None or t - origin > t0 + _TIME_EPS):
+                    # the seek landed after t0 (or found no frame, or lost the timestamps): decode from the
+                    # beginning instead
+                    sought = False
+                    container.close()
+                    container = open_video(src)
+                    stream = container.streams.video[0]
+                    frames = container.decode(stream)
+                    continue
+                if frame is None:
+                    break
                 if t is None:  # no timestamps: place frames by the stream's rate
                     t = i * (step or 1.0 / float(rate))
                 if origin is None:
@@ -193,11 +261,13 @@ class TranscodeJob:
 @dataclass
 class TranscodeResult:
     """What :func:`transcode_videos` did: ``done`` outputs written now, ``existing`` outputs already there (not
-    redone), ``failed`` ``{src: reason}`` of the inputs that could not be used (no output for them)."""
+    redone), ``failed`` ``{src: reason}`` of the inputs that could not be used (no output for them), and
+    ``failed_outputs`` ``{dst: reason}`` of the jobs that wrote nothing (several jobs may cut one input)."""
 
     done: list = field(default_factory=list)
     existing: list = field(default_factory=list)
     failed: dict = field(default_factory=dict)
+    failed_outputs: dict = field(default_factory=dict)
 
 
 def default_workers() -> int:
@@ -221,18 +291,19 @@ def _run_job(job: TranscodeJob, options: dict) -> tuple[TranscodeJob, Optional[s
 
 def transcode_videos(jobs: Iterable[TranscodeJob], *, fps: float = 3, short_side: Optional[int] = None,
                      max_seconds: Optional[float] = None, workers: Optional[int] = None, progress: bool = True,
-                     desc: str = "re-encoding") -> TranscodeResult:
+                     desc: str = "re-encoding", unit: str = "video") -> TranscodeResult:
     """Runs :func:`transcode_video` over ``jobs`` in ``workers`` processes, with a tqdm progress bar.
 
     Resumable: a job whose ``dst`` exists is not redone (outputs appear only when complete, so an interrupted
-    run leaves no half file; delete the outputs to redo them with other options). A bad video is recorded in
+    run leaves no half file; delete the outputs to redo them with other options); the temporaries a killed run
+    left in the output folders are deleted (:func:`remove_stale_temporaries`). A bad video is recorded in
     ``failed`` and the others go on. Output folders are created.
 
     Args:
         jobs: the videos; two jobs may not write the same ``dst``.
         fps, short_side, max_seconds: as :func:`transcode_video`, the same for every job.
         workers: processes (default :func:`default_workers`); 1 runs in this process.
-        progress: show the progress bar.
+        progress: show the progress bar (``desc``: its label, ``unit``: what one job is).
     """
     from tqdm.auto import tqdm
 
@@ -255,20 +326,25 @@ def transcode_videos(jobs: Iterable[TranscodeJob], *, fps: float = 3, short_side
 
     result = TranscodeResult()
     todo = []
+    folders = set()
     for j in jobs:
         if os.path.isfile(j.dst):
             result.existing.append(j.dst)
         else:
-            os.makedirs(os.path.dirname(os.path.abspath(j.dst)), exist_ok=True)
+            folders.add(os.path.dirname(os.path.abspath(j.dst)))
             todo.append(j)
+    for folder in sorted(folders):
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(folder)
 
     def record(job: TranscodeJob, reason: Optional[str]) -> None:
         if reason is None:
             result.done.append(job.dst)
         else:
             result.failed[job.src] = reason
+            result.failed_outputs[job.dst] = reason
 
-    bar = tqdm(total=len(todo), desc=desc, unit="video", disable=not progress)
+    bar = tqdm(total=len(todo), desc=desc, unit=unit, disable=not progress)
     try:
         if workers == 1 or len(todo) <= 1:
             for j in todo:
