@@ -377,5 +377,8 @@ def test_two_nodes_by_torchrun_match_one_process(tmp_path):
     per_epoch = len(EpochBatches(len(stream), 2, 0, 2))
     rows = [next(iter(stream.batches(2, r, 2, lanes=1, per_epoch=per_epoch))) for r in range(2)]
     batch = {k: torch.cat([rows[0][k], rows[1][k]]) for k in ("video", "input_ids", "attention_mask")}
-    want = PretrainTask(mc).loss(model, batch, mtc_generator(4, 0))["loss"]
-    assert losses[0]["train/loss"] == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+    with torch.no_grad():
+        want = float(PretrainTask(mc).loss(model, batch, mtc_generator(4, 0))["loss"])
+        alone = float(PretrainTask(mc).loss(model, {k: v[:2] for k, v in batch.items()}, mtc_generator(4, 0))["loss"])
+    assert losses[0]["train/loss"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert alone != pytest.approx(want, rel=1e-3)  # rank 1's rows count: the loss is the global batch's
