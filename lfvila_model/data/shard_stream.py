@@ -43,6 +43,7 @@ How one rank reads (:class:`ShardStream`, :class:`ShardBatches`):
 
 from __future__ import annotations
 
+import heapq
 import io
 import json
 import logging
@@ -151,12 +152,12 @@ def deal_shards(counts: Sequence[int], slots: int, seed: int, epoch: int) -> lis
     there are fewer shards than slots)."""
     slots = check_pos_int("slots", slots)
     order = np.random.default_rng([int(seed), int(epoch), 0x5EED]).permutation(len(counts))
-    held = [0] * slots
+    heap = [(0, k) for k in range(slots)]  # (samples held, slot): the smallest first, the lowest slot on ties
     out: list = [[] for _ in range(slots)]
     for i in order.tolist():
-        s = min(range(slots), key=lambda k: (held[k], k))
+        held, s = heapq.heappop(heap)
         out[s].append(i)
-        held[s] += int(counts[i])
+        heapq.heappush(heap, (held + int(counts[i]), s))
     return out
 
 
