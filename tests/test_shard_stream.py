@@ -268,6 +268,28 @@ def test_workers_deliver_the_lanes_in_order(tmp_path, tokenizer):
     assert inp.stream_state() == {"lanes": 2, "cursors": [[2, 2], [2, 2]]}
 
 
+def test_batches_pickle_for_spawned_workers(tmp_path, tokenizer):
+    import pickle
+
+    shards = write_shards(str(tmp_path / "s"), [2, 2])
+    plan = _stream(shards, tokenizer).batches(2, 0, 1, lanes=1, per_epoch=2, start=1, cursors=[[0, 2]])
+    a, b = next(iter(plan)), next(iter(pickle.loads(pickle.dumps(plan))))  # CUDA runs start workers by forkserver
+    assert torch.equal(a["video"], b["video"]) and a["stream"] == b["stream"] == {"lane": 0, "epoch": 0,
+                                                                                  "consumed": 4}
+
+
+def test_other_lane_count_restarts_the_lanes(tmp_path, tokenizer, caplog):
+    shards = write_shards(str(tmp_path / "s"), [2, 2])
+    stream = _stream(shards, tokenizer)
+    task = _Task()
+    inp = TrainInput(stream, task, EpochBatches(len(stream), 2), 2, "cpu", num_workers=0)
+    inp.load_stream_state({"lanes": 1, "cursors": [[3, 2]]})
+    assert inp.cursors == [[3, 2]]
+    with caplog.at_level("WARNING", logger="lfvila.data"):
+        inp.load_stream_state({"lanes": 2, "cursors": [[3, 2], [3, 0]]})
+    assert inp.cursors == [None] and "not bit-exactly" in caplog.text
+
+
 # -- exact mid-epoch resume with workers ---------------------------------------------------------------------------
 
 
@@ -361,7 +383,8 @@ def test_two_nodes_by_torchrun_match_one_process(tmp_path):
         recs = [json.loads(line) for line in f]
     losses = [r for r in recs if "train/loss" in r]
     assert [r["step"] for r in losses] == [1, 2]
-    assert os.path.isdir(os.path.join(out, "checkpoints", "step-00000002"))
+    state = torch.load(os.path.join(out, "checkpoints", "step-00000002", "trainer_state.pt"), weights_only=True)
+    assert [st["cursors"] for st in state["state"]["stream"]] == [[[0, 4]], [[0, 4]]]  # both ranks' lanes
 
     # one process on the global batch: rank 0's rows then rank 1's, the same initial weights and MTC indices
     from lfvila_model.train.runconfig import load_run_config
