@@ -22,6 +22,7 @@ Workers (:func:`make_loader`): ``num_workers`` processes (0 = build batches in t
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -34,6 +35,8 @@ from .shard_stream import is_shard_stream
 
 __all__ = ["default_num_workers", "resolve_num_workers", "start_method", "read_batch", "BatchRequests",
            "BatchReader", "make_loader", "TrainInput", "sync_skips", "MAX_REPLACEMENTS"]
+
+log = logging.getLogger("lfvila.data")
 
 # consecutive unreadable indices tolerated while looking for a replacement item
 MAX_REPLACEMENTS = 20
@@ -258,9 +261,7 @@ class TrainInput:
         if not self.streaming or not state:
             return
         if state.get("lanes") != self.lanes:
-            import logging
-
-            logging.getLogger("lfvila.data").warning(
+            log.warning(
                 "the checkpoint's shard stream had %s lanes, this run has %d (other worker count or world size): "
                 "the stream restarts at the same batch with the new layout, not bit-exactly", state.get("lanes"),
                 self.lanes)

@@ -39,6 +39,12 @@ How one rank reads (:class:`ShardStream`, :class:`ShardBatches`):
   part of the epoch already done), so a resumed run equals the uninterrupted one bit for bit, with workers.
   Resuming with another world size or worker count restarts the stream at the same batch position with the new
   layout (not bit-exact; logged).
+
+The tars are read with the ``webdataset`` library's tar iterator (``tarfile_samples``: members grouped into
+samples by key); the split, the shuffle buffer and the epoch loop are this module's, not ``wds.WebDataset``'s
+(``split_by_node``/``split_by_worker`` deal shards by position, which leaves ranks with unequal sample counts, and
+its ``shuffle`` draws from a Python ``random`` whose position a checkpoint cannot name: exact resume needs the
+stream to be a function of (seed, epoch, slot) that can be replayed to a sample count).
 """
 
 from __future__ import annotations
