@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from . import annotations as ann
 from .text import ParagraphTokenizer
 from .video import (FrameCache, VideoReadError, clip_segment_indices, decode_all_frames, downstream_indices,
-                    eval_transform, load_video, train_transform)
+                    eval_transform, load_video, source_name, train_transform)
 
 __all__ = ["PretrainDataset", "RetrievalDataset", "collate", "SkipTracker", "TooManySkippedError",
            "preload_videos"]
@@ -149,28 +149,46 @@ class PretrainDataset(VideoTextDataset):
 
     def window(self, index: int, rng: np.random.Generator) -> int:
         """First clip of the item's window: random in training, 0 in eval."""
-        extra = len(self.samples[index].clips) - self.num_clips
+        return self._window_start(len(self.samples[index].clips), rng)
+
+    def _window_start(self, num_sample_clips: int, rng: np.random.Generator) -> int:
+        extra = num_sample_clips - self.num_clips
         return int(rng.integers(0, extra, endpoint=True)) if self.train and extra > 0 else 0
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        clips = self.samples[index].clips
+        return self.make_item(index, [c.clip_id for c in clips], [c.text for c in clips],
+                              lambda k: ann.clip_video_path(self.video_root, clips[k].clip_id))
+
+    def make_item(self, index: int, clip_ids: Sequence[str], texts: Sequence[str],
+                  source: Callable[[int], Any]) -> dict[str, Any]:
+        """The item of the sample numbered ``index`` whose clips are ``clip_ids`` (one sentence of ``texts`` each):
+        what ``self[index]`` returns for a sample of this dataset, for samples read from elsewhere too (tar
+        shards, :mod:`lfvila_model.data.shard_stream`).
+
+        ``source(k)`` gives clip k's video: a path or a binary file-like object (decoded from memory). The
+        window, frames, crop and flip depend only on (seed, epoch, index); a clip that cannot be read gives the
+        skip record (see the module doc).
+        """
+        if len(clip_ids) < self.num_clips or len(texts) != len(clip_ids):
+            raise ValueError(f"a sample needs >= num_clips={self.num_clips} clips and one text per clip, got "
+                             f"{len(clip_ids)} clips and {len(texts)} texts")
         rng = self._rng(index)
-        sample = self.samples[index]
-        w0 = self.window(index, rng)
-        clips = sample.clips[w0:w0 + self.num_clips]
+        w0 = self._window_start(len(clip_ids), rng)
         parts = []
         try:
-            for c in clips:
-                path = ann.clip_video_path(self.video_root, c.clip_id)
-                frames, _ = load_video(path, lambda n: clip_segment_indices(n, self.frames_per_clip), self.cache)
+            for k in range(w0, w0 + self.num_clips):
+                src = source(k)
+                frames, _ = load_video(src, lambda n: clip_segment_indices(n, self.frames_per_clip), self.cache)
                 if parts and frames.shape[1:] != parts[0].shape[1:]:
-                    raise VideoReadError(path, f"frame size {frames.shape[1:3]} differs from the item's first "
-                                               f"clip {parts[0].shape[1:3]}")
+                    raise VideoReadError(source_name(src), f"frame size {frames.shape[1:3]} differs from the "
+                                                           f"item's first clip {parts[0].shape[1:3]}")
                 parts.append(frames)
         except VideoReadError as e:
             return self._skip(index, e)
         item = {"video": self._transform(np.concatenate(parts), rng), "index": index,
-                "video_id": clips[0].clip_id.split(".", 1)[0]}
-        item.update(self._text([c.text for c in clips]))
+                "video_id": clip_ids[w0].split(".", 1)[0]}
+        item.update(self._text(list(texts[w0:w0 + self.num_clips])))
         return item
 
 

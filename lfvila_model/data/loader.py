@@ -22,6 +22,7 @@ Workers (:func:`make_loader`): ``num_workers`` processes (0 = build batches in t
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -30,9 +31,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .datasets import SkipTracker, collate
+from .shard_stream import is_shard_stream
 
 __all__ = ["default_num_workers", "resolve_num_workers", "start_method", "read_batch", "BatchRequests",
            "BatchReader", "make_loader", "TrainInput", "sync_skips", "MAX_REPLACEMENTS"]
+
+log = logging.getLogger("lfvila.data")
 
 # consecutive unreadable indices tolerated while looking for a replacement item
 MAX_REPLACEMENTS = 20
@@ -185,6 +189,11 @@ class TrainInput:
     Datasets with ``get_batch`` (in-memory sets: the demo's preloaded frames) are read in the training process;
     other datasets through :func:`make_loader` with ``num_workers`` workers (0: in the training process, the
     same :func:`read_batch`). ``task.take(batch, device)`` counts the skips and moves the batch to the device.
+
+    A :class:`~lfvila_model.data.shard_stream.ShardStream` (``data.kind: shards``) is read as a stream instead:
+    ``batches`` only gives its length, rank and world size; its lanes (one per worker, capped by the shard count:
+    ``self.num_workers`` is the count used) produce the batches, and :meth:`stream_state` is the position of each
+    lane for the checkpoint (:meth:`load_stream_state` puts it back before :meth:`start`).
     """
 
     def __init__(self, data, task, batches, per_epoch: int, device, num_workers: int = 0, prefetch: int = 2,
@@ -192,17 +201,26 @@ class TrainInput:
         self.data, self.task, self.device = data, task, torch.device(device)
         self.requests = BatchRequests(batches, per_epoch)
         self.num_workers = resolve_num_workers(num_workers)
+        self.prefetch, self.seed = prefetch, seed
         self.in_memory = hasattr(data, "get_batch")
+        self.streaming = is_shard_stream(data)
         self.loader = None
+        self._it = None
+        if self.streaming:
+            self.lanes = data.lanes_for(self.num_workers, batches.world)
+            self.num_workers = self.lanes if self.num_workers > 0 else 0
+            self.cursors: list = [None] * self.lanes  # per lane [epoch, consumed] of the last batch taken
+            return
         if not self.in_memory and self.num_workers > 0:
             self.loader = make_loader(BatchReader(data, task.max_replacements), sampler=self.requests,
                                       num_workers=self.num_workers, prefetch=prefetch, device=self.device, seed=seed,
                                       persistent=True)
-        self._it = None
 
     def start(self, epoch: int, position: int = 0) -> Iterator[dict]:
         """Batches on the device from batch ``position`` of ``epoch`` on."""
         self.requests.start_at(epoch, position)
+        if self.streaming:
+            return self._start_stream()
         if self.in_memory:
             return (self.task.take(self.data.get_batch(idx), self.device) for _, _, idx in self.requests)
         if self.loader is None:
@@ -210,6 +228,46 @@ class TrainInput:
                     for e, _, idx in self.requests)
         self._it = iter(self.loader)
         return (self.task.take(b, self.device) for b in self._it)
+
+    def _start_stream(self) -> Iterator[dict]:
+        b = self.requests.batches
+        per_epoch = self.requests.per_epoch
+        start = self.requests.epoch * per_epoch + self.requests.position
+        plan = self.data.batches(b.b, b.rank, b.world, self.lanes, per_epoch, start, self.cursors,
+                                 self.task.max_replacements)
+        if self.num_workers > 0:
+            self.loader = make_loader(plan, num_workers=self.num_workers, prefetch=self.prefetch, device=self.device,
+                                      seed=self.seed)
+            self._it = iter(self.loader)
+            source = self._it
+        else:
+            source = iter(plan)
+        return (self._take_streamed(batch) for batch in source)
+
+    def _take_streamed(self, batch: dict) -> dict:
+        st = batch.pop("stream")
+        self.cursors[int(st["lane"])] = [int(st["epoch"]), int(st["consumed"])]
+        return self.task.take(batch, self.device)
+
+    def stream_state(self) -> Optional[dict]:
+        """This rank's stream position (None for map-style data): ``{"lanes", "cursors"}``, plain ints."""
+        if not self.streaming:
+            return None
+        return {"lanes": self.lanes, "cursors": [list(c) if c is not None else [-1, 0] for c in self.cursors]}
+
+    def load_stream_state(self, state: Optional[dict]) -> None:
+        """Puts back a :meth:`stream_state`. Another lane count (worker count or world size changed) restarts
+        the lanes at the saved batch position with the new layout: the run goes on, no longer bit-exact."""
+        if not self.streaming or not state:
+            return
+        if state.get("lanes") != self.lanes:
+            log.warning(
+                "the checkpoint's shard stream had %s lanes, this run has %d (other worker count or world size): "
+                "the stream restarts at the same batch with the new layout, not bit-exactly", state.get("lanes"),
+                self.lanes)
+            self.cursors = [None] * self.lanes
+            return
+        self.cursors = [list(c) if int(c[0]) >= 0 else None for c in state["cursors"]]
 
     def close(self) -> None:
         """Stops the worker processes (they would otherwise live as long as this object)."""

@@ -21,6 +21,10 @@ Transforms (torch ops only, no torchvision), one random crop/flip shared by ever
 
 A missing, truncated or undecodable file raises :class:`VideoReadError` (with ``.path`` and ``.reason``), the one
 exception type the dataset layer catches to skip and count a bad video.
+
+Sources: every decode function takes a path or a binary file-like object opened for reading (``io.BytesIO`` of an
+mp4 read from a tar shard: decoded from memory, no temporary file). A file-like source is rewound before each
+open; its ``name`` attribute, when it has one, names it in errors.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ __all__ = [
     "VideoReadError",
     "import_av",
     "open_video",
+    "source_name",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "write_video",
@@ -87,37 +92,57 @@ def import_av():
     return av
 
 
-def open_video(path: str):
-    """An open PyAV container of `path` with at least one video stream; `VideoReadError` (naming the path and
-    why) when the file is missing, cannot be opened or has no video."""
+def _is_file_like(source) -> bool:
+    return hasattr(source, "read") and hasattr(source, "seek")
+
+
+def _source(source):
+    """A path as ``str``, or the file-like object itself (see "Sources" above)."""
+    return source if _is_file_like(source) else os.fspath(source)
+
+
+def source_name(source) -> str:
+    """How errors name ``source``: the path, or a file-like object's ``name`` (``"<memory>"`` without one)."""
+    if _is_file_like(source):
+        return str(getattr(source, "name", "<memory>"))
+    return os.fspath(source)
+
+
+def open_video(path):
+    """An open PyAV container of `path` (a path or a binary file-like object, rewound first) with at least one
+    video stream; `VideoReadError` (naming the source and why) when it is missing, cannot be opened or has no
+    video."""
     av = import_av()
-    if not os.path.isfile(path):
-        raise VideoReadError(path, "file not found")
+    name = source_name(path)
+    if _is_file_like(path):
+        path.seek(0)
+    elif not os.path.isfile(path):
+        raise VideoReadError(name, "file not found")
     try:
         container = av.open(path, mode="r")
     except (av.FFmpegError, OSError, ValueError) as e:
-        raise VideoReadError(path, f"cannot open ({type(e).__name__}: {e})") from None
+        raise VideoReadError(name, f"cannot open ({type(e).__name__}: {e})") from None
     if not container.streams.video:
         container.close()
-        raise VideoReadError(path, "no video stream")
+        raise VideoReadError(name, "no video stream")
     return container
 
 
-def _count_packets(path: str) -> int:
+def _count_packets(path) -> int:
     av = import_av()
     container = open_video(path)
     try:
         stream = container.streams.video[0]
         return sum(1 for p in container.demux(stream) if p.size > 0)
     except (av.FFmpegError, OSError, ValueError) as e:
-        raise VideoReadError(path, f"cannot demux ({type(e).__name__}: {e})") from None
+        raise VideoReadError(source_name(path), f"cannot demux ({type(e).__name__}: {e})") from None
     finally:
         container.close()
 
 
-def count_frames(path: str | os.PathLike) -> int:
+def count_frames(path) -> int:
     """Number of frames of the first video stream (from the container header, else by demuxing packets)."""
-    path = os.fspath(path)
+    path = _source(path)
     container = open_video(path)
     try:
         n = int(container.streams.video[0].frames or 0)
@@ -126,17 +151,17 @@ def count_frames(path: str | os.PathLike) -> int:
     if n <= 0:
         n = _count_packets(path)
     if n <= 0:
-        raise VideoReadError(path, "video stream has no frames")
+        raise VideoReadError(source_name(path), "video stream has no frames")
     return n
 
 
-def video_fps(path: str | os.PathLike) -> float | None:
+def video_fps(path) -> float | None:
     """Frame rate of the first video stream from the container header (average rate, else the guessed rate), or
     None when the header gives none (the caller then decides; How2QA span labels assume 3 fps, spec 5).
 
     Raises :class:`VideoReadError` when the file cannot be opened.
     """
-    path = os.fspath(path)
+    path = _source(path)
     container = open_video(path)
     try:
         stream = container.streams.video[0]
@@ -148,7 +173,7 @@ def video_fps(path: str | os.PathLike) -> float | None:
         container.close()
 
 
-def _decode(path: str, stop: int | None, keep: set[int] | None) -> tuple[dict[int, np.ndarray], int, int]:
+def _decode(path, stop: int | None, keep: set[int] | None) -> tuple[dict[int, np.ndarray], int, int]:
     """Decodes frames 0..stop-1 (all if stop is None) in presentation order, in one open of the file.
 
     Returns ``(kept frames by index, frames decoded, frame count from the header or 0 when it has none)``.
@@ -167,7 +192,7 @@ def _decode(path: str, stop: int | None, keep: set[int] | None) -> tuple[dict[in
             if stop is not None and i >= stop:
                 break
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
-        raise VideoReadError(path, f"decoding failed after {i} frames ({type(e).__name__}: {e})") from None
+        raise VideoReadError(source_name(path), f"decoding failed after {i} frames ({type(e).__name__}: {e})") from None
     finally:
         container.close()
     return kept, i, header
@@ -186,7 +211,7 @@ def _frame_duration(stream) -> float | None:
     return float(1 / (rate * stream.time_base))
 
 
-def _decode_sparse(container, path: str, wanted: list[int], min_seek_gap: int | None) -> dict[int, np.ndarray]:
+def _decode_sparse(container, path, wanted: list[int], min_seek_gap: int | None) -> dict[int, np.ndarray]:
     """Frames ``wanted`` (sorted, distinct) of an open container, decoding no more than needed:
 
     - packets are fed to the decoder one by one; a packet whose frame is not wanted is decoded with
@@ -283,15 +308,15 @@ def _decode_sparse(container, path: str, wanted: list[int], min_seek_gap: int | 
     return kept
 
 
-def decode_all_frames(path: str | os.PathLike) -> np.ndarray:
+def decode_all_frames(path) -> np.ndarray:
     """Decodes every frame. Returns ``uint8 (N, H, W, 3)`` RGB."""
-    path = os.fspath(path)
+    path = _source(path)
     kept, n, header = _decode(path, None, None)
     # indices elsewhere are chosen from the header count: fewer decodable frames means a truncated file
     if n < header:
-        raise VideoReadError(path, f"truncated: header says {header} frames, only {n} decodable")
+        raise VideoReadError(source_name(path), f"truncated: header says {header} frames, only {n} decodable")
     if n == 0:
-        raise VideoReadError(path, "video stream has no decodable frames")
+        raise VideoReadError(source_name(path), "video stream has no decodable frames")
     return np.stack([kept[i] for i in range(n)])
 
 
@@ -301,7 +326,7 @@ def decode_all_frames(path: str | os.PathLike) -> np.ndarray:
 MIN_SEEK_GAP = 48
 
 
-def decode_frames(path: str | os.PathLike, indices: Sequence[int], *, min_seek_gap: int | None = MIN_SEEK_GAP
+def decode_frames(path, indices: Sequence[int], *, min_seek_gap: int | None = MIN_SEEK_GAP
                   ) -> np.ndarray:
     """Decodes the frames at ``indices`` (any order, repeats allowed). Returns ``uint8 (len(indices), H, W, 3)``.
 
@@ -311,7 +336,7 @@ def decode_frames(path: str | os.PathLike, indices: Sequence[int], *, min_seek_g
     exactly those of a full sequential decode; a stream whose timestamps are not a constant-rate grid is decoded
     sequentially.
     """
-    path = os.fspath(path)
+    path = _source(path)
     idx = [int(i) for i in indices]
     if not idx:
         raise ValueError("indices must be non-empty")
@@ -320,7 +345,7 @@ def decode_frames(path: str | os.PathLike, indices: Sequence[int], *, min_seek_g
     return _read_frames(path, lambda n: idx, min_seek_gap, count=False)[0]
 
 
-def _read_frames(path: str, choose: Callable[[int], Sequence[int]], min_seek_gap: int | None,
+def _read_frames(path, choose: Callable[[int], Sequence[int]], min_seek_gap: int | None,
                  count: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """``choose(frame count)`` -> those frames, in one open of the file when the header gives the count."""
     container = open_video(path)
@@ -331,7 +356,7 @@ def _read_frames(path: str, choose: Callable[[int], Sequence[int]], min_seek_gap
             n = count_frames(path)
         idx = np.asarray(choose(n), dtype=np.int64)
         if count and (idx.size == 0 or idx.min() < 0 or idx.max() >= n):
-            raise ValueError(f"chosen indices {idx.tolist()} out of range for {n} frames ({path})")
+            raise ValueError(f"chosen indices {idx.tolist()} out of range for {n} frames ({source_name(path)})")
         wanted = sorted(set(idx.tolist()))
         try:
             kept = _decode_sparse(container, path, wanted, min_seek_gap)
@@ -343,7 +368,7 @@ def _read_frames(path: str, choose: Callable[[int], Sequence[int]], min_seek_gap
         stop = int(idx.max()) + 1
         kept, decoded, _ = _decode(path, stop, set(idx.tolist()))
         if decoded < stop:
-            raise VideoReadError(path, f"truncated: frame {stop - 1} requested, only {decoded} decodable")
+            raise VideoReadError(source_name(path), f"truncated: frame {stop - 1} requested, only {decoded} decodable")
     return np.stack([kept[i] for i in idx.tolist()]), idx
 
 
@@ -465,15 +490,16 @@ class FrameCache:
         return sum(1 for f in os.listdir(self.directory) if f.endswith(".npy") and ".tmp" not in f)
 
 
-def load_video(path: str | os.PathLike, choose: Callable[[int], Sequence[int]],
+def load_video(path, choose: Callable[[int], Sequence[int]],
                cache: FrameCache | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Reads the frames chosen by ``choose(num_frames)`` (a function of the video length, so the sampling is
     decided from the real frame count). Returns ``(frames uint8 (T, H, W, 3), indices int64 (T,))``.
 
-    Without a cache the file is opened once (the header's frame count, then :func:`decode_frames`' decoding of
-    only what is needed)."""
-    path = os.fspath(path)
-    if cache is not None:
+    ``path``: a path, or a binary file-like object (decoded from memory; never cached: the cache is keyed by
+    path). Without a cache the file is opened once (the header's frame count, then :func:`decode_frames`'
+    decoding of only what is needed)."""
+    path = _source(path)
+    if cache is not None and not _is_file_like(path):
         allf = cache.get(path)
         idx = np.asarray(choose(len(allf)), dtype=np.int64)
         if idx.size == 0 or idx.min() < 0 or idx.max() >= len(allf):

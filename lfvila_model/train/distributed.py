@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "is_distributed", "barrier", "all_reduce_mean", "EpochBatches",
-           "mtc_generator", "cleanup"]
+           "gather_objects", "mtc_generator", "cleanup"]
 
 
 @dataclass
@@ -140,6 +140,15 @@ class EpochBatches:
             glob = idx[k * g:(k + 1) * g]
             per = -(-len(glob) // self.world)
             yield glob[self.rank * per:(self.rank + 1) * per].tolist()
+
+
+def gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` (small picklable objects); ``[obj]`` in one process."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def mtc_generator(seed: int, step: int, device="cpu") -> torch.Generator:

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..data.loader import TrainInput, sync_skips
 from .checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from .distributed import DistInfo, EpochBatches, barrier, is_distributed, mtc_generator
+from .distributed import DistInfo, EpochBatches, barrier, gather_objects, is_distributed, mtc_generator
 from .logging import MetricLogger, get_logger
 from .optim import LRSchedule, Scheduler, build_optimizer
 from .runconfig import TrainConfig
@@ -147,8 +147,12 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _state(self) -> dict:
-        return {"step": self.step, "train_seconds": self.train_seconds, "total_steps": self.schedule.total_steps,
-                "schedule_fitted": self.schedule_fitted, "best": self.best}
+        state = {"step": self.step, "train_seconds": self.train_seconds, "total_steps": self.schedule.total_steps,
+                 "schedule_fitted": self.schedule_fitted, "best": self.best}
+        stream = self.input.stream_state()  # shard streams: every rank's position, saved by rank 0
+        if stream is not None:
+            state["stream"] = gather_objects(stream)
+        return state
 
     def save(self) -> str:
         path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler,
@@ -170,6 +174,10 @@ class Trainer:
         self.schedule.total_steps = int(st.get("total_steps", self.schedule.total_steps))
         self.schedule_fitted = bool(st.get("schedule_fitted", False))
         self.best = st.get("best")
+        streams = st.get("stream")
+        if streams is not None:
+            self.input.load_stream_state(streams[self.dist.rank] if len(streams) == self.dist.world_size
+                                         else {"lanes": None})  # another world size: restarts the lanes
         self.scheduler.load_state_dict(trainer["scheduler"])
         if self.dist.is_main:
             self.log.info("resumed from %s at step %d", path, self.step)

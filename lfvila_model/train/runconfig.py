@@ -51,9 +51,13 @@ def _check_int(section: str, name: str, v: Any, lo: int, allow_none: bool = Fals
 class DataConfig:
     """The data of a run (YAML section `data`; formats: spec 5)."""
 
-    kind: str = "pretrain"  # pretrain | retrieval | how2qa | violin | actnetqa | classification | demo
+    # pretrain | shards | retrieval | how2qa | violin | actnetqa | classification | demo; shards: pre-training
+    # streamed from WebDataset tar shards (`lfvila shard`; data/shard_stream.py, docs/multi-node.md)
+    kind: str = "pretrain"
     root: Optional[str] = None  # demo: the generated set's folder
-    train: Optional[str] = None  # annotation jsonl in the kind's format (pre-training lists of {clip_id, text}, ...)
+    # annotation jsonl in the kind's format (pre-training lists of {clip_id, text}, ...); shards: the shard folder
+    # or its index.json
+    train: Optional[str] = None
     val: Optional[str] = None  # jsonl for evaluation: the kind's format (retrieval format for pretrain)
     video_root: Optional[str] = None  # train videos
     val_video_root: Optional[str] = None  # eval videos (default: video_root)
@@ -62,6 +66,7 @@ class DataConfig:
     # null: min(8, CPUs per process - 1); 0: read in the training process (docs/data-loading.md)
     num_workers: Optional[int] = None
     prefetch: int = 2  # batches each worker prepares ahead
+    shuffle_buffer: int = 100  # shards: samples in each worker's shuffle buffer (0: shard order)
     cache: str = "none"  # none | memory | disk (decoded-frame cache)
     cache_dir: Optional[str] = None
     max_skip_fraction: float = 0.01
@@ -77,6 +82,7 @@ class DataConfig:
             raise ValueError(f"data.cache must be one of {CACHE_KINDS}, got {self.cache!r}")
         _check_int("data", "num_workers", self.num_workers, 0, allow_none=True)
         _check_int("data", "prefetch", self.prefetch, 1)
+        _check_int("data", "shuffle_buffer", self.shuffle_buffer, 0)
         _check_int("data", "frames_per_clip", self.frames_per_clip, 1, allow_none=True)
         _check_int("data", "seed", self.seed, 0)
         if isinstance(self.max_skip_fraction, bool) or not isinstance(self.max_skip_fraction, (int, float)) \

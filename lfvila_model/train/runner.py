@@ -97,7 +97,7 @@ ACCURACY_KINDS = tuple(KIND_MODEL_TYPES)
 def _check_kind(kind: str, mc) -> None:
     """The data kind and the model must agree: a How2QA set fed to a classification head would fail much later
     with a shape error."""
-    known = ("pretrain", "retrieval", *KIND_MODEL_TYPES)
+    known = ("pretrain", "shards", "retrieval", *KIND_MODEL_TYPES)
     if kind not in known:
         raise ValueError(f"data.kind must be one of {known} (or demo), got {kind!r}")
     want = KIND_MODEL_TYPES.get(kind)
@@ -130,7 +130,7 @@ def _kind_dataset(kind: str, d: dict, mc, tok, path: str, video_root: str, train
 
 def _real_datasets(cfg: dict, mc, train: bool = True):
     """`(train dataset or None, validation dataset or None)` for `data.kind` (spec 4.2, 5): pre-training (val in
-    retrieval format), retrieval, or one of the QA / classification kinds (train and val in the same format)."""
+    retrieval format; from clip files, or streamed from tar shards), retrieval, or one of the QA / classification kinds (train and val in the same format)."""
     from ..data.datasets import PretrainDataset, RetrievalDataset
 
     d = cfg["data"]
@@ -143,7 +143,15 @@ def _real_datasets(cfg: dict, mc, train: bool = True):
     size = tuple(mc.video.input_size)
     tok = None if kind == "classification" else _tokenizer(mc)  # video-only classification has no text
     train_ds = val_ds = None
-    if train:
+    if train and kind == "shards":  # pre-training streamed from tar shards: no video_root, the clips are inside
+        from ..data.shard_stream import ShardStream
+
+        if not d["train"]:
+            raise ValueError("data.train (the shard folder or its index.json) is required for training")
+        fpc = d["frames_per_clip"] or mc.video.num_frames // mc.num_clips
+        train_ds = ShardStream(d["train"], tok, num_clips=mc.num_clips, frames_per_clip=fpc, size=size,
+                               seed=d["seed"], shuffle_buffer=d["shuffle_buffer"])
+    elif train:
         if not d["train"] or not d["video_root"]:
             raise ValueError("data.train and data.video_root are required for training")
         if kind == "pretrain":
