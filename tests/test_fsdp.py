@@ -33,8 +33,8 @@ NO_DROPOUT = dict(video={"drop_path_rate": 0.0}, text={"hidden_dropout_prob": 0.
 DTYPE = torch.float64
 
 
-def _model():
-    return nano_model(0, **NO_DROPOUT).to(DTYPE)
+def _model(seed=0):
+    return nano_model(seed, **NO_DROPOUT).to(DTYPE)
 
 
 def _data(model):
@@ -60,8 +60,8 @@ def _losses(out_dir):
         return [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
 
 
-def _trainer(out, batch, world, rank, **changes):
-    m = _model()
+def _trainer(out, batch, world, rank, seed=0, **changes):
+    m = _model(seed)
     return Trainer(m, PretrainTask(m.config), _data(m), _cfg(out, batch, **changes),
                    DistInfo(rank=rank, world_size=world), evaluate=_checksum)
 
@@ -76,12 +76,13 @@ def _two(rank: int, port: int, root: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        res = {"ddp": _trainer(f"{root}/ddp", LOCAL, WORLD, rank).fit()["eval"]}
-        t = _trainer(f"{root}/fsdp", LOCAL, WORLD, rank, strategy="fsdp", grad_checkpointing=True)
+        # each rank draws its own init: both strategies train rank 0's
+        res = {"ddp": _trainer(f"{root}/ddp", LOCAL, WORLD, rank, seed=rank).fit()["eval"]}
+        t = _trainer(f"{root}/fsdp", LOCAL, WORLD, rank, seed=rank, strategy="fsdp", grad_checkpointing=True)
         res["fsdp"] = t.fit()["eval"]
         res["sharded"] = {n: (type(p).__name__, str(p.dtype)) for n, p in t.model.named_parameters()}
         # interrupted at 2 of 4 updates; the copy resumes in one process (test), this run continues in two
-        _trainer(f"{root}/two", LOCAL, WORLD, rank, strategy="fsdp", max_steps=4).fit(stop_at=2)
+        _trainer(f"{root}/two", LOCAL, WORLD, rank, strategy="fsdp", max_steps=4, ckpt_every=1).fit(stop_at=2)
         if rank == 0:
             shutil.copytree(f"{root}/two/checkpoints", f"{root}/one/checkpoints")
         dist.barrier()
@@ -131,7 +132,7 @@ def runs():
                "dcp": sorted(os.listdir(f"{root}/fsdp/checkpoints/step-00000003/dcp")),
                "weights": {k: read_state_dict(f"{root}/{k}/checkpoints/step-{s:08d}")
                            for k, s in (("ddp", 3), ("fsdp", 3), ("two", 4), ("one", 4))},
-               "two_ckpts": sorted(os.listdir(f"{root}/two/checkpoints"))}
+               "two_ckpts": sorted(os.listdir(f"{root}/two/checkpoints")), "root": root}
         yield out
 
 
@@ -158,8 +159,26 @@ def test_fsdp_checkpoint_layout(runs):
     assert {"dcp", "trainer_state.pt", "rng_rank0.pt", "rng_rank1.pt", "model.safetensors", "config.json"} <= set(files)
     # one safetensors file per rank and nothing else: no pickled DCP metadata
     assert runs["dcp"] == [f"shard-0000{r + 1}-model-00001-of-00001.safetensors" for r in range(WORLD)]
-    # an interrupted run's last checkpoint is complete too; ckpt_every=0 writes only the ends
-    assert runs["two_ckpts"] == ["latest", "step-00000002", "step-00000004"]
+    # the last checkpoint of an interrupted run holds the full weights too
+    assert runs["two_ckpts"] == ["latest", "step-00000001", "step-00000002", "step-00000004"]
+
+
+def test_consolidate_fsdp_checkpoint(runs, tmp_path):
+    from lfvila_model import load_pretrained
+    from lfvila_model.train.fsdp import consolidate_fsdp_checkpoint
+
+    root = runs["root"]
+    # a periodic checkpoint holds the shards and the config, not the full weights
+    step1 = f"{root}/two/checkpoints/step-00000001"
+    assert "config.json" in os.listdir(step1) and "model.safetensors" not in os.listdir(step1)
+    model = load_pretrained(consolidate_fsdp_checkpoint(step1, str(tmp_path / "one")))
+    assert type(model).__name__ == "LFVILAPretrain"
+    # the shards of the final checkpoint give the weights the run gathered on rank 0
+    got = read_state_dict(consolidate_fsdp_checkpoint(f"{root}/fsdp/checkpoints/step-00000003", str(tmp_path / "f")))
+    want = runs["weights"]["fsdp"]
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
 
 
 def test_two_process_checkpoint_resumes_in_one(runs):

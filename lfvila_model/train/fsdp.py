@@ -18,13 +18,16 @@ optimizer, schedule) is the same code as under DDP.
   `torch.load(weights_only=True)` as under DDP.
 - `gather_unsharded`: the full weights gathered on rank 0 into a plain copy of the model (evaluation, the best
   weights and the full-weights save at the end of a run, so `lfvila evaluate` / `load_pretrained` read an FSDP
-  run like any other).
+  run like any other). `consolidate_fsdp_checkpoint` writes the same files for any other FSDP checkpoint, in one
+  process.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import warnings
 from typing import Optional
 
 import torch
@@ -36,7 +39,7 @@ from .checkpointing import LATEST, list_checkpoints, rng_state, set_rng_state
 
 __all__ = ["DCP_DIR", "precision_policy", "ensure_process_group", "shard_model", "transformer_blocks",
            "is_fsdp_checkpoint", "check_checkpoint_strategy", "gather_unsharded", "save_fsdp_checkpoint",
-           "load_fsdp_checkpoint", "grad_norm_value"]
+           "load_fsdp_checkpoint", "consolidate_fsdp_checkpoint", "grad_norm_value"]
 
 DCP_DIR = "dcp"  # the DCP shards inside a checkpoint directory (its own folder: the reader scans every file in it)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,13 +77,31 @@ def transformer_blocks(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, (SwinBlock3D, BertLayer))]
 
 
+def _broadcast_from_rank0(model: nn.Module, device: torch.device) -> None:
+    """Every rank takes rank 0's weights, as DDP does at construction (ranks may draw different random inits),
+    one tensor at a time through `device` (NCCL moves only device tensors)."""
+    seen = set()
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            buf = t.to(device)
+            dist.broadcast(buf, 0)
+            t.copy_(buf)
+
+
 def shard_model(model: nn.Module, device: torch.device, precision: str = "fp32") -> nn.Module:
-    """Shard `model` in place (already on `device`) over every rank: one FSDP unit per transformer block, then
-    the root. Build the optimizer after this (its parameters are the new `DTensor` shards)."""
+    """Shard `model` in place over every rank: one FSDP unit per transformer block, then the root, with rank 0's
+    initial weights. Pass the model on the CPU: `fully_shard` moves each unit to `device` as it shards it, so
+    the device never holds more than one unit's full weights plus the shards. Build the optimizer after this
+    (its parameters are the new `DTensor` shards)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     ensure_process_group(device)
+    if dist.get_world_size() > 1:
+        _broadcast_from_rank0(model, device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = precision_policy(precision)
     for block in transformer_blocks(model):
@@ -206,6 +227,9 @@ def save_fsdp_checkpoint(ckpt_dir: str, step: int, model: nn.Module, optimizer, 
         if full is not None:
             save_pretrained(full, tmp)
             del full
+        else:  # the config alone: consolidate_fsdp_checkpoint rebuilds the model from it
+            atomic_write_bytes(os.path.join(tmp, "config.json"),
+                               (json.dumps(model.config.to_dict(), indent=2) + "\n").encode())
         trainer = {"step": int(step), "world_size": int(world), "strategy": "fsdp", "state": dict(state or {}),
                    "optimizer": opt_rest, "aliases": aliases}
         if scheduler is not None:
@@ -277,3 +301,32 @@ def load_fsdp_checkpoint(path: str, model: nn.Module, optimizer=None, scheduler=
             f = os.path.join(path, "rng_rank0.pt")
         set_rng_state(torch.load(f, map_location="cpu", weights_only=True))
     return trainer
+
+
+def consolidate_fsdp_checkpoint(path: str, out: Optional[str] = None) -> str:
+    """Write the full weights of FSDP checkpoint `path` as `config.json` + `model.safetensors` (the
+    `save_pretrained` format that `lfvila evaluate` and `load_pretrained` read) into `out` (default: `path`
+    itself). Runs in one process, with or without a process group: DCP reads every shard here. Returns `out`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    from ..factory import build_model
+    from ..weights import load_checked, read_pretrained_config
+
+    if not is_fsdp_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not an FSDP training checkpoint (no {DCP_DIR}/)")
+    out = out or path
+    meta = HuggingFaceStorageReader(os.path.join(path, DCP_DIR)).read_metadata().state_dict_metadata
+    targets = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items() if k.startswith("model.")}
+    with warnings.catch_warnings():  # reading in one process is the intent here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(targets, storage_reader=HuggingFaceStorageReader(os.path.join(path, DCP_DIR)), no_dist=True)
+    sd = {k[len("model."):]: v for k, v in targets.items()}
+    trainer = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
+    sd.update({alias: sd[first] for alias, first in trainer.get("aliases", {}).items()})
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(read_pretrained_config(path))
+    model.to(next(v.dtype for v in sd.values() if v.is_floating_point()))
+    load_checked(model, sd, strict=True)
+    save_pretrained(model, out)
+    return out

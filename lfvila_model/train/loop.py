@@ -101,13 +101,12 @@ class Trainer:
         self.device = dist_info.device
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("train.precision=fp16 needs a GPU (use bf16 or fp32 on the CPU)")
-        self.model = model.to(self.device)
-        if cfg.grad_checkpointing:
-            model.set_gradient_checkpointing(True)
         self.fsdp = cfg.strategy == "fsdp"
         self.model_cls = type(model)  # fully_shard swaps the class; evaluation rebuilds a plain copy from this
-        if self.fsdp:
-            shard_model(model, self.device, cfg.precision)
+        # fsdp: sharded where it is, each unit moved to the device as it is sharded
+        self.model = shard_model(model, self.device, cfg.precision) if self.fsdp else model.to(self.device)
+        if cfg.grad_checkpointing:
+            model.set_gradient_checkpointing(True)
         self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.include_pooler,
                                          cfg.lr_scale)
         self.batches = EpochBatches(len(train_data), cfg.batch_size, dist_info.rank, dist_info.world_size,
