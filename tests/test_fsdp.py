@@ -211,3 +211,12 @@ def test_resuming_with_the_other_strategy_is_refused(tmp_path):
     with pytest.raises(ValueError, match="written with train.strategy=fsdp"):
         check_checkpoint_strategy(str(tmp_path), "ddp")
     check_checkpoint_strategy(str(tmp_path), "fsdp")
+
+
+def test_demo_refuses_fsdp():
+    from types import SimpleNamespace
+
+    from lfvila_model.train.demo_task import prepare_demo_model
+
+    with pytest.raises(ValueError, match="demo trains with train.strategy=ddp"):
+        prepare_demo_model(SimpleNamespace(config=None), {}, TrainConfig(strategy="fsdp"), DistInfo(), False)

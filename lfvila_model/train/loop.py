@@ -8,8 +8,9 @@ What a step does is a `Task` (`lfvila_model.train.tasks`): `task.loss(model, bat
   clipping (global L2 norm), mixed precision on GPU (bf16 autocast, or fp16 autocast with a `GradScaler`),
   gradient checkpointing (the model's `set_gradient_checkpointing`);
 - DDP under `torchrun` (gloo on CPU, NCCL on GPU), or with `strategy: fsdp` FSDP2 sharding and distributed
-  checkpoints (`fsdp.py`: precision through FSDP's mixed-precision policy instead of autocast); batches from `EpochBatches` (the same global batches for any
-  world size) and MTC indices from a per-step generator (the same on every rank);
+  checkpoints (`fsdp.py`: precision through FSDP's mixed-precision policy instead of autocast); batches from
+  `EpochBatches` (the same global batches for any world size) and MTC indices from a per-step generator (the same
+  on every rank);
 - input from DataLoader workers (`lfvila_model.data.loader.TrainInput`: `num_workers` processes, `prefetch`
   batches ahead each; the same batches for any worker count), with the time each step waited for its batch logged
   as `data_seconds` and `data_fraction` (and a warning when input is the bottleneck);
