@@ -37,7 +37,7 @@ from torch import nn
 from ..weights import atomic_write_bytes, save_pretrained
 from .checkpointing import LATEST, list_checkpoints, rng_state, set_rng_state
 
-__all__ = ["DCP_DIR", "precision_policy", "ensure_process_group", "shard_model", "transformer_blocks",
+__all__ = ["DCP_DIR", "precision_policy", "ensure_process_group", "shard_model", "transformer_blocks", "plain_class",
            "is_fsdp_checkpoint", "check_checkpoint_strategy", "gather_unsharded", "save_fsdp_checkpoint",
            "load_fsdp_checkpoint", "consolidate_fsdp_checkpoint", "grad_norm_value"]
 
@@ -97,8 +97,10 @@ def shard_model(model: nn.Module, device: torch.device, precision: str = "fp32")
     the device never holds more than one unit's full weights plus the shards. Build the optimizer after this
     (its parameters are the new `DTensor` shards)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    if isinstance(model, FSDPModule):  # a second Trainer on the same model: sharded already
+        return model
     ensure_process_group(device)
     if dist.get_world_size() > 1:
         _broadcast_from_rank0(model, device)
@@ -108,6 +110,13 @@ def shard_model(model: nn.Module, device: torch.device, precision: str = "fp32")
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def plain_class(model: nn.Module) -> type:
+    """The model's own class (`fully_shard` swaps in a subclass that also derives from `FSDPModule`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
 def grad_norm_value(norm) -> float:

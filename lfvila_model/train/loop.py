@@ -36,7 +36,7 @@ from ..data.loader import TrainInput, sync_skips
 from .checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, EpochBatches, barrier, is_distributed, mtc_generator
 from .fsdp import (check_checkpoint_strategy, gather_unsharded, grad_norm_value, load_fsdp_checkpoint,
-                   save_fsdp_checkpoint, shard_model)
+                   plain_class, save_fsdp_checkpoint, shard_model)
 from .logging import MetricLogger, get_logger
 from .optim import LRSchedule, Scheduler, build_optimizer
 from .runconfig import TrainConfig
@@ -103,7 +103,7 @@ class Trainer:
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("train.precision=fp16 needs a GPU (use bf16 or fp32 on the CPU)")
         self.fsdp = cfg.strategy == "fsdp"
-        self.model_cls = type(model)  # fully_shard swaps the class; evaluation rebuilds a plain copy from this
+        self.model_cls = plain_class(model)  # evaluation under fsdp rebuilds a plain copy of this class
         # fsdp: sharded where it is, each unit moved to the device as it is sharded
         self.model = shard_model(model, self.device, cfg.precision) if self.fsdp else model.to(self.device)
         if cfg.grad_checkpointing:
