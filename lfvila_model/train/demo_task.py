@@ -330,6 +330,9 @@ def prepare_demo_model(model, cfg: dict, tc, dist_info, resume) -> None:
     mc = model.config
     if dist_info.world_size > 1:
         raise ValueError("the demo runs in one process; launch it without torchrun")
+    if tc.strategy != "ddp":
+        # its task calls the model's parts, not its forward: FSDP gathers the root's weights only in forward
+        raise ValueError(f"the demo trains with train.strategy=ddp (one process), got {tc.strategy!r}")
     if mc.model_type != "pretrain" or mc.stage != 1:
         raise ValueError("the demo trains a stage-1 pre-training model (model_type pretrain, stage 1)")
     freeze_for_demo(model)

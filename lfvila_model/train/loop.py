@@ -7,8 +7,10 @@ What a step does is a `Task` (`lfvila_model.train.tasks`): `task.loss(model, bat
 - gradient accumulation (`grad_accum` micro-batches per update, DDP `no_sync` on all but the last), gradient
   clipping (global L2 norm), mixed precision on GPU (bf16 autocast, or fp16 autocast with a `GradScaler`),
   gradient checkpointing (the model's `set_gradient_checkpointing`);
-- DDP under `torchrun` (gloo on CPU, NCCL on GPU), batches from `EpochBatches` (the same global batches for any
-  world size) and MTC indices from a per-step generator (the same on every rank);
+- DDP under `torchrun` (gloo on CPU, NCCL on GPU), or with `strategy: fsdp` FSDP2 sharding and distributed
+  checkpoints (`fsdp.py`: precision through FSDP's mixed-precision policy instead of autocast); batches from
+  `EpochBatches` (the same global batches for any world size) and MTC indices from a per-step generator (the same
+  on every rank);
 - input from DataLoader workers (`lfvila_model.data.loader.TrainInput`: `num_workers` processes, `prefetch`
   batches ahead each; the same batches for any worker count), with the time each step waited for its batch logged
   as `data_seconds` and `data_fraction` (and a warning when input is the bottleneck);
@@ -33,6 +35,8 @@ from torch import nn
 from ..data.loader import TrainInput, sync_skips
 from .checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, EpochBatches, barrier, gather_objects, is_distributed, mtc_generator
+from .fsdp import (check_checkpoint_strategy, gather_unsharded, grad_norm_value, load_fsdp_checkpoint,
+                   plain_class, save_fsdp_checkpoint, shard_model)
 from .logging import MetricLogger, get_logger
 from .optim import LRSchedule, Scheduler, build_optimizer
 from .runconfig import TrainConfig
@@ -75,7 +79,8 @@ class Trainer:
         cfg: `TrainConfig`.
         dist_info: `DistInfo` from `init_distributed` (default: one CPU/GPU process).
         evaluate: optional `evaluate(model, step) -> dict of metrics`, called on rank 0 (unwrapped model, eval
-            mode, no grad) every `eval_every` updates and at the end.
+            mode, no grad) every `eval_every` updates and at the end; under `strategy: fsdp` the model is an
+            unsharded copy that rank 0 gathers the full weights into.
         run_config: the whole run's config, saved beside the checkpoints (`run_config.json`).
         num_workers: DataLoader worker processes building the training batches (`data.num_workers`; 0: in this
             process); prefetch: batches each worker prepares ahead (`data.prefetch`).
@@ -97,7 +102,10 @@ class Trainer:
         self.device = dist_info.device
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("train.precision=fp16 needs a GPU (use bf16 or fp32 on the CPU)")
-        self.model = model.to(self.device)
+        self.fsdp = cfg.strategy == "fsdp"
+        self.model_cls = plain_class(model)  # evaluation under fsdp rebuilds a plain copy of this class
+        # fsdp: sharded where it is, each unit moved to the device as it is sharded
+        self.model = shard_model(model, self.device, cfg.precision) if self.fsdp else model.to(self.device)
         if cfg.grad_checkpointing:
             model.set_gradient_checkpointing(True)
         self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.include_pooler,
@@ -121,7 +129,7 @@ class Trainer:
         self.scheduler = Scheduler(self.optimizer, self.schedule)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.ddp = None
-        if is_distributed():
+        if is_distributed() and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -146,6 +154,10 @@ class Trainer:
         dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def _step_precision(self):
+        # under fsdp the mixed-precision policy casts parameters and inputs per sharded module
+        return contextlib.nullcontext() if self.fsdp else self._autocast()
+
     def _state(self) -> dict:
         state = {"step": self.step, "train_seconds": self.train_seconds, "total_steps": self.schedule.total_steps,
                  "schedule_fitted": self.schedule_fitted, "best": self.best}
@@ -154,7 +166,16 @@ class Trainer:
             state["stream"] = gather_objects(stream)
         return state
 
-    def save(self) -> str:
+    def save(self, final: bool = False) -> str:
+        """Write a checkpoint of this step (every rank calls it). `final`: the run's last one; under fsdp it also
+        holds the full weights (`config.json` + `model.safetensors`, as every DDP checkpoint does)."""
+        if self.fsdp:
+            path = save_fsdp_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
+                                        self.scaler, state=self._state(), keep_last=self.cfg.keep_last,
+                                        full_weights=self.model_cls if final else None)
+            if self.dist.is_main:
+                self.log.info("checkpoint %s", path)
+            return path
         path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler,
                                state=self._state(), keep_last=self.cfg.keep_last, rank=self.dist.rank,
                                world_size=self.dist.world_size, barrier=barrier)
@@ -167,7 +188,12 @@ class Trainer:
         path = path or latest_checkpoint(self.ckpt_dir)
         if path is None:
             return False
-        trainer = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler, rank=self.dist.rank)
+        check_checkpoint_strategy(path, self.cfg.strategy)
+        if self.fsdp:
+            trainer = load_fsdp_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler)
+        else:
+            trainer = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler,
+                                      rank=self.dist.rank)
         st = trainer["state"]
         self.step = int(st["step"])
         self.train_seconds = float(st.get("train_seconds", 0.0))
@@ -207,20 +233,23 @@ class Trainer:
 
     def run_eval(self, metrics_logger: Optional[MetricLogger] = None) -> dict:
         out = {}
+        model = self.model
+        if self.fsdp and self.evaluate_fn is not None:  # every rank takes part in the gather
+            model = gather_unsharded(self.model, self.model_cls)
         if self.evaluate_fn is not None and self.dist.is_main:
-            was = self.model.training
-            self.model.eval()
+            was = model.training
+            model.eval()
             with torch.no_grad(), self._autocast():
-                out = self.evaluate_fn(self.model, self.step) or {}
-            self.model.train(was)
+                out = self.evaluate_fn(model, self.step) or {}
+            model.train(was)
             if self.cfg.best_metric:
-                self._keep_if_best(out)
+                self._keep_if_best(out, model)
             if metrics_logger is not None and out:
                 metrics_logger.log(self.step, {k: v for k, v in out.items() if isinstance(v, (int, float))}, "eval")
         barrier()
         return out
 
-    def _keep_if_best(self, metrics: dict) -> None:
+    def _keep_if_best(self, metrics: dict, model: nn.Module) -> None:
         name = self.cfg.best_metric
         value = metric_value(metrics, name)
         better = self.best is None or (value > self.best["value"] if self.cfg.best_mode == "max"
@@ -229,7 +258,7 @@ class Trainer:
             return
         from ..weights import atomic_write_bytes, save_pretrained
 
-        save_pretrained(self.model, self.best_dir)
+        save_pretrained(model, self.best_dir)
         self.best = {"step": self.step, "metric": name, "value": value}
         atomic_write_bytes(os.path.join(self.best_dir, "best.json"), (json.dumps(self.best, indent=2) + "\n").encode())
         self.log.info("best %s so far: %.4g at step %d (weights in %s)", name, value, self.step, self.best_dir)
@@ -311,8 +340,10 @@ class Trainer:
                     gen = mtc_generator(cfg.seed, self.step * accum + micro)
                     sync = micro == accum - 1 or self.ddp is None
                     ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
+                    if self.fsdp and accum > 1:  # reduce-scatter the gradients on the last micro-batch only
+                        self.model.set_requires_gradient_sync(micro == accum - 1)
                     with ctx:
-                        with self._autocast():
+                        with self._step_precision():
                             out = self.task.loss(self.net, batch, gen)
                         loss = out["loss"] / accum
                         if not torch.isfinite(loss.detach()):
@@ -325,7 +356,7 @@ class Trainer:
                     self.scaler.unscale_(self.optimizer)
                 gnorm = None
                 if cfg.clip_grad is not None:
-                    gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad))
+                    gnorm = grad_norm_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad))
                 lr = max(g["lr"] for g in self.optimizer.param_groups)
                 if self.scaler is not None:
                     self.scaler.step(self.optimizer)
@@ -368,8 +399,8 @@ class Trainer:
         self.input.close()
         if bar is not None:
             bar.close()
-        if not (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
-            self.save()
+        if self.fsdp or not (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
+            self.save(final=True)  # fsdp: again at a step ckpt_every saved, now with the full weights
         last_eval = self.run_eval(mlog) if self.evaluate_fn is not None else last_eval
         mlog.close()
         summary = {"steps": self.step, "train_minutes": self.train_seconds / 60.0, "stop_reason": stop_reason,

@@ -156,6 +156,7 @@ class DemoConfig:
         return asdict(self)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -185,6 +186,10 @@ class TrainConfig:
     clip_grad: Optional[float] = None  # max global gradient L2 norm (None: no clipping)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU; fp16 uses a GradScaler; bf16 also on CPU)
     grad_checkpointing: bool = False
+    # ddp: every process holds the whole model (DistributedDataParallel); fsdp: parameters, gradients and optimizer
+    # state sharded over the processes (FSDP2, per transformer block), for models that do not fit one GPU under
+    # DDP; checkpoints then resume on another world size (docs/fsdp.md)
+    strategy: str = "ddp"
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 0  # updates between checkpoints (0: only at the end)
@@ -203,6 +208,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"train.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         for name in ("batch_size", "grad_accum", "log_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
