@@ -1,5 +1,7 @@
-# Puts the repository root on sys.path so tests and benchmarks import the in-tree packages (with the extension
-# built in place by `pip install -e .` or `python setup.py build_ext --inplace`), or the installed ones.
+# Puts the repository root on sys.path (pytest inserts the folder of a root conftest.py) so tests and benchmarks
+# import the in-tree packages (with the extension built in place by `pip install -e .` or `python setup.py
+# build_ext --inplace`), or the installed ones, and their own shared modules by full name (`tests.helpers`,
+# `benchmarks.workloads`).
 
 import os
 

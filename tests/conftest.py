@@ -1,13 +1,13 @@
-import os
-import sys
+"""Fixtures and settings of the test suite. tests/ is a package: shared helpers are imported as `tests.helpers`
+(and `tests.htwa_dense`), found through the repository root that the root conftest.py puts on sys.path."""
 
-# tests import their helper modules (htwa_dense, ...) by name
-sys.path.insert(0, os.path.dirname(__file__))
+import os
+
+import pytest
+import torch
+from hypothesis import settings
 
 # CI runs every property test on the same examples (no flaky reruns); locally hypothesis explores afresh.
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI"):

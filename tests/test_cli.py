@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from _train_common import nano_model
 from lfvila_model.cli import build_parser, main
 from lfvila_model.train.runconfig import apply_overrides, load_run_config
+from tests.helpers import tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ["make-demo-data", "pretrain", "finetune", "evaluate", "convert-checkpoint", "info"]
@@ -116,7 +116,7 @@ def test_info_json(capsys):
 
 
 def test_convert_checkpoint_round_trip(tmp_path):
-    model = nano_model(3)
+    model = tiny_model(3)
     model.save_pretrained(str(tmp_path / "own"))
     assert main(["convert-checkpoint", str(tmp_path / "own"), str(tmp_path / "official.bin")]) == 0
     sd = torch.load(tmp_path / "official.bin", weights_only=True)

@@ -1,5 +1,5 @@
 """`lfvila finetune` + `lfvila evaluate` for each QA / classification kind, end to end on mp4 files made here:
-the shipped configs/finetune_*.yaml with a nano model, 2 steps, then the accuracy JSON of the run and of the
+the shipped configs/finetune_*.yaml with the tests' tiny model, 2 steps, then the accuracy JSON of the run and of the
 evaluate command (with an unreadable validation video skipped and listed)."""
 
 import json
@@ -8,11 +8,11 @@ import os
 import numpy as np
 import pytest
 
-from _train_common import NANO_TEXT, NANO_VIDEO
 from lfvila_model.cli import main
 from lfvila_model.data import video as V
 from lfvila_model.presets import get_config
 from lfvila_model.train.runner import _check_kind
+from tests.helpers import BERT_VOCAB, tiny_changes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +24,7 @@ def subs(n):
     return [{"text": f"subtitle {j}", "start": j, "end": j + 1} for j in range(n)]
 
 
-# kind -> (config file, model changes on top of the nano model, one annotation row for video `vid` number i)
+# kind -> (config file, model changes on top of the tiny model, one annotation row for video `vid` number i)
 KINDS = {
     "how2qa": ("finetune_how2qa.yaml", {"model_type": "qa_multichoice", "num_sentences": 8, "num_choices": 4},
                lambda vid, i: {"clip_id": vid, "span": [0.5, 1.5], "text_q": f"question {i}?",
@@ -54,9 +54,8 @@ def test_finetune_then_evaluate_reports_accuracy(kind, tmp_path, capsys):
     write_jsonl(tmp_path / "train.jsonl", [row(f"v{i}", i) for i in range(4)])
     # validation: 3 readable videos and one that does not exist
     write_jsonl(tmp_path / "val.jsonl", [row(f"v{i}", i) for i in range(3)] + [row("absent", 3)])
-    model_changes = dict(changes, video=NANO_VIDEO, text=dict(NANO_TEXT, vocab_size=30522),  # real tokenizer ids
-                         max_sentence_len=6, proj_dim=16, pool_kernel=[1, 1])
-    get_config("lfvila-tiny", **model_changes)  # the nano model is a valid config
+    model_changes = tiny_changes(**changes, text={"vocab_size": BERT_VOCAB})  # real tokenizer ids
+    get_config("lfvila-tiny", **model_changes)  # the tiny model is a valid config
     run_cfg = {
         "base": os.path.join(ROOT, "configs", config),
         "model": {"config": None, "preset": "lfvila-tiny", "changes": model_changes},
@@ -66,7 +65,7 @@ def test_finetune_then_evaluate_reports_accuracy(kind, tmp_path, capsys):
                   "tensorboard": False},
         "eval": {"batch_size": 2},
     }
-    # JSON is YAML; tuples in the nano configs become lists
+    # JSON is YAML; tuples in the tiny configs become lists
     (tmp_path / "run.yaml").write_text(json.dumps(run_cfg))
     out = str(tmp_path / "run")
     assert main(["finetune", "--config", str(tmp_path / "run.yaml"), "--out", out, "--max-steps", "2",

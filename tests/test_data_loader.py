@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from _train_common import RandomSet, nano_model
 from lfvila_model.data import loader as L
 from lfvila_model.data.datasets import SkipTracker, TooManySkippedError
 from lfvila_model.train.distributed import EpochBatches
 from lfvila_model.train.loop import TrainConfig, Trainer
 from lfvila_model.train.tasks import PretrainTask
+from tests.helpers import RandomSet, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,7 +49,7 @@ class ItemSet:
 
 
 def _trainer(out, workers, bad=(), seed=0, **kw):
-    model = nano_model(seed)
+    model = tiny_model(seed)
     cfg = dict(out_dir=str(out), max_steps=4, batch_size=2, lr=1e-3, warmup_steps=1, clip_grad=1.0, progress=False,
                tensorboard=False, log_every=1, keep_last=5, seed=3, device="cpu")
     cfg.update(kw)
@@ -113,7 +113,7 @@ def test_resume_after_kill_with_workers_is_exact(tmp_path):
 
 
 def test_the_epoch_reaches_persistent_workers():
-    model = nano_model(0)
+    model = tiny_model(0)
     data = ItemSet(model.config, n=6)
     task = PretrainTask(model.config)
     task.data_size = len(data)
@@ -132,7 +132,7 @@ def test_the_epoch_reaches_persistent_workers():
 
 
 def test_replacement_depends_on_the_index_and_skips_are_counted():
-    model = nano_model(0)
+    model = tiny_model(0)
     data = ItemSet(model.config, n=6, bad=(2, 3))
     b = L.read_batch(data, [2, 0, 5])
     assert b["index"].tolist() == [4, 0, 5]  # 2 and 3 unreadable -> 4
@@ -185,7 +185,7 @@ def test_run_config_data_keys():
 
 
 def test_in_memory_sets_stay_in_process():
-    model = nano_model(0)
+    model = tiny_model(0)
     data = RandomSet(model.config, n=4)
     inp = L.TrainInput(data, PretrainTask(model.config), EpochBatches(4, 2, seed=1), 2, "cpu", num_workers=2)
     assert inp.loader is None  # get_batch: no worker process

@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from _train_common import RandomSet, nano_model
 from lfvila_model.train.distributed import DistInfo, EpochBatches, mtc_generator
 from lfvila_model.train.loop import Trainer
 from lfvila_model.train.runconfig import TrainConfig
 from lfvila_model.train.tasks import PretrainTask
+from tests.helpers import RandomSet, tiny_model
 
 WORLD = 2
 LOCAL = 2
@@ -27,7 +27,7 @@ NO_DROPOUT = dict(video={"drop_path_rate": 0.0}, text={"hidden_dropout_prob": 0.
 
 
 def _model(dtype=torch.float64):
-    return nano_model(0, **NO_DROPOUT).to(dtype)
+    return tiny_model(0, **NO_DROPOUT).to(dtype)
 
 
 def _data(model, dtype=torch.float64):

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _embed_common import CORRUPT, SENTENCES, VIDEOS, embed_model, make_videos
 from lfvila_model.cli import main
 from lfvila_model.data import annotations as ann
 from lfvila_model.data.datasets import RetrievalDataset
@@ -18,6 +17,7 @@ from lfvila_model.data.video import count_frames, decode_frames, downstream_indi
 from lfvila_model.eval.embed import (encode_video_files, list_videos, read_index, resolve_precision,
                                      split_sentences, tokenize_paragraphs)
 from lfvila_model.eval.run import encode_retrieval
+from tests.helpers import CORRUPT, SENTENCES, VIDEOS, embed_model, make_videos
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from _train_common import nano_model
 from lfvila_model.eval.run import accuracy, predict_logits
+from tests.helpers import tiny_model
 
 
 def test_accuracy_hand_made_logits():
@@ -34,4 +34,4 @@ def test_accuracy_argument_checks():
 
 def test_predict_logits_refuses_a_retrieval_model():
     with pytest.raises(TypeError, match="accuracy evaluation needs an LFVILAQAMultichoice.*got LFVILARetrieval"):
-        predict_logits(nano_model(model_type="retrieval"), [])
+        predict_logits(tiny_model(model_type="retrieval"), [])

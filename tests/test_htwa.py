@@ -14,11 +14,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from htwa_dense import htwa_dense
 from lfvila_kernels import htwa_attention, htwa_attention_qkv
 from lfvila_kernels._checks import htwa_num_bias_rows
 from lfvila_kernels.reference import htwa_reference
 from lfvila_kernels.shapes import HTWACase, make_htwa_inputs, official_cases
+from tests.htwa_dense import htwa_dense
 
 CASES = official_cases(reduced=True)
 CASE_IDS = [c.name for c in CASES]

@@ -13,7 +13,7 @@ from lfvila_kernels.backends import cpp
 from lfvila_kernels.reference import htwa_reference
 from lfvila_kernels.shapes import official_cases
 
-from htwa_dense import htwa_dense
+from tests.htwa_dense import htwa_dense
 
 pytestmark = pytest.mark.skipif(
     not cpp.has_kernel("htwa_fwd", "cpu"), reason=f"C++ CPU kernel not built: {cpp.load_error()}"

@@ -175,27 +175,23 @@ def test_chunk_plan_is_a_single_class_partition(monkeypatch):
 
 
 def test_gpu_suite_dry_run():
-    import importlib.util
-    import pathlib
+    from benchmarks.gpu_htwa import run_htwa_suite
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_htwa.py"
-    spec = importlib.util.spec_from_file_location("gpu_htwa_dry", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    rows = mod.run_htwa_suite("cpu", True, cases=["layer5"])
+    rows = run_htwa_suite("cpu", True, cases=["layer5"])
     assert [r["case"] for r in rows] == ["layer5"]
     assert rows[0]["max_err"] < 1e-4 and rows[0]["dbias_deterministic"], rows
 
 
 def test_kernels_compile_for_sm90():
     """GPU-only compile errors on a CPU machine: the full Triton pipeline plus ptxas, in a subprocess without
-    TRITON_INTERPRET (tests/triton_aot.py)."""
+    TRITON_INTERPRET (`python -m tests.triton_aot`, from the repository root)."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_aot.py")
-    res = subprocess.run([sys.executable, script, "90"], env=env, capture_output=True, text=True, timeout=1800)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "tests.triton_aot", "90"], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=1800)
     assert res.returncode == 0 and "all kernels compiled" in res.stdout, res.stdout + res.stderr
 
 

@@ -1,4 +1,5 @@
-"""Package layout: no import cycles (imports inside functions count) and no private names imported across modules.
+"""Package layout: no import cycles (imports inside functions count), no private names imported across modules, and
+imports that run one way (the rules of docs/ARCHITECTURE.md).
 
 Every module of `lfvila_model` and `lfvila_kernels` is parsed with `ast`; each `import` / `from ... import` (at any
 depth) becomes an edge to the longest package module it names (relative imports resolved against the module's
@@ -153,3 +154,77 @@ def test_no_private_names_across_modules(package):
             if owner is not None and owner != module:
                 offenders.append(f"{module}: from {source} import {name}")
     assert not offenders, "private names imported across modules:\n" + "\n".join(offenders)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which way imports run (docs/ARCHITECTURE.md, "Package map"): rules on the modules each module's import
+# statements name (at any depth; a package's `__init__` counts as the module `pkg`, outside modules by their
+# top-level name).
+
+
+def _edges(module: str) -> set[str]:
+    out = set()
+    for target, _ in _imports(module):
+        known = _known_prefix(target)
+        out.add(known if known is not None else target.split(".")[0])
+    return out - {module}
+
+
+def _in(*names: str):
+    """A predicate: the module is one of `names` or inside one of them."""
+    return lambda m: any(m == n or m.startswith(n + ".") for n in names)
+
+
+M = "lfvila_model"
+MODEL_MODULES = tuple(f"{M}.{n}" for n in ("config", "presets", "video_encoder", "text_encoder", "fused_block",
+                                           "pooling", "objectives", "weight_maps", "weights", "models"))
+PUBLIC_OPS = ("lfvila_kernels", "lfvila_kernels.htwa", "lfvila_kernels.losses", "lfvila_kernels._dispatch")
+
+# short name -> (the rule, the modules it applies to, the imports it forbids them)
+IMPORT_RULES = {
+    "kernels-alone": (
+        "lfvila_kernels imports nothing of lfvila_model",
+        _in("lfvila_kernels"), _in(M)),
+    "no-tests-or-benchmarks": (
+        "the packages import neither tests nor benchmarks",
+        _in(*PACKAGES), _in("tests", "benchmarks")),
+    "backends-below-dispatch": (
+        "backends/ and triton/ never import the public op modules or the dispatch (it imports them)",
+        _in("lfvila_kernels.backends", "lfvila_kernels.triton"), lambda t: t in PUBLIC_OPS),
+    "data-alone": (
+        "data/ imports of lfvila_model only data/, config and jsonable (no model, training, evaluation or CLI)",
+        _in(f"{M}.data"), lambda t: _in(M)(t) and not _in(f"{M}.data", f"{M}.config", f"{M}.jsonable")(t)),
+    "model-below-factory": (
+        "the model modules import no data/, train/, cli, serve, factory or package root; of eval/ only eval.encode",
+        _in(*MODEL_MODULES),
+        lambda t: t == M or _in(f"{M}.data", f"{M}.train", f"{M}.cli", f"{M}.serve", f"{M}.factory")(t)
+        or (_in(f"{M}.eval")(t) and t != f"{M}.eval.encode")),
+    "encode-no-factory": (
+        "eval/encode.py (imported by models.py) imports of lfvila_model only data/ (no factory, no models)",
+        _in(f"{M}.eval.encode"), lambda t: _in(M)(t) and not _in(f"{M}.data")(t)),
+    "train-from-cli": (
+        "only train/ and the command line import train/",
+        lambda m: _in(M)(m) and not _in(f"{M}.train", f"{M}.cli")(m), _in(f"{M}.train")),
+    "cli-on-top": (
+        "only the command line imports cli and serve",
+        lambda m: _in(M)(m) and not _in(f"{M}.cli", f"{M}.__main__")(m), _in(f"{M}.cli", f"{M}.serve")),
+}
+
+
+@pytest.mark.parametrize("rule", list(IMPORT_RULES))
+def test_imports_run_one_way(rule):
+    text, applies, forbidden = IMPORT_RULES[rule]
+    modules = [m for m in MODULES if applies(m)]
+    assert modules, f"no module is subject to the rule {text!r}: the rule is out of date"
+    offenders = [f"{m} imports {t}" for m in sorted(modules) for t in sorted(_edges(m)) if forbidden(t)]
+    assert not offenders, f"{text}:\n" + "\n".join(offenders)
+
+
+def test_import_rules_see_a_violation():
+    # the edges the rules read: a relative import, an import inside a function, an outside package
+    assert {"lfvila_model.models", "lfvila_model.weights"} <= _edges("lfvila_model.factory")
+    assert "lfvila_model.eval.encode" in _edges("lfvila_model.models")  # imported inside a method
+    assert "torch" in _edges("lfvila_kernels.htwa")
+    _, applies, forbidden = IMPORT_RULES["encode-no-factory"]
+    assert applies("lfvila_model.eval.encode") and forbidden("lfvila_model.factory")
+    assert not forbidden("lfvila_model.data.loader") and not forbidden("torch")

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from lfvila_kernels import info_nce_loss, sample_mtc_indices, temporal_contrastive_loss
 from lfvila_kernels.reference import info_nce_reference, temporal_contrastive_reference
-from _loss_common import offset_rows_case
+from tests.helpers import offset_rows_case
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lfvila_kernels.backends import chunked
 from lfvila_kernels import info_nce_loss
 from lfvila_kernels.reference import info_nce_reference
-from _loss_common import loss_and_grads, offset_rows_case, unit_features
+from tests.helpers import loss_and_grads, offset_rows_case, unit_features
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
 

@@ -16,7 +16,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 from lfvila_kernels import info_nce_loss  # noqa: E402
 from lfvila_kernels.backends.triton import triton_interpreted  # noqa: E402
 from lfvila_kernels.reference import info_nce_reference  # noqa: E402
-from _loss_common import loss_and_grads, unit_features  # noqa: E402
+from tests.helpers import loss_and_grads, unit_features  # noqa: E402
 
 if not torch.cuda.is_available() and not triton_interpreted():
     pytest.fail(
@@ -126,8 +126,9 @@ def test_triton_kernels_compile_for_sm90():
     import sys
 
     pytest.importorskip("triton.backends.nvidia", reason="this triton has no CUDA backend (no GPU toolchain)")
-    script = os.path.join(os.path.dirname(__file__), "_compile_info_nce_sm90.py")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "tests.info_nce_aot"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("compiled") == 10, proc.stdout  # 6 loss kernel variants + 4 chunked epilogues

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from _model_common import make_inputs, micro_config
 from lfvila_model import LFVILAConfig, VideoEncoderConfig, build_model, get_config
+from tests.helpers import make_inputs, preset_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,7 +95,7 @@ def test_unknown_keys_and_presets_are_refused():
 @pytest.fixture(scope="module")
 def micro():
     torch.manual_seed(0)
-    return build_model(micro_config()).eval()
+    return build_model(preset_config()).eval()
 
 
 def test_bad_inputs_are_refused(micro):

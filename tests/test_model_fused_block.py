@@ -15,7 +15,7 @@ from lfvila_model import build_model
 from lfvila_model.fused_block import mlp, norm_linear, norm_mlp
 from lfvila_model.video_encoder import PatchMerging, SwinBlock3D
 
-from tests._model_common import make_inputs, micro_config
+from tests.helpers import make_inputs, preset_config
 from tests.test_model_block import official_block
 
 
@@ -233,7 +233,7 @@ def test_patch_merging_fused_equals_plain_fp64():
 
 
 def test_stage1_model_fused_and_plain_blocks_agree_fp64():
-    cfgs = {f: micro_config(video={"fused_blocks": f}, text={"fused_ffn": f}) for f in (True, False)}
+    cfgs = {f: preset_config(video={"fused_blocks": f}, text={"fused_ffn": f}) for f in (True, False)}
     grads, losses = {}, {}
     for fused, cfg in cfgs.items():
         torch.manual_seed(0)
@@ -281,7 +281,7 @@ def test_backward_runs_the_video_tower_before_the_text_tower(model_type, changes
     # The sentence and paragraph encoders run first in the forward, so autograd (later-built nodes first) reaches
     # every video-encoder parameter before any of theirs: the video activations are freed before those text
     # gradients exist.
-    cfg = micro_config(model_type=model_type, **changes)
+    cfg = preset_config(model_type=model_type, **changes)
     model = build_model(cfg).train()
     order = []
     for name, p in model.named_parameters():
@@ -299,7 +299,7 @@ def test_stage1_model_under_bf16_autocast_fused_and_plain_blocks_agree():
     # mixed precision as the training loop runs it (autocast around the forward, backward outside)
     results = {}
     for fused in (True, False):
-        cfg = micro_config(video={"fused_blocks": fused, "attention_backend": "auto"}, text={"fused_ffn": fused})
+        cfg = preset_config(video={"fused_blocks": fused, "attention_backend": "auto"}, text={"fused_ffn": fused})
         torch.manual_seed(0)
         model = build_model(cfg).train()
         video, ids, mask = make_inputs(cfg, seed=7)

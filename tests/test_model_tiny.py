@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from _model_common import make_inputs, micro_config
 from lfvila_model import build_model, create_model, get_config, minilm_dir
 from lfvila_model.objectives import span_loss, vtm_shuffle
 from lfvila_model.pooling import clip_means, pool_frame_tokens
+from tests.helpers import make_inputs, preset_config
 
 
 def hand_vpc(v, p, tau):
@@ -24,7 +24,7 @@ def hand_vpc(v, p, tau):
 @pytest.fixture(scope="module")
 def stage1():
     torch.manual_seed(0)
-    return build_model(micro_config())
+    return build_model(preset_config())
 
 
 def test_tiny_preset_has_the_official_structure():
@@ -72,7 +72,7 @@ def test_stage1_features_backward_and_vpc_at_init(stage1):
 
 def test_local_mtc_features_use_local_feat_proj():
     torch.manual_seed(0)
-    model = build_model(micro_config(mtc_video_features="local")).eval()
+    model = build_model(preset_config(mtc_video_features="local")).eval()
     video, ids, mask = make_inputs(model.config)
     f = model.stage1_features(video, ids, mask)
     f["clips"].sum().backward()
@@ -121,7 +121,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(stage1):
 
 
 def test_drop_path_schedule_is_linear():
-    model = build_model(micro_config())
+    model = build_model(preset_config())
     rates = [blk.drop_path.p for layer in model.video_encoder.layers for blk in layer.blocks]
     assert len(rates) == 12
     torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.1, 12), rtol=0, atol=1e-7)
@@ -136,7 +136,7 @@ def test_vtm_shuffle_by_hand():
 
 def test_stage2_forward_backward_trains_only_the_cross_modal_part():
     torch.manual_seed(0)
-    model = build_model(micro_config("lfvila-tiny-stage2")).train()
+    model = build_model(preset_config("lfvila-tiny-stage2")).train()
     video, ids, mask = make_inputs(model.config, batch=4)
     labels = torch.full_like(ids, -100)
     labels[:, :, 1] = ids[:, :, 1]
@@ -162,7 +162,7 @@ def test_stage2_forward_backward_trains_only_the_cross_modal_part():
 
 def test_qa_models_forward_backward():
     torch.manual_seed(0)
-    cfg = micro_config("lfvila-tiny", model_type="qa_multichoice", num_sentences=3)
+    cfg = preset_config("lfvila-tiny", model_type="qa_multichoice", num_sentences=3)
     model = build_model(cfg).train()
     video, ids, mask = make_inputs(cfg, batch=2)
     K = cfg.num_choices
@@ -174,7 +174,7 @@ def test_qa_models_forward_backward():
     out["loss"].backward()
     assert model.text_encoder.span_classifier.weight.grad.abs().sum() > 0
     assert model.video_encoder.patch_embed.proj.weight.grad.abs().sum() > 0  # every part trains when fine-tuning
-    cfg = micro_config("lfvila-tiny", model_type="qa_classification", num_labels=5, num_sentences=2)
+    cfg = preset_config("lfvila-tiny", model_type="qa_classification", num_labels=5, num_sentences=2)
     model = build_model(cfg).eval()
     video, ids, mask = make_inputs(cfg, batch=2)
     out = model(video, ids, mask, labels=torch.tensor([0, 4]))
@@ -194,7 +194,7 @@ def test_span_loss_is_class_balanced():
 
 def test_video_classification_forward():
     torch.manual_seed(0)
-    cfg = micro_config("lfvila-tiny", model_type="video_classification", num_labels=6)
+    cfg = preset_config("lfvila-tiny", model_type="video_classification", num_labels=6)
     model = build_model(cfg).eval()
     video, _, _ = make_inputs(cfg, batch=2)
     out = model(video, labels=torch.tensor([1, 5]))
@@ -204,11 +204,11 @@ def test_video_classification_forward():
 
 
 def test_stage2_keeps_the_frozen_video_encoder_in_eval_mode():
-    model = build_model(micro_config("lfvila-tiny-stage2"))
+    model = build_model(preset_config("lfvila-tiny-stage2"))
     model.train()
     assert model.training and not model.video_encoder.training
     assert model.text_encoder.bert.encoder.layer[6].training
-    stage1 = build_model(micro_config()).train()
+    stage1 = build_model(preset_config()).train()
     assert stage1.video_encoder.training
 
 
@@ -233,7 +233,7 @@ def test_ordered_global_features_compare_clip_m_with_sentence_m():
     """`global_features="ordered"`: v . p = mean over m of cos(W_vg clip_m, W_tg h_m), h_m the paragraph encoder's
     output at sentence m's first token; written out here from the parts of a model with the same weights."""
     torch.manual_seed(0)
-    model = build_model(micro_config(global_features="ordered")).eval()
+    model = build_model(preset_config(global_features="ordered")).eval()
     B, M, L = 3, model.config.num_clips, model.config.max_sentence_len
     video, ids, mask = make_inputs(model.config, batch=B, seed=3)
     with torch.no_grad():
@@ -252,13 +252,13 @@ def test_ordered_global_features_compare_clip_m_with_sentence_m():
             want += F.normalize(c, dim=-1) @ F.normalize(s, dim=-1).T / M
         torch.testing.assert_close((f["video"] @ f["paragraph"].T).double(), want, rtol=1e-5, atol=1e-5)
         # the official features of the same weights: one projected mean and the paragraph token
-        official = build_model(micro_config()).eval()
+        official = build_model(preset_config()).eval()
         official.load_state_dict(model.state_dict())
         g = official.stage1_features(video, ids, mask)
         torch.testing.assert_close(g["video"], F.normalize(model.video_global_proj(pooled.mean(dim=(1, 2))), dim=-1))
         torch.testing.assert_close(g["paragraph"], F.normalize(model.text_global_proj(para[:, 0]), dim=-1))
         # the retrieval model computes the same ordered features
-        retrieval = build_model(micro_config(model_type="retrieval", global_features="ordered")).eval()
+        retrieval = build_model(preset_config(model_type="retrieval", global_features="ordered")).eval()
         report = retrieval.load_state_dict(model.state_dict(), strict=False)
         assert not report.missing_keys
         torch.testing.assert_close(retrieval.encode_video(video), f["video"])
@@ -275,14 +275,14 @@ def test_ordered_global_features_config_errors():
 
 
 def test_temporal_pos_embed_is_added_after_the_patch_embedding():
-    cfg = micro_config(video={"temporal_pos_embed": True})
+    cfg = preset_config(video={"temporal_pos_embed": True})
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     enc = model.video_encoder
     T = cfg.video.num_frames
     assert enc.temporal_pos_embed.shape == (1, T, 1, 1, cfg.video.embed_dim)
     assert "video_encoder.temporal_pos_embed" in model.state_dict()
-    assert "video_encoder.temporal_pos_embed" not in build_model(micro_config()).state_dict()  # official: absent
+    assert "video_encoder.temporal_pos_embed" not in build_model(preset_config()).state_dict()  # official: absent
     video, _, _ = make_inputs(cfg, batch=2)
     with torch.no_grad():
         x = enc.patch_embed(video) + enc.temporal_pos_embed  # the embedding of frame t is added to its tokens
@@ -290,7 +290,7 @@ def test_temporal_pos_embed_is_added_after_the_patch_embedding():
             _, x = layer(x)
         torch.testing.assert_close(enc(video)[0], enc.norm(x))
         # zeroed, the encoder is the official one with the same weights
-        plain = build_model(micro_config()).eval()
+        plain = build_model(preset_config()).eval()
         enc.temporal_pos_embed.zero_()
         plain.load_state_dict({k: v for k, v in model.state_dict().items() if "temporal_pos_embed" not in k})
         torch.testing.assert_close(enc(video)[0], plain.video_encoder(video)[0])

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _model_common import make_inputs, micro_config
 from lfvila_model import LFVILARetrieval, build_model, create_model, minilm_dir
 from lfvila_model.weights import read_state_dict
 from lfvila_model.weight_maps import swin_2d_to_3d
+from tests.helpers import make_inputs, preset_config
 
 # ---- Swin-B ---------------------------------------------------------------------------------------------------
 
@@ -106,7 +106,7 @@ def test_swin_timm_layout_gives_the_same_inflation(swin_b):
 def test_swin_init_loads_and_patch_projection_is_the_quadrant_mean():
     # a small Swin (widths of the micro preset, 12 blocks, 1x1 kernel) into the micro model (patch 1x2x2): every
     # inflated tensor loads, and the 2x2 patch projection is the mean of the 1x1 projections of its 4 pixels
-    cfg = micro_config()
+    cfg = preset_config()
     model = build_model(cfg)
     sd = synthetic_swin((2, 2, 6, 2), (1, 2, 4, 8), (32, 64, 128, 256), kernel=1, window=7)
     report = model.init_video_from_swin(sd)
@@ -128,7 +128,7 @@ def test_bert_init_from_minilm_matches_transformers():
     from transformers import BertModel
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = micro_config("lfvila-tiny-stage2")
+    cfg = preset_config("lfvila-tiny-stage2")
     model = build_model(cfg).eval()
     report = model.init_text_from_bert(minilm_dir())
     hf = BertModel.from_pretrained(minilm_dir(), attn_implementation="eager").eval()
@@ -158,7 +158,7 @@ def test_bert_init_from_minilm_matches_transformers():
 @pytest.fixture(scope="module")
 def stage1_micro():
     torch.manual_seed(0)
-    return build_model(micro_config()).eval()
+    return build_model(preset_config()).eval()
 
 
 def _features(model, seed=3):
@@ -171,7 +171,7 @@ def test_official_state_dict_loads_directly(tmp_path, stage1_micro):
     path = tmp_path / "lfvila_stage1.bin"
     torch.save({"module." + k: v for k, v in stage1_micro.state_dict().items()}, path)  # DeepSpeed-style prefix
     torch.manual_seed(1)
-    fresh = build_model(micro_config()).eval()
+    fresh = build_model(preset_config()).eval()
     report = fresh.load_official(str(path))
     assert report.clean and report.loaded > 0
     a, b = _features(stage1_micro), _features(fresh)
@@ -184,7 +184,7 @@ def test_official_load_refuses_mismatch_and_reports_partial(stage1_micro):
     sd["video_global_proj.weight"] = torch.zeros(7, 7)
     del sd["text_local_proj.bias"]
     sd["extra.weight"] = torch.zeros(1)
-    fresh = build_model(micro_config())
+    fresh = build_model(preset_config())
     with pytest.raises(ValueError, match="video_global_proj.weight"):
         fresh.load_official(sd)
     before = fresh.video_global_proj.weight.clone()
@@ -203,7 +203,7 @@ def test_official_load_refuses_mismatch_and_reports_partial(stage1_micro):
 def test_official_loader_grows_the_segment_table(stage1_micro):
     sd = dict(stage1_micro.state_dict())
     sd["sent_embedding.segment_embeddings.weight"] = sd["sent_embedding.segment_embeddings.weight"][:4].clone()
-    fresh = build_model(micro_config())
+    fresh = build_model(preset_config())
     extra = fresh.sent_embedding.segment_embeddings.weight[4:].clone()
     assert fresh.load_official(sd).clean
     w = fresh.sent_embedding.segment_embeddings.weight
@@ -211,7 +211,7 @@ def test_official_loader_grows_the_segment_table(stage1_micro):
 
 
 def test_retrieval_model_loads_stage1_checkpoint_non_strict(stage1_micro):
-    ret = build_model(micro_config(model_type="retrieval")).eval()
+    ret = build_model(preset_config(model_type="retrieval")).eval()
     assert isinstance(ret, LFVILARetrieval)
     report = ret.load_official(stage1_micro.state_dict(), strict=False)
     assert sorted(report.unexpected) == sorted(f"{p}_local_proj.{k}" for p in ("video", "text") for k in ("weight", "bias"))
@@ -226,7 +226,7 @@ def test_retrieval_model_loads_stage1_checkpoint_non_strict(stage1_micro):
 @pytest.mark.parametrize("preset", ["lfvila-tiny", "lfvila-tiny-stage2"])
 def test_save_pretrained_round_trip(tmp_path, preset):
     torch.manual_seed(0)
-    model = build_model(micro_config(preset)).eval()
+    model = build_model(preset_config(preset)).eval()
     model.save_pretrained(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temp files left
     again = type(model).from_pretrained(str(tmp_path)).eval()
@@ -265,7 +265,7 @@ def test_bert_init_from_a_pretraining_checkpoint_reports_by_name(tmp_path):
     # stage-1 model (6 layers): layers 6-7 are reported as unexpected, the heads load, legacy gamma/beta renamed
     from transformers import BertConfig, BertForPreTraining
 
-    cfg = micro_config()
+    cfg = preset_config()
     t = cfg.text
     hf = BertForPreTraining(BertConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=8,
                                        num_attention_heads=t.num_attention_heads,

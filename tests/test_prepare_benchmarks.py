@@ -9,12 +9,12 @@ import os
 import numpy as np
 import pytest
 
-from _train_common import NANO_TEXT, NANO_VIDEO, nano_model
 from lfvila_model.cli import main
 from lfvila_model.data import benchmarks as B
 from lfvila_model.data.annotations import AnnotationError, read_retrieval_jsonl
 from lfvila_model.data.video import write_video
-from test_transcode import make_video, probe
+from tests.helpers import BERT_VOCAB, tiny_changes, tiny_model
+from tests.test_transcode import make_video, probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -218,9 +218,8 @@ def test_prepare_cli_help_and_end_to_end(didemo, capsys):
     assert probe(out_dir / "videos" / "x2.mp4") == (3, 3.0, 32, 24)
 
 
-def nano_changes(model_type):
-    return dict(model_type=model_type, video=NANO_VIDEO, text=dict(NANO_TEXT, vocab_size=30522),  # real token ids
-                max_sentence_len=6, proj_dim=16, pool_kernel=[1, 1])
+def model_changes(model_type):
+    return tiny_changes(model_type=model_type, text={"vocab_size": BERT_VOCAB})  # real token ids
 
 
 FAST_TRAIN = {"precision": "fp32", "device": "cpu", "batch_size": 2, "warmup_steps": 0, "num_threads": 1,
@@ -228,11 +227,11 @@ FAST_TRAIN = {"precision": "fp32", "device": "cpu", "batch_size": 2, "warmup_ste
 
 
 def test_finetune_config_reads_the_prepared_data(activitynet, tmp_path):
-    """configs/finetune_retrieval.yaml unchanged but for a nano model and a short run, the data from --set."""
+    """configs/finetune_retrieval.yaml unchanged but for the tests' tiny model and a short run, the data from --set."""
     ann, raw, out = activitynet
     B.prepare_benchmark("activitynet", ann, raw, out, short_side=24, workers=2, progress=False)
     run = {"base": os.path.join(ROOT, "configs", "finetune_retrieval.yaml"),
-           "model": {"config": None, "preset": "lfvila-tiny", "changes": nano_changes("retrieval")},
+           "model": {"config": None, "preset": "lfvila-tiny", "changes": model_changes("retrieval")},
            "data": {"num_workers": 0}, "train": FAST_TRAIN, "eval": {"batch_size": 2}}
     (tmp_path / "run.yaml").write_text(json.dumps(run))
     assert main(["finetune", "-c", str(tmp_path / "run.yaml"), "--set", f"data.train={out / 'train.jsonl'}",
@@ -243,7 +242,7 @@ def test_finetune_config_reads_the_prepared_data(activitynet, tmp_path):
 
 
 def _pretrain_run(tmp_path):
-    """A 2-step `lfvila pretrain` run of a nano stage-1 model on clip files made here; returns its directory."""
+    """A 2-step `lfvila pretrain` run of a tiny stage-1 model on clip files made here; returns its directory."""
     clips = tmp_path / "clips"
     rows = []
     for v in range(2):
@@ -253,7 +252,7 @@ def _pretrain_run(tmp_path):
                         codec="mpeg4")
         rows.append(json.dumps([{"clip_id": f"p{v}.{c}.mp4", "text": f"clip {c}"} for c in range(4)]))
     (tmp_path / "pretrain.jsonl").write_text("\n".join(rows) + "\n")
-    run = {"model": {"preset": "lfvila-tiny", "changes": nano_changes("pretrain")},
+    run = {"model": {"preset": "lfvila-tiny", "changes": model_changes("pretrain")},
            "data": {"kind": "pretrain", "train": str(tmp_path / "pretrain.jsonl"), "video_root": str(clips),
                     "num_workers": 0}, "train": FAST_TRAIN}
     (tmp_path / "pretrain.yaml").write_text(json.dumps(run))
@@ -268,7 +267,7 @@ def test_zero_shot_evaluation_of_pretraining_checkpoints(didemo, tmp_path, capsy
     ann, raw, out = didemo
     B.prepare_benchmark("didemo", ann, raw, out, short_side=24, workers=2, progress=False)
     data = ["--set", f"data.val={out / 'train.jsonl'}", "--set", f"data.video_root={out / 'videos'}"]
-    model = nano_model(0, text=dict(NANO_TEXT, vocab_size=30522))
+    model = tiny_model(0, text={"vocab_size": BERT_VOCAB})
     model.save_pretrained(str(tmp_path / "stage1"))
     for ckpt in (tmp_path / "stage1", _pretrain_run(tmp_path)):
         capsys.readouterr()
@@ -286,7 +285,7 @@ def test_evaluate_runs_on_the_training_device(didemo, tmp_path):
 
     ann, raw, out = didemo
     B.prepare_benchmark("didemo", ann, raw, out, short_side=24, workers=1, progress=False)
-    nano_model(0, text=dict(NANO_TEXT, vocab_size=30522)).save_pretrained(str(tmp_path / "stage1"))
+    tiny_model(0, text={"vocab_size": BERT_VOCAB}).save_pretrained(str(tmp_path / "stage1"))
     argv = ["evaluate", "--checkpoint", str(tmp_path / "stage1"), "--set", f"data.val={out / 'train.jsonl'}",
             "--set", f"data.video_root={out / 'videos'}", "--out", str(tmp_path / "m.json"), "--set"]
     assert main(argv + ["train.device=cpu"]) == 0

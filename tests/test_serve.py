@@ -12,10 +12,10 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from _embed_common import CORRUPT, VIDEOS, embed_model, make_videos
 from lfvila_model.cli import main
 from lfvila_model.eval.embed import embed_videos
 from lfvila_model.serve import PathRefused, make_server, resolve_video
+from tests.helpers import CORRUPT, VIDEOS, embed_model, make_videos
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

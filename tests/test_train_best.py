@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from _train_common import RandomSet, nano_model
 from lfvila_model.factory import load_pretrained
 from lfvila_model.train.loop import Trainer, metric_value
 from lfvila_model.train.runconfig import TrainConfig
 from lfvila_model.train.tasks import PretrainTask
+from tests.helpers import RandomSet, tiny_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _trainer(out, values, snapshots, **kw):
     """A nano trainer whose evaluation at step s returns values[s - 1] (as accuracy and as t2v.R@1) and records the
     weights it saw."""
-    model = nano_model(0)
+    model = tiny_model(0)
     data = RandomSet(model.config, n=6)
     cfg = dict(out_dir=str(out), max_steps=4, batch_size=2, lr=1e-2, warmup_steps=1, progress=False, tensorboard=False,
                log_every=1, seed=3, device="cpu", eval_every=1)

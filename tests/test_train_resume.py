@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from _train_common import RandomSet, nano_model
 from lfvila_model.train import checkpointing as ck
 from lfvila_model.train.loop import Trainer
 from lfvila_model.train.runconfig import TrainConfig
 from lfvila_model.train.tasks import PretrainTask
+from tests.helpers import RandomSet, tiny_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(out, seed=0, **kw):
-    model = nano_model(seed)
+    model = tiny_model(seed)
     data = RandomSet(model.config, n=6)
     cfg = dict(out_dir=str(out), max_steps=4, batch_size=2, lr=1e-3, warmup_steps=1, clip_grad=1.0, progress=False,
                tensorboard=False, log_every=1, keep_last=5, seed=3, device="cpu")
@@ -140,17 +140,17 @@ def test_rng_state_round_trip():
 def test_resume_without_checkpoint_returns_false(tmp_path):
     assert _trainer(tmp_path, max_steps=1).resume() is False
     with pytest.raises(FileNotFoundError):
-        ck.load_checkpoint(str(tmp_path), nano_model())
+        ck.load_checkpoint(str(tmp_path), tiny_model())
 
 
 def test_stage2_and_retrieval_tasks_take_steps(tmp_path):
     """Stage 2 (MLM + VTM, stage-1 parts frozen) and retrieval fine-tuning run through the same trainer."""
-    from _train_common import nano_config
+    from tests.helpers import tiny_config
     from lfvila_model import build_model
     from lfvila_model.train.tasks import RetrievalTask, mask_tokens
 
     torch.manual_seed(0)
-    m2 = build_model(nano_config(stage=2))
+    m2 = build_model(tiny_config(stage=2))
     data = RandomSet(m2.config, n=4)
 
     class Tok:  # the ids of the nano vocabulary
@@ -165,7 +165,7 @@ def test_stage2_and_retrieval_tasks_take_steps(tmp_path):
     lines = (tmp_path / "s2" / "metrics.jsonl").read_text()
     assert "train/vtm" in lines and "train/mlm" in lines
 
-    mr = build_model(nano_config(model_type="retrieval"))
+    mr = build_model(tiny_config(model_type="retrieval"))
     t = Trainer(mr, RetrievalTask(), RandomSet(mr.config, n=4),
                 TrainConfig(out_dir=str(tmp_path / "ret"), max_steps=1, batch_size=2, progress=False,
                             tensorboard=False, device="cpu", schedule="step", warmup_steps=0))

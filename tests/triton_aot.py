@@ -1,4 +1,5 @@
-"""Compile the HTWA Triton kernels for a GPU target without a GPU: `python tests/triton_aot.py [sm]`.
+"""Compile the HTWA Triton kernels for a GPU target without a GPU: `python -m tests.triton_aot [sm]` from the
+repository root (the module form puts the root, and so the in-tree packages, on sys.path).
 
 Runs Triton's whole pipeline (AST -> TTIR -> TTGIR -> LLVM -> PTX) and the bundled ptxas for each kernel as the
 launchers configure it (bf16 and fp32, with and without a bias, D = 32 and 128), so GPU-only compile errors show
@@ -12,8 +13,6 @@ import os
 import subprocess
 import sys
 import tempfile
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(sm: int = 90) -> int:

@@ -1,18 +1,14 @@
 """Compile the Triton InfoNCE kernels for sm_90 (H100) without a GPU: catches GPU-only code-path errors (the
-bf16 tensor-core dots, the IEEE fp32 dots) that the interpreter never sees. Run as a script with
-TRITON_INTERPRET=0; prints one line per compiled kernel variant."""
+bf16 tensor-core dots, the IEEE fp32 dots) that the interpreter never sees. Run from the repository root as
+`TRITON_INTERPRET=0 python -m tests.info_nce_aot` (the module form puts the root, and so the in-tree packages, on
+sys.path); prints one line per compiled kernel variant. Used by `test_triton_kernels_compile_for_sm90`."""
 
-import os
-import sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from lfvila_kernels.triton import info_nce as m  # noqa: E402
+from lfvila_kernels.triton import info_nce as m
 
 TARGET = GPUTarget("cuda", 90, 32)
 COMMON = {"n_x": "i32", "n_y": "i32", "D": "i32", "stride_x": "i32", "stride_y": "i32", "ACC": "constexpr",
