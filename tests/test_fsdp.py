@@ -18,12 +18,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from _train_common import RandomSet, nano_model
 from lfvila_model.train.distributed import DistInfo
 from lfvila_model.train.loop import Trainer
 from lfvila_model.train.runconfig import TrainConfig
 from lfvila_model.train.tasks import PretrainTask
 from lfvila_model.weights import read_state_dict
+from tests.helpers import RandomSet, tiny_model
 
 WORLD = 2
 LOCAL = 2
@@ -34,7 +34,7 @@ DTYPE = torch.float64
 
 
 def _model(seed=0):
-    return nano_model(seed, **NO_DROPOUT).to(DTYPE)
+    return tiny_model(seed, **NO_DROPOUT).to(DTYPE)
 
 
 def _data(model):
@@ -88,10 +88,10 @@ def _two(rank: int, port: int, root: str) -> None:
         dist.barrier()
         _trainer(f"{root}/two", LOCAL, WORLD, rank, strategy="fsdp", max_steps=4).fit(resume=True)
         # bf16 through the mixed-precision policy: fp32 shards and optimizer state, bf16 compute
-        m = nano_model(0, **NO_DROPOUT)
+        m = tiny_model(0, **NO_DROPOUT)
         d = RandomSet(m.config, n=8, seed=5)
         for prec in ("fp32", "bf16"):
-            tb = Trainer(m if prec == "fp32" else nano_model(0, **NO_DROPOUT), PretrainTask(m.config), d,
+            tb = Trainer(m if prec == "fp32" else tiny_model(0, **NO_DROPOUT), PretrainTask(m.config), d,
                          _cfg(f"{root}/{prec}", LOCAL, strategy="fsdp", precision=prec, max_steps=1),
                          DistInfo(rank=rank, world_size=WORLD))
             tb.fit()

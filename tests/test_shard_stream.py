@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 
-from _train_common import nano_config
 from lfvila_model import build_model
 from lfvila_model.data.datasets import PretrainDataset, SkipTracker, TooManySkippedError
 from lfvila_model.data.loader import TrainInput
@@ -33,6 +32,7 @@ from lfvila_model.train.distributed import EpochBatches, mtc_generator
 from lfvila_model.train.loop import Trainer
 from lfvila_model.train.runconfig import DataConfig, TrainConfig
 from lfvila_model.train.tasks import PretrainTask
+from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,7 +44,7 @@ def _config(dropout=True):
     text = {"vocab_size": 30522}  # the real (BERT uncased) tokenizer's ids
     if not dropout:
         text.update(NO_DROPOUT["text"])
-    return nano_config(text=text, video={} if dropout else NO_DROPOUT["video"])
+    return tiny_config(text=text, video={} if dropout else NO_DROPOUT["video"])
 
 
 @pytest.fixture(scope="module")
