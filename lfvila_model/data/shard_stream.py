@@ -49,13 +49,13 @@ stream to be a function of (seed, epoch, slot) that can be replayed to a sample 
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import io
 import json
 import logging
 import os
 import re
-import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
@@ -272,7 +272,9 @@ class ShardStream:
         where = f"{os.path.basename(str(sample.get('__url__', '?')))}/{key}"
         index = sample_number(key)
         if index is None:
-            return {"skipped": True, "index": -1 - zlib.crc32(where.encode()), "path": where,
+            # a stable negative id of its own for a sample without a number (counted once however often it is met)
+            bad_id = int.from_bytes(hashlib.blake2b(where.encode(), digest_size=4).digest(), "little")
+            return {"skipped": True, "index": -1 - bad_id, "path": where,
                     "reason": "key is not s<sample number>"}
         try:
             meta = json.loads(sample["json"])
