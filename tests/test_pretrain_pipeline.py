@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import av
 import numpy as np
@@ -159,4 +160,33 @@ def test_raw_videos_to_clips_to_shards_to_pretraining(youtube, tmp_path, capsys)
     assert [r["step"] for r in losses] == [1, 2] and all(math.isfinite(r["train/loss"]) for r in losses)
     ckpt = os.path.join(out, "checkpoints", "step-00000002")
     assert os.path.isfile(os.path.join(ckpt, "trainer_state.pt"))
-    assert any(n.endswith(".safetensors") for n in os.listdir(ckpt))
+    assert os.path.isfile(os.path.join(ckpt, "model.safetensors"))
+
+
+def test_shard_says_so_when_no_sample_is_left(youtube, tmp_path, capsys):
+    prep = str(tmp_path / "prep")
+    assert main(["prepare", "clips", "--meta", youtube["meta"], "--transcripts", youtube["text"],
+                 "--videos", youtube["raw"], "--out", prep, "--workers", "1", "--no-progress"]) == 0
+    shutil.rmtree(os.path.join(prep, "clips"))  # the clips are gone: every sample is skipped
+    with pytest.raises(SystemExit) as e:
+        main(["shard", "--annotations", os.path.join(prep, "pretrain.jsonl"), "--videos", prep, "--out",
+              str(tmp_path / "shards"), "--no-progress"])
+    assert "no sample written (3 of 3 skipped" in str(e.value.code) and "report.json" in str(e.value.code)
+
+
+@pytest.mark.parametrize("cmd, reads, writes, then", [
+    (["prepare", "clips"], ["--meta", "--transcripts", "--videos"], ["OUT/clips/", "OUT/pretrain.jsonl"],
+     "Then: lfvila shard --annotations OUT/pretrain.jsonl --videos OUT/clips"),
+    (["shard"], ["pretrain.jsonl", "CLIPS_DIR", "`lfvila prepare clips`"], ["SHARDS_DIR/index.json"],
+     "Then: lfvila pretrain --config configs/train_stage1.yaml --set data.kind=shards --set data.train=SHARDS_DIR"),
+    (["pretrain"], ["data.kind=shards the shard folder of `lfvila shard`", "OUT/pretrain.jsonl"],
+     ["checkpoints/", "metrics.jsonl"], "Then: `lfvila evaluate --checkpoint RUN_DIR`"),
+])
+def test_help_tells_the_pipeline(cmd, reads, writes, then, capsys):
+    """Each step's --help says what it reads, what it writes and the command that comes next."""
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for phrase in (*reads, *writes, then):
+        assert " ".join(phrase.split()) in text, phrase
