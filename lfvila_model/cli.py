@@ -361,10 +361,10 @@ def _register_shard(sub) -> None:
                                    "SHARDS_DIR/shard-000000.tar, ... (WebDataset tar files, --samples-per-shard "
                                    "samples each, in the order of the annotations) and SHARDS_DIR/index.json (shard "
                                    "names, sample counts, the total). A sample is <key>.json ({video_id, clips, "
-                                   "texts}) and <key>.clip000.mp4, <key>.clip001.mp4, ... (its clips' bytes), its key "
-                                   "s<line number in pretrain.jsonl, from 0>. Each shard is read back and checked "
-                                   "before it gets its name. A sample with a missing clip file is skipped and "
-                                   "counted (index.json, report.json).",
+                                   "texts}) and <key>.clip000.mp4, <key>.clip001.mp4, ... (its clips' bytes), "
+                                   "its key s<line number in pretrain.jsonl, from 0>. Each shard is read back "
+                                   "and checked before it gets its name. A sample with a missing clip file is "
+                                   "skipped and counted (index.json, report.json); with none left it fails.",
                        epilog="Then: lfvila pretrain --config configs/train_stage1.yaml --set data.kind=shards "
                               "--set data.train=SHARDS_DIR --out RUN_DIR, on many nodes under torchrun "
                               "(docs/multi-node.md, docs/pretraining-at-scale.md).")

@@ -15,9 +15,10 @@ Format, in one folder:
   :func:`sample_key` ``(n) = f"s{n:09d}"`` with ``n`` its 0-based line number in the annotation file (no dot:
   webdataset splits a member name at its first dot): the index ``PretrainDataset`` gives the same sample, so the
   reader draws the same window, frames and crop for it. A sample the writer skips leaves its number unused (keys
-  rise but may have gaps; ``total`` counts the samples written). Its members are ``<key>.json`` (:data:`JSON_MEMBER`): ``{"video_id": str,
-  "clips": [clip_id, ...], "texts": [sentence, ...]}``, one sentence per clip in the same order, and
-  ``<key>.clip000.mp4``, ``<key>.clip001.mp4``, ... (:func:`clip_member`): each clip's mp4 bytes, in order.
+  rise but may have gaps; ``total`` counts the samples written). Its members are ``<key>.json``
+  (:data:`JSON_MEMBER`): ``{"video_id": str, "clips": [clip_id, ...], "texts": [sentence, ...]}``, one sentence per
+  clip in the same order, and ``<key>.clip000.mp4``, ``<key>.clip001.mp4``, ... (:func:`clip_member`): each
+  clip's mp4 bytes, in order.
 
 Nothing in a shard or the index names a path outside the folder, so a set can be moved or served from anywhere.
 """
