@@ -6,7 +6,7 @@ colour that changes with i) and writes META and TEXT in the public HD-VILA-100M 
 point and nothing else, the commands of docs/pretraining-at-scale.md::
 
     lfvila prepare clips --meta META.jsonl --transcripts TEXT.jsonl --videos RAW --out PREP --workers 1
-    lfvila shard --annotations PREP/pretrain.jsonl --videos PREP/clips --out SHARDS --samples-per-shard 2
+    lfvila shard --annotations PREP/pretrain.jsonl --videos PREP/clips --out SHARDS --samples-per-shard 1
     lfvila pretrain --config run.yaml      # data.kind: shards, data.train: SHARDS
 
 and checks: a checkpoint is written and the losses are finite; and the items the shard reader yields equal those
