@@ -80,7 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pre-training. Stage 1 trains the dual encoder with VPC + MTC, stage 2 the "
                                    "cross-modal encoder with MLM + VTM (set by the model config's `stage`). With "
                                    "data.kind=demo (configs/demo.yaml) it makes the demo set if needed, trains on "
-                                   "the CPU and prints the retrieval / temporal-order table.")
+                                   "the CPU and prints the retrieval / temporal-order table.",
+                       epilog="Reads data.train: with data.kind=pretrain (configs/train_stage1.yaml) a "
+                              "pretrain.jsonl and its clips under data.video_root (OUT/pretrain.jsonl and "
+                              "OUT/clips of `lfvila prepare clips`); with data.kind=shards the shard folder of "
+                              "`lfvila shard` (--set data.kind=shards --set data.train=SHARDS_DIR). Writes the run "
+                              "directory (--out): checkpoints/, metrics.jsonl, tensorboard/, result.json. On many "
+                              "nodes, run it under torchrun (docs/multi-node.md). Then: `lfvila evaluate "
+                              "--checkpoint RUN_DIR`, or fine-tune from it with `lfvila finetune --set "
+                              "model.init.checkpoint=RUN_DIR/checkpoints/step-NNNNNNNN` "
+                              "(docs/pretraining-at-scale.md).")
     _add_run_options(p)
     p = sub.add_parser("finetune", help="fine-tune for retrieval, QA or classification",
                        description="Fine-tuning: the task follows the model config's model_type (retrieval, "
@@ -347,13 +356,18 @@ def cmd_prepare(args) -> int:
 
 def _register_shard(sub) -> None:
     p = sub.add_parser("shard", help="pack pretrain.jsonl and its clips into WebDataset tar shards",
-                       description="Write SHARDS_DIR/shard-000000.tar, ... (WebDataset tar files, --samples-per-shard "
+                       description="Read the pre-training samples of pretrain.jsonl and their clip files under "
+                                   "CLIPS_DIR (both written by `lfvila prepare clips`) and write "
+                                   "SHARDS_DIR/shard-000000.tar, ... (WebDataset tar files, --samples-per-shard "
                                    "samples each, in the order of the annotations) and SHARDS_DIR/index.json (shard "
                                    "names, sample counts, the total). A sample is <key>.json ({video_id, clips, "
-                                   "texts}) and <key>.clip000.mp4, <key>.clip001.mp4, ... (its clips' bytes). Each "
-                                   "shard is read back and checked before it gets its name. A sample with a missing "
-                                   "clip file is skipped and counted (index.json, report.json). Train on the set "
-                                   "with data.kind: shards (docs/pretraining-at-scale.md).")
+                                   "texts}) and <key>.clip000.mp4, <key>.clip001.mp4, ... (its clips' bytes), "
+                                   "its key s<line number in pretrain.jsonl, from 0>. Each shard is read back "
+                                   "and checked before it gets its name. A sample with a missing clip file is "
+                                   "skipped and counted (index.json, report.json); with none left it fails.",
+                       epilog="Then: lfvila pretrain --config configs/train_stage1.yaml --set data.kind=shards "
+                              "--set data.train=SHARDS_DIR --out RUN_DIR, on many nodes under torchrun "
+                              "(docs/multi-node.md, docs/pretraining-at-scale.md).")
     p.add_argument("--annotations", required=True, metavar="pretrain.jsonl", help="pre-training samples, one list "
                                                                                    "of {clip_id, text} a line")
     p.add_argument("--videos", required=True, metavar="CLIPS_DIR", help="clip folder: <video_id>/<clip_id> "
@@ -374,6 +388,10 @@ def cmd_shard(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"lfvila shard: error: {e}") from None
     rep = index["report"]
+    if not index["total"]:  # data.kind: shards reads no empty set: say so here, not at the first training step
+        raise SystemExit(f"lfvila shard: error: no sample written ({index['skipped']} of "
+                         f"{rep['samples_in_annotations']} skipped: clip file missing or empty; see "
+                         f"{os.path.join(args.out, 'report.json')})")
     print(f"{index['total']} samples in {len(index['shards'])} shards ({rep['bytes'] / 1e6:.1f} MB) -> "
           f"{os.path.join(args.out, 'index.json')}; {index['skipped']} skipped (clip file missing), report "
           f"{os.path.join(args.out, 'report.json')}")

@@ -144,7 +144,8 @@ def test_a_missing_clip_skips_its_sample_and_is_counted(tmp_path, clip_set):
     assert [(s["line"], s["clips"]) for s in rep["skipped"]] == [(3, [samples[2][1]["clip_id"]]),
                                                                  (6, [samples[5][0]["clip_id"]])]
     _, got = read_all_with_webdataset(out)
-    assert [r["__key__"] for r in got] == [f"s{n:09d}" for n in range(5)]  # numbered without gaps
+    # keyed by their line in the jsonl (the reader's sample number, PretrainDataset's index): the skipped leave gaps
+    assert [r["__key__"] for r in got] == [f"s{n:09d}" for n in (0, 1, 3, 4, 6)]
     assert [json.loads(r["json"])["clips"][0] for r in got] == [samples[i][0]["clip_id"] for i in (0, 1, 3, 4, 6)]
 
 

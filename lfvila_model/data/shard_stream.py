@@ -6,7 +6,9 @@ The shard format (version 1, written by ``lfvila shard``): ``SHARDS_DIR/shard-00
     {"format": "lfvila-shards", "version": 1, "total": N,
      "shards": [{"name": "shard-000000.tar", "samples": n, "bytes": b}, ...]}
 
-One sample per long-form sample, keyed ``s<global sample number:09d>``, with members ``<key>.json``
+One sample per long-form sample, keyed ``s<global sample number:09d>`` (its 0-based line in the ``pretrain.jsonl``
+the set was written from, so its item is ``PretrainDataset``'s for that line; numbers of samples the writer skipped
+are absent), with members ``<key>.json``
 (``{"video_id", "clips": [clip_id, ...], "texts": [sentence, ...]}``) and ``<key>.clip000.mp4``,
 ``<key>.clip001.mp4``, ... (each clip's mp4 bytes, in order). Shard names are relative to the index's folder.
 

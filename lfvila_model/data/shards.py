@@ -5,17 +5,20 @@ the format's names from here.
 Format, in one folder:
 
 - ``shard-000000.tar``, ``shard-000001.tar``, ... (:data:`SHARD_NAME`), plain tar files written with the
-  ``webdataset`` library. Shard ``i`` holds the samples ``i * samples_per_shard`` to ``(i + 1) *
+  ``webdataset`` library. Shard ``i`` holds the written samples ``i * samples_per_shard`` to ``(i + 1) *
   samples_per_shard - 1`` in the order of the annotation file (the last shard may hold fewer).
 - ``index.json`` (:data:`INDEX_FILE`): ``{"format": "lfvila-shards", "version": 1, "total": N, "shards":
   [{"name": "shard-000000.tar", "samples": n, "bytes": b}, ...], ...}``; readers ignore keys they do not know
   (the writer adds ``samples_per_shard`` and ``skipped``). Written last: a folder without it is not a finished
   set.
 - One sample per pre-training sample (a run of consecutive clips of one video). Its ``__key__`` is
-  :func:`sample_key` ``(n) = f"s{n:09d}"`` with ``n`` its number over the whole set (no dot: webdataset splits a
-  member name at its first dot). Its members are ``<key>.json`` (:data:`JSON_MEMBER`): ``{"video_id": str,
-  "clips": [clip_id, ...], "texts": [sentence, ...]}``, one sentence per clip in the same order, and
-  ``<key>.clip000.mp4``, ``<key>.clip001.mp4``, ... (:func:`clip_member`): each clip's mp4 bytes, in order.
+  :func:`sample_key` ``(n) = f"s{n:09d}"`` with ``n`` its 0-based line number in the annotation file (no dot:
+  webdataset splits a member name at its first dot): the index ``PretrainDataset`` gives the same sample, so the
+  reader draws the same window, frames and crop for it. A sample the writer skips leaves its number unused (keys
+  rise but may have gaps; ``total`` counts the samples written). Its members are ``<key>.json``
+  (:data:`JSON_MEMBER`): ``{"video_id": str, "clips": [clip_id, ...], "texts": [sentence, ...]}``, one sentence per
+  clip in the same order, and ``<key>.clip000.mp4``, ``<key>.clip001.mp4``, ... (:func:`clip_member`): each
+  clip's mp4 bytes, in order.
 
 Nothing in a shard or the index names a path outside the folder, so a set can be moved or served from anywhere.
 """
@@ -225,7 +228,7 @@ def write_shards(annotations: str | os.PathLike, video_root: str | os.PathLike, 
             doc = {"video_id": clip_ids[0].split(".", 1)[0], "clips": clip_ids,
                    "texts": [c.text for c in sample.clips]}
             members[JSON_MEMBER] = json.dumps(doc, ensure_ascii=False).encode("utf-8")
-            sink.write(sample_key(total), members)
+            sink.write(sample_key(line - 1), members)  # the sample's number in the file, skipped ones counted
             total += 1
         sink.finish()
     except BaseException:
