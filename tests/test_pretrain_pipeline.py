@@ -26,12 +26,12 @@ import numpy as np
 import pytest
 import torch
 
-from _train_common import nano_config
 from lfvila_model.cli import main
 from lfvila_model.data.annotations import clip_video_path, read_pretrain_jsonl
 from lfvila_model.data.datasets import PretrainDataset
 from lfvila_model.data.shard_stream import ShardStream, read_shard_index
 from lfvila_model.data.text import ParagraphTokenizer
+from tests.helpers import BERT_VOCAB, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -128,7 +128,7 @@ def test_raw_videos_to_clips_to_shards_to_pretraining(youtube, tmp_path, capsys)
         assert json.load(f)["skipped"] == 1
 
     # the reader's items are PretrainDataset's for the same samples (same numbers, seed and epoch)
-    mc = nano_config(text={"vocab_size": 30522})  # the real (BERT uncased) tokenizer's ids
+    mc = tiny_config(text={"vocab_size": BERT_VOCAB})  # the real (BERT uncased) tokenizer's ids
     tok = ParagraphTokenizer(num_sentences=mc.num_sentences, max_length=mc.max_sentence_len)
     geometry = dict(num_clips=mc.num_clips, frames_per_clip=mc.video.num_frames // mc.num_clips,
                     size=tuple(mc.video.input_size), seed=5)
