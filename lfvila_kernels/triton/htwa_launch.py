@@ -255,6 +255,18 @@ def _bias_tiles(bias, grid, window, shift, bias_window, pad, device):
     return ext[:, rows].view(heads, n_cls, pad, pad), box_cls, n_cls
 
 
+def _off64(*tensors) -> bool:
+    """Whether an in-batch offset t*st + h*sh + w*sw (+ a feature index) of any of these (B, T, H, W, ...) tensors
+    can pass int32: then the tile kernels compute them in int64 (OFF64), else in int32 (one register per element
+    of an address tile; the batch and head parts are always int64, on the scalar base)."""
+    for x in tensors:
+        _, T, H, W = x.shape[:4]
+        st = x.stride()
+        if (T - 1) * abs(st[1]) + (H - 1) * abs(st[2]) + (W - 1) * abs(st[3]) + 1024 >= 2**31:
+            return True
+    return False
+
+
 def htwa_fwd_triton(q, k, v, bias: Optional[torch.Tensor], window, shift, bias_window, scale):
     """Contract: csrc/HTWA_CONTRACT.md. Returns (out, lse)."""
     if _legacy():
@@ -277,7 +289,8 @@ def htwa_fwd_triton(q, k, v, bias: Optional[torch.Tensor], window, shift, bias_w
         q, k, v, tiles, box_cls, out, lse,
         *_strides5(q), *_strides5(k), *_strides5(v), *_strides5(out), *lse.stride(),
         T, H, W, D, *geo[5:], nbh, nbw, n_tiles, n_cls, pad, float(scale) * LOG2E,
-        window[0], window[1], window[2], HAS_BIAS=has_bias, **cfg, **_launch_kw(cfg),
+        window[0], window[1], window[2], HAS_BIAS=has_bias, OFF64=_off64(q, k, v, out, lse), **cfg,
+        **_launch_kw(cfg),
     )
     return out, lse
 
@@ -300,6 +313,13 @@ def _dssum_block(cfg, nwin: int) -> int:
         return cfg["BLOCK_M"]
     block = 32 if cfg["DOT_PREC"] == "ieee" or cfg["BLOCK_D"] > 64 else 64
     return min(block, max(16, triton.next_power_of_2(nwin)))
+
+
+def _tile_warps(block: int, block_d: int) -> int:
+    """Warps of the one-kernel backward and the dS-sum kernel: 8 from 64 x 64 tiles (or D > 64) on, where 4
+    spill (ptxas, sm_90, bf16, D = 32: 255 registers and 16-68 bytes of spills at 4 warps, none at 8;
+    docs/kernels-gpu-plan.md), else 4."""
+    return 8 if block >= 64 or block_d > 64 else 4
 
 
 @functools.lru_cache(maxsize=64)
@@ -391,22 +411,23 @@ def htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, s
     strides = (*_strides5(q), *_strides5(k), *_strides5(v), *_strides5(out), *lse.stride())
     geometry_kw = dict(WT=window[0], WH=window[1], WW=window[2])
     empty = torch.empty(0, dtype=acc, device=q.device)
+    off64 = _off64(q, k, v, out, dout, lse, dq)
     slot_bytes = heads * pad * pad * 4
 
     if one:
         units, chunk_ptr, chunk_cls, n_chunks = _unit_plan(B, grid, window, shift, heads, slot_bytes, q.device)
         part = torch.empty((heads, n_chunks, pad, pad), dtype=acc, device=q.device) if has_bias else empty
-        launch = {} if _interpreted() else dict(num_warps=4)
+        launch = {} if _interpreted() else dict(num_warps=_tile_warps(one, cfg["BLOCK_D"]))
         htwa_bwd_one_tile_kernel[(n_chunks, heads)](
             q, k, v, tiles, box_cls, out, dout, lse, dq, dk, dv, part, units, chunk_ptr, *strides, *_strides5(dq),
             T, H, W, D, *geo[5:], nbox, nbh, nbw, n_cls, n_chunks, float(scale), float(scale) * LOG2E,
-            **geometry_kw, HAS_BIAS=has_bias, UPCAST=cfg["UPCAST"], DOT_PREC=cfg["DOT_PREC"], BLOCK=one,
+            **geometry_kw, HAS_BIAS=has_bias, UPCAST=cfg["UPCAST"], DOT_PREC=cfg["DOT_PREC"], OFF64=off64, BLOCK=one,
             BLOCK_D=cfg["BLOCK_D"], **launch,
         )
     else:
         delta = torch.empty(q.shape[:5], dtype=acc, device=q.device)  # <dO, O> per row, computed once
         n_tiles = triton.cdiv(nwin, cfg["BLOCK_M"])
-        consts = dict(geometry_kw, HAS_BIAS=has_bias, **cfg, **_launch_kw(cfg, backward=True))
+        consts = dict(geometry_kw, HAS_BIAS=has_bias, OFF64=off64, **cfg, **_launch_kw(cfg, backward=True))
         common = (*strides, *_strides5(dq), T, H, W, D, *geo[5:], nbh, nbw, n_tiles, n_cls, pad, float(scale),
                   float(scale) * LOG2E)
         htwa_bwd_dq_tiles_kernel[(nbox * n_tiles, B, heads)](
@@ -418,8 +439,8 @@ def htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, s
             units, chunk_ptr, chunk_cls, n_chunks = _unit_plan(B, grid, window, shift, heads * s_tiles * s_tiles,
                                                                slot_bytes, q.device)
             part = torch.empty((heads, n_chunks, pad, pad), dtype=acc, device=q.device)
-            s_cfg = dict(cfg, BLOCK_M=block_s, BLOCK_N=block_s)
-            launch = {} if _interpreted() else dict(num_warps=4 if block_s <= 64 and cfg["BLOCK_D"] <= 64 else 8)
+            s_cfg = dict(cfg, BLOCK_M=block_s, BLOCK_N=block_s, OFF64=off64)
+            launch = {} if _interpreted() else dict(num_warps=_tile_warps(block_s, cfg["BLOCK_D"]))
             htwa_bwd_dssum_tiles_kernel[(n_chunks, s_tiles * s_tiles, heads)](
                 q, k, v, tiles, box_cls, dout, lse, delta, part, units, chunk_ptr, *strides,
                 T, H, W, D, *geo[5:], nbox, nbh, nbw, s_tiles, n_cls, pad, n_chunks, float(scale) * LOG2E,

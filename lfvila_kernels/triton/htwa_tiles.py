@@ -19,7 +19,12 @@ dS once per unit and gives dq, dk, dv and the dS sum; larger windows run dQ (+ d
 workspace traffic in the dQ loop).
 
 Scheduling: grids are (tiles of all boxes, B, heads), head slowest, so programs resident together read the tiles
-of one head. Softmax in base 2 and int64 token offsets as in htwa_fwd.py.
+of one head. Softmax in base 2 as in htwa_fwd.py.
+
+Offsets: the batch and head parts of a token's offset go on the scalar base pointer in int64; the in-batch part
+t*st + h*sh + w*sw is int32 unless the launcher sets OFF64 (an in-batch offset could pass 2^31: a grid of
+> 5.5M tokens at LF-VILA's token stride 3*heads*D = 384). An address tile then costs one register an element,
+not two: at 64 x 64 tiles that removed every spill ptxas reported on sm_90 (docs/kernels-gpu-plan.md).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .htwa_geometry import window_box, decode_token, token_offset, head_token_offset
+from .htwa_geometry import window_box, decode_token, token_offset
 
 
 @triton.jit
@@ -35,6 +40,29 @@ def bias_tile_base(TILE, BOX_CLS, box, head, NCLS, NP):
     """Start of the (NP, NP) bias tile of the box's class for this head (int64 element offset)."""
     cls = tl.load(BOX_CLS + box)
     return TILE + (head * NCLS + cls).to(tl.int64) * NP * NP
+
+
+@triton.jit
+def in_batch_offset(tt, hh, ww, st, sh, sw, OFF64: tl.constexpr):
+    """Element offsets of tokens (tt, hh, ww) inside one (batch, head) slice: int32 unless OFF64 (the launcher
+    sets it when an in-batch offset can pass 2^31), so that a tile's addresses take one register an element."""
+    if OFF64:
+        return token_offset(tt, hh, ww, st, sh, sw)
+    return tt.to(tl.int32) * st + hh.to(tl.int32) * sh + ww.to(tl.int32) * sw
+
+
+@triton.jit
+def row_ptrs(X, b, head, tt, hh, ww, sb, sn, st, sh, sw, OFF64: tl.constexpr):
+    """Pointers to tokens (tt, hh, ww) of batch b and head `head` of X (B, T, H, W, heads[, ...]): the batch and
+    head part in int64 on the scalar base, the in-batch part through `in_batch_offset`."""
+    return (X + (b.to(tl.int64) * sb + head * sn)) + in_batch_offset(tt, hh, ww, st, sh, sw, OFF64)
+
+
+@triton.jit
+def tile_ptrs(X, b, head, tt, hh, ww, sb, sn, st, sh, sw, offs_d, OFF64: tl.constexpr):
+    """(rows, BLOCK_D) pointers: `row_ptrs` plus the feature index (unit stride)."""
+    return (X + (b.to(tl.int64) * sb + head * sn)) + (in_batch_offset(tt, hh, ww, st, sh, sw, OFF64)[:, None]
+                                                      + offs_d[None, :])
 
 
 @triton.jit
@@ -47,7 +75,7 @@ def htwa_fwd_tiles_kernel(
     slb, slt, slh, slw, sln,
     T, H, W, D: tl.constexpr, OT, OH, OW, NBH, NBW, N_TILES, NCLS, NP, qk_scale,
     WT, WH: tl.constexpr, WW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, OFF64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One (box, query tile) x batch x head: online-softmax attention over the box's key tiles.
@@ -71,14 +99,15 @@ def htwa_fwd_tiles_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     tq, hq, wq, _, _ = decode_token(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, WH, WW)
-    q = tl.load(Q + head_token_offset(b, head, tq, hq, wq, sqb, sqn, sqt, sqh, sqw)[:, None] + offs_d[None, :],
+    q = tl.load(tile_ptrs(Q, b, head, tq, hq, wq, sqb, sqn, sqt, sqh, sqw, offs_d, OFF64),
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     k_base = K + (b.to(tl.int64) * skb + head * skn)
     v_base = V + (b.to(tl.int64) * svb + head * svn)
     if HAS_BIAS:
-        tile_q = bias_tile_base(TILE, BOX_CLS, box, head, NCLS, NP) + offs_m[:, None] * NP
+        tile_q = bias_tile_base(TILE, BOX_CLS, box, head, NCLS, NP)
+        row_q = offs_m * NP
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
@@ -88,16 +117,16 @@ def htwa_fwd_tiles_kernel(
         n_ok = offs_n < nb
         tk, hk, wk, _, _ = decode_token(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, WH, WW)
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + token_offset(tk, hk, wk, skt, skh, skw)[:, None] + offs_d[None, :], mask=kv_mask,
+        k = tl.load(k_base + (in_batch_offset(tk, hk, wk, skt, skh, skw, OFF64)[:, None] + offs_d[None, :]), mask=kv_mask,
                     other=0.0)
-        v = tl.load(v_base + token_offset(tk, hk, wk, svt, svh, svw)[:, None] + offs_d[None, :], mask=kv_mask,
+        v = tl.load(v_base + (in_batch_offset(tk, hk, wk, svt, svh, svw, OFF64)[:, None] + offs_d[None, :]), mask=kv_mask,
                     other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
         if HAS_BIAS:  # the tile holds -inf at padded keys: no mask here
-            s += tl.load(tile_q + offs_n[None, :]).to(ACC)
+            s += tl.load(tile_q + (row_q[:, None] + offs_n[None, :])).to(ACC)
         else:
             s = tl.where(n_ok[None, :], s, float("-inf"))
         # every key tile holds >= 1 real key, so m_new is finite and no row computes inf - inf
@@ -110,9 +139,9 @@ def htwa_fwd_tiles_kernel(
 
     out = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    tl.store(OUT + head_token_offset(b, head, tq, hq, wq, sob, son, sot, soh, sow)[:, None] + offs_d[None, :],
+    tl.store(tile_ptrs(OUT, b, head, tq, hq, wq, sob, son, sot, soh, sow, offs_d, OFF64),
              out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + head_token_offset(b, head, tq, hq, wq, slb, sln, slt, slh, slw), lse, mask=m_ok)
+    tl.store(row_ptrs(LSE, b, head, tq, hq, wq, slb, sln, slt, slh, slw, OFF64), lse, mask=m_ok)
 
 
 @triton.jit
@@ -126,7 +155,7 @@ def htwa_bwd_dq_tiles_kernel(
     sgb, sgt, sgh, sgw, sgn,
     T, H, W, D: tl.constexpr, OT, OH, OW, NBH, NBW, N_TILES, NCLS, NP, scale, qk_scale,
     WT, WH: tl.constexpr, WW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, OFF64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One (box, query tile) x batch x head: delta = <dO, O> of its rows (stored once, for the dK/dV and dS-sum
@@ -147,12 +176,13 @@ def htwa_bwd_dq_tiles_kernel(
     d_ok = offs_d < D
     md = m_ok[:, None] & d_ok[None, :]
     tq, hq, wq, _, _ = decode_token(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, WH, WW)
-    o_ptr = head_token_offset(b, head, tq, hq, wq, sob, son, sot, soh, sow)[:, None] + offs_d[None, :]
-    l_ptr = head_token_offset(b, head, tq, hq, wq, slb, sln, slt, slh, slw)
-    q = tl.load(Q + head_token_offset(b, head, tq, hq, wq, sqb, sqn, sqt, sqh, sqw)[:, None] + offs_d[None, :],
+    o_off = (b.to(tl.int64) * sob + head * son)
+    o_rel = in_batch_offset(tq, hq, wq, sot, soh, sow, OFF64)[:, None] + offs_d[None, :]
+    l_ptr = (b.to(tl.int64) * slb + head * sln) + in_batch_offset(tq, hq, wq, slt, slh, slw, OFF64)
+    q = tl.load(tile_ptrs(Q, b, head, tq, hq, wq, sqb, sqn, sqt, sqh, sqw, offs_d, OFF64),
                 mask=md, other=0.0)
-    do = tl.load(DOUT + o_ptr, mask=md, other=0.0)
-    o = tl.load(OUT + o_ptr, mask=md, other=0.0)
+    do = tl.load((DOUT + o_off) + o_rel, mask=md, other=0.0)
+    o = tl.load((OUT + o_off) + o_rel, mask=md, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -162,29 +192,30 @@ def htwa_bwd_dq_tiles_kernel(
     k_base = K + (b.to(tl.int64) * skb + head * skn)
     v_base = V + (b.to(tl.int64) * svb + head * svn)
     if HAS_BIAS:
-        tile_q = bias_tile_base(TILE, BOX_CLS, box, head, NCLS, NP) + offs_m[:, None] * NP
+        tile_q = bias_tile_base(TILE, BOX_CLS, box, head, NCLS, NP)
+        row_q = offs_m * NP
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start_n in range(0, nb, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < nb
         tk, hk, wk, _, _ = decode_token(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, WH, WW)
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + token_offset(tk, hk, wk, skt, skh, skw)[:, None] + offs_d[None, :], mask=kv_mask,
+        k = tl.load(k_base + (in_batch_offset(tk, hk, wk, skt, skh, skw, OFF64)[:, None] + offs_d[None, :]), mask=kv_mask,
                     other=0.0)
-        v = tl.load(v_base + token_offset(tk, hk, wk, svt, svh, svw)[:, None] + offs_d[None, :], mask=kv_mask,
+        v = tl.load(v_base + (in_batch_offset(tk, hk, wk, svt, svh, svw, OFF64)[:, None] + offs_d[None, :]), mask=kv_mask,
                     other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
         if HAS_BIAS:
-            s += tl.load(tile_q + offs_n[None, :]).to(ACC)
+            s += tl.load(tile_q + (row_q[:, None] + offs_n[None, :])).to(ACC)
         p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC).to(ACC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC).to(ACC)
-    g_ptr = head_token_offset(b, head, tq, hq, wq, sgb, sgn, sgt, sgh, sgw)[:, None] + offs_d[None, :]
-    tl.store(DQ + g_ptr, (dq * scale).to(DQ.dtype.element_ty), mask=md)
+    tl.store(tile_ptrs(DQ, b, head, tq, hq, wq, sgb, sgn, sgt, sgh, sgw, offs_d, OFF64),
+             (dq * scale).to(DQ.dtype.element_ty), mask=md)
 
 
 @triton.jit
@@ -198,7 +229,7 @@ def htwa_bwd_dkdv_tiles_kernel(
     sgb, sgt, sgh, sgw, sgn,
     T, H, W, D: tl.constexpr, OT, OH, OW, NBH, NBW, N_TILES, NCLS, NP, scale, qk_scale,
     WT, WH: tl.constexpr, WW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, OFF64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One (box, key tile) x batch x head: dK = scale dS^T Q, dV = P^T dO over the box's query tiles, in the
@@ -219,18 +250,18 @@ def htwa_bwd_dkdv_tiles_kernel(
     d_ok = offs_d < D
     nd = n_ok[:, None] & d_ok[None, :]
     tk, hk, wk, _, _ = decode_token(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, WH, WW)
-    k = tl.load(K + head_token_offset(b, head, tk, hk, wk, skb, skn, skt, skh, skw)[:, None] + offs_d[None, :],
+    k = tl.load(tile_ptrs(K, b, head, tk, hk, wk, skb, skn, skt, skh, skw, offs_d, OFF64),
                 mask=nd, other=0.0)
-    v = tl.load(V + head_token_offset(b, head, tk, hk, wk, svb, svn, svt, svh, svw)[:, None] + offs_d[None, :],
+    v = tl.load(tile_ptrs(V, b, head, tk, hk, wk, svb, svn, svt, svh, svw, offs_d, OFF64),
                 mask=nd, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     q_base = Q + (b.to(tl.int64) * sqb + head * sqn)
-    o_base = b.to(tl.int64) * sob + head * son
+    o_base = DOUT + (b.to(tl.int64) * sob + head * son)
     l_base = b.to(tl.int64) * slb + head * sln
     if HAS_BIAS:
-        tile_k = bias_tile_base(TILE, BOX_CLS, box, head, NCLS, NP) + offs_n[:, None]
+        tile_k = bias_tile_base(TILE, BOX_CLS, box, head, NCLS, NP)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     for start_m in range(0, nb, BLOCK_M):
@@ -238,27 +269,28 @@ def htwa_bwd_dkdv_tiles_kernel(
         m_ok = offs_m < nb
         md = m_ok[:, None] & d_ok[None, :]
         tq, hq, wq, _, _ = decode_token(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, WH, WW)
-        q = tl.load(q_base + token_offset(tq, hq, wq, sqt, sqh, sqw)[:, None] + offs_d[None, :], mask=md,
+        q = tl.load(q_base + (in_batch_offset(tq, hq, wq, sqt, sqh, sqw, OFF64)[:, None] + offs_d[None, :]), mask=md,
                     other=0.0)
-        do = tl.load(DOUT + o_base + token_offset(tq, hq, wq, sot, soh, sow)[:, None] + offs_d[None, :], mask=md,
+        do = tl.load(o_base + (in_batch_offset(tq, hq, wq, sot, soh, sow, OFF64)[:, None] + offs_d[None, :]), mask=md,
                      other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        l_off = l_base + token_offset(tq, hq, wq, slt, slh, slw)
+        l_off = l_base + in_batch_offset(tq, hq, wq, slt, slh, slw, OFF64)
         lse2 = tl.load(LSE + l_off, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + l_off, mask=m_ok, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC).to(ACC) * qk_scale  # (keys, queries)
         if HAS_BIAS:
-            st += tl.load(tile_k + offs_m[None, :] * NP).to(ACC)
+            st += tl.load(tile_k + (offs_n[:, None] + offs_m[None, :] * NP)).to(ACC)
         pt = tl.where(n_ok[:, None] & m_ok[None, :], tl.exp2(st - lse2[None, :]), 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC).to(ACC)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC).to(ACC)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC).to(ACC)
-    ptrs = head_token_offset(b, head, tk, hk, wk, sgb, sgn, sgt, sgh, sgw)[:, None] + offs_d[None, :]
-    tl.store(DK + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=nd)
-    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=nd)
+    tl.store(tile_ptrs(DK, b, head, tk, hk, wk, sgb, sgn, sgt, sgh, sgw, offs_d, OFF64),
+             (dk * scale).to(DK.dtype.element_ty), mask=nd)
+    tl.store(tile_ptrs(DV, b, head, tk, hk, wk, sgb, sgn, sgt, sgh, sgw, offs_d, OFF64), dv.to(DV.dtype.element_ty),
+             mask=nd)
 
 
 @triton.jit
@@ -271,7 +303,7 @@ def htwa_bwd_dssum_tiles_kernel(
     slb, slt, slh, slw, sln,
     T, H, W, D: tl.constexpr, OT, OH, OW, NBOX, NBH, NBW, N_TILES, NCLS, NP, N_CHUNKS, qk_scale,
     WT, WH: tl.constexpr, WW: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, OFF64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dS summed over a chunk's units, for one (query tile, key tile) pair and head, in registers; one plain store
@@ -290,7 +322,7 @@ def htwa_bwd_dssum_tiles_kernel(
     u_lo = tl.load(CHUNK_PTR + chunk)
     u_hi = tl.load(CHUNK_PTR + chunk + 1)
     tile = bias_tile_base(TILE, BOX_CLS, tl.load(UNITS + u_lo) % NBOX, head, NCLS, NP)
-    bias = tl.load(tile + offs_m[:, None] * NP + offs_n[None, :]).to(ACC)
+    tile_off = offs_m[:, None] * NP + offs_n[None, :]  # int32; the tile is re-read per unit from L1/L2
     ds_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for ui in range(u_lo, u_hi):
         unit = tl.load(UNITS + ui)
@@ -303,23 +335,24 @@ def htwa_bwd_dssum_tiles_kernel(
         nd = n_ok[:, None] & d_ok[None, :]
         tq, hq, wq, _, _ = decode_token(offs_m, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, WH, WW)
         tk, hk, wk, _, _ = decode_token(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, WH, WW)
-        q = tl.load(Q + head_token_offset(b, head, tq, hq, wq, sqb, sqn, sqt, sqh, sqw)[:, None] + offs_d[None, :],
-                    mask=md, other=0.0)
-        do = tl.load(DOUT + head_token_offset(b, head, tq, hq, wq, sob, son, sot, soh, sow)[:, None]
-                     + offs_d[None, :], mask=md, other=0.0)
-        k = tl.load(K + head_token_offset(b, head, tk, hk, wk, skb, skn, skt, skh, skw)[:, None] + offs_d[None, :],
-                    mask=nd, other=0.0)
-        v = tl.load(V + head_token_offset(b, head, tk, hk, wk, svb, svn, svt, svh, svw)[:, None] + offs_d[None, :],
-                    mask=nd, other=0.0)
+        bb = b.to(tl.int64)
+        q = tl.load((Q + (bb * sqb + head * sqn)) + (in_batch_offset(tq, hq, wq, sqt, sqh, sqw, OFF64)[:, None]
+                    + offs_d[None, :]), mask=md, other=0.0)
+        do = tl.load((DOUT + (bb * sob + head * son)) + (in_batch_offset(tq, hq, wq, sot, soh, sow, OFF64)[:, None]
+                     + offs_d[None, :]), mask=md, other=0.0)
+        k = tl.load((K + (bb * skb + head * skn)) + (in_batch_offset(tk, hk, wk, skt, skh, skw, OFF64)[:, None]
+                    + offs_d[None, :]), mask=nd, other=0.0)
+        v = tl.load((V + (bb * svb + head * svn)) + (in_batch_offset(tk, hk, wk, svt, svh, svw, OFF64)[:, None]
+                    + offs_d[None, :]), mask=nd, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        l_ptr = head_token_offset(b, head, tq, hq, wq, slb, sln, slt, slh, slw)
+        l_ptr = (b.to(tl.int64) * slb + head * sln) + in_batch_offset(tq, hq, wq, slt, slh, slw, OFF64)
         lse2 = tl.load(LSE + l_ptr, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + l_ptr, mask=m_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale + bias
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale + tl.load(tile + tile_off).to(ACC)
         p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC).to(ACC)
         ds_sum += p * (dp - delta[:, None])
@@ -338,7 +371,7 @@ def htwa_bwd_one_tile_kernel(
     sgb, sgt, sgh, sgw, sgn,
     T, H, W, D: tl.constexpr, OT, OH, OW, NBOX, NBH, NBW, NCLS, N_CHUNKS, scale, qk_scale,
     WT, WH: tl.constexpr, WW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, OFF64: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The whole backward of windows that fit one BLOCK x BLOCK tile (NP = BLOCK), one (chunk, head) per program:
@@ -356,7 +389,6 @@ def htwa_bwd_one_tile_kernel(
     u_hi = tl.load(CHUNK_PTR + chunk + 1)
     if HAS_BIAS:
         tile = bias_tile_base(TILE, BOX_CLS, tl.load(UNITS + u_lo) % NBOX, head, NCLS, BLOCK)
-        bias = tl.load(tile + offs[:, None] * BLOCK + offs[None, :]).to(ACC)
     ds_sum = tl.zeros([BLOCK, BLOCK], dtype=ACC)
     for ui in range(u_lo, u_hi):
         unit = tl.load(UNITS + ui)
@@ -366,36 +398,38 @@ def htwa_bwd_one_tile_kernel(
         ok = offs < nb
         md = ok[:, None] & d_ok[None, :]
         tt, hh, ww, _, _ = decode_token(offs, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, WH, WW)
-        q = tl.load(Q + head_token_offset(b, head, tt, hh, ww, sqb, sqn, sqt, sqh, sqw)[:, None] + offs_d[None, :],
+        q = tl.load(tile_ptrs(Q, b, head, tt, hh, ww, sqb, sqn, sqt, sqh, sqw, offs_d, OFF64),
                     mask=md, other=0.0)
-        k = tl.load(K + head_token_offset(b, head, tt, hh, ww, skb, skn, skt, skh, skw)[:, None] + offs_d[None, :],
+        k = tl.load(tile_ptrs(K, b, head, tt, hh, ww, skb, skn, skt, skh, skw, offs_d, OFF64),
                     mask=md, other=0.0)
-        v = tl.load(V + head_token_offset(b, head, tt, hh, ww, svb, svn, svt, svh, svw)[:, None] + offs_d[None, :],
+        v = tl.load(tile_ptrs(V, b, head, tt, hh, ww, svb, svn, svt, svh, svw, offs_d, OFF64),
                     mask=md, other=0.0)
-        o_ptr = head_token_offset(b, head, tt, hh, ww, sob, son, sot, soh, sow)[:, None] + offs_d[None, :]
-        do = tl.load(DOUT + o_ptr, mask=md, other=0.0)
-        o = tl.load(OUT + o_ptr, mask=md, other=0.0)
+        do = tl.load(tile_ptrs(DOUT, b, head, tt, hh, ww, sob, son, sot, soh, sow, offs_d, OFF64), mask=md,
+                     other=0.0)
+        o = tl.load(tile_ptrs(OUT, b, head, tt, hh, ww, sob, son, sot, soh, sow, offs_d, OFF64), mask=md, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             k = k.to(tl.float32)
             v = v.to(tl.float32)
             do = do.to(tl.float32)
-        lse2 = tl.load(LSE + head_token_offset(b, head, tt, hh, ww, slb, sln, slt, slh, slw), mask=ok,
+        lse2 = tl.load(row_ptrs(LSE, b, head, tt, hh, ww, slb, sln, slt, slh, slw, OFF64), mask=ok,
                        other=0.0) * 1.4426950408889634
         delta = tl.sum(do.to(ACC) * o.to(ACC), 1)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
-        if HAS_BIAS:
-            s += bias
+        if HAS_BIAS:  # re-read per unit (L1/L2) rather than held in registers across the loop
+            s += tl.load(tile + (offs[:, None] * BLOCK + offs[None, :])).to(ACC)
         p = tl.where(ok[:, None] & ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC).to(ACC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC).to(ACC) * scale
         dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC).to(ACC) * scale
         dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC).to(ACC)
-        g_ptr = head_token_offset(b, head, tt, hh, ww, sgb, sgn, sgt, sgh, sgw)[:, None] + offs_d[None, :]
-        tl.store(DQ + g_ptr, dq.to(DQ.dtype.element_ty), mask=md)
-        tl.store(DK + g_ptr, dk.to(DK.dtype.element_ty), mask=md)
-        tl.store(DV + g_ptr, dv.to(DV.dtype.element_ty), mask=md)
+        tl.store(tile_ptrs(DQ, b, head, tt, hh, ww, sgb, sgn, sgt, sgh, sgw, offs_d, OFF64),
+                 dq.to(DQ.dtype.element_ty), mask=md)
+        tl.store(tile_ptrs(DK, b, head, tt, hh, ww, sgb, sgn, sgt, sgh, sgw, offs_d, OFF64),
+                 dk.to(DK.dtype.element_ty), mask=md)
+        tl.store(tile_ptrs(DV, b, head, tt, hh, ww, sgb, sgn, sgt, sgh, sgw, offs_d, OFF64),
+                 dv.to(DV.dtype.element_ty), mask=md)
         if HAS_BIAS:
             ds_sum += ds
     if HAS_BIAS:
