@@ -5,7 +5,8 @@ On CUDA, for the 12 official (layer, shifted) cases at B=16:
    from the same bf16 inputs; `max_err` = max over those tensors of max|x - ref| / max|ref|. The reference
    backend's own bf16 row is the rounding baseline to read the others against. The Triton dbias is also run
    twice and compared bit for bit (`dbias_deterministic`). "triton-legacy" is the Triton backend with the
-   previous per-window kernels (experimental.TUNE["legacy_kernels"]), checked and timed beside the default. fp32 (Triton vs reference) on two cases if time is left.
+   previous per-window kernels (experimental.TUNE["legacy_kernels"]), checked and timed beside the default.
+   fp32 (Triton vs reference) on two cases if time is left.
 2. timings: forward and forward+backward, median of CUDA-event timed runs after warm-up, for reference, SDPA
    with a dense bias+mask on partitioned windows, FlexAttention with the bias as score_mod, and triton; plus the
    peak memory of one forward+backward.

@@ -42,13 +42,13 @@ if [ "${TUNE_BUDGET:-0}" != 0 ]; then
   echo "tune done after $(( $(date +%s) - t0 )) s"
 fi
 
-timeout "$(limit "${TRITON_LIMIT:-200}")" $PY benchmarks/gpu_suite.py --only "${TRITON_PARTS:-htwa,losses}" \
-  --json triton.json --out "$OUT" --htwa-budget "${HTWA_BUDGET:-140}" 2>&1 | tee "$OUT/triton.log"
+timeout "$(limit "${TRITON_LIMIT:-220}")" $PY benchmarks/gpu_suite.py --only "${TRITON_PARTS:-htwa,losses}" \
+  --json triton.json --out "$OUT" --htwa-budget "${HTWA_BUDGET:-145}" 2>&1 | tee "$OUT/triton.log"
 echo "triton parts done after $(( $(date +%s) - t0 )) s"
 
 # the slot of the limits suite (memory floors, the long-form row, the big-N loss), when the file is there
 if [ -f benchmarks/gpu_limits.py ]; then
-  timeout "$(limit "${LIMITS_LIMIT:-90}")" $PY benchmarks/gpu_limits.py --out "$OUT" 2>&1 | tee "$OUT/limits.log"
+  timeout "$(limit "${LIMITS_LIMIT:-75}")" $PY benchmarks/gpu_limits.py --out "$OUT" 2>&1 | tee "$OUT/limits.log"
   echo "limits done after $(( $(date +%s) - t0 )) s"
 fi
 

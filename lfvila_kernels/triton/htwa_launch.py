@@ -1,12 +1,16 @@
 """Launch planning of the HTWA Triton kernels (the default CUDA backend; contract: csrc/HTWA_CONTRACT.md): tile
-sizes and warps (`_settings`, `_launch_kw`), the box geometry of a call (lfvila_kernels/geometry.py), the dbias
-chunk plan and the cached inverse bias index, and the two entry points `htwa_fwd_triton` / `htwa_bwd_triton`.
-Kernels: htwa_fwd.py, htwa_bwd.py, htwa_dbias.py (their docstrings give the math, the offsets and the memory
-bound of the dbias workspace).
+sizes and warps (`_settings`, `_launch_kw`, `_one_tile_block`, `_dssum_block`, `_tile_warps`), the box geometry
+of a call (lfvila_kernels/geometry.py), and the two entry points `htwa_fwd_triton` / `htwa_bwd_triton`.
 
-The shipped settings are the ones below. triton/experimental.py holds the GPU tuning knobs and the opt-in
-experiments (its `TUNE` dict, empty by default, overrides these settings; the backward is handed to it only
-while one of its experiments is on).
+Default path (htwa_tiles.py; docs/kernels-gpu-plan.md): the bias table gathered once per call into per-class
+tiles (`_bias_tiles`), chunks of one-class units (`_unit_plan`), dS partials reduced into table rows through a
+cached CSR index (`_partials_csr`, htwa_dbias.dbias_gather_kernel).
+
+Previous path, for the GPU A/B timing only (`_legacy_fwd`, `_legacy_bwd`: htwa_fwd.py, htwa_bwd.py and
+htwa_dbias.py's chunk sum, with `_chunk_plan` and `_bias_csr`): taken while experimental.TUNE["legacy_kernels"]
+is set, and for the backward while one of experimental.py's backward experiments is on (they are variants of
+it). triton/experimental.py also holds the GPU tuning knobs (its `TUNE` dict, empty by default, overrides the
+settings below for both paths).
 """
 
 from __future__ import annotations

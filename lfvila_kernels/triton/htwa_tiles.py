@@ -117,10 +117,10 @@ def htwa_fwd_tiles_kernel(
         n_ok = offs_n < nb
         tk, hk, wk, _, _ = decode_token(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, WH, WW)
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + (in_batch_offset(tk, hk, wk, skt, skh, skw, OFF64)[:, None] + offs_d[None, :]), mask=kv_mask,
-                    other=0.0)
-        v = tl.load(v_base + (in_batch_offset(tk, hk, wk, svt, svh, svw, OFF64)[:, None] + offs_d[None, :]), mask=kv_mask,
-                    other=0.0)
+        k = tl.load(k_base + (in_batch_offset(tk, hk, wk, skt, skh, skw, OFF64)[:, None] + offs_d[None, :]),
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_base + (in_batch_offset(tk, hk, wk, svt, svh, svw, OFF64)[:, None] + offs_d[None, :]),
+                    mask=kv_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -200,10 +200,10 @@ def htwa_bwd_dq_tiles_kernel(
         n_ok = offs_n < nb
         tk, hk, wk, _, _ = decode_token(offs_n, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, WH, WW)
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + (in_batch_offset(tk, hk, wk, skt, skh, skw, OFF64)[:, None] + offs_d[None, :]), mask=kv_mask,
-                    other=0.0)
-        v = tl.load(v_base + (in_batch_offset(tk, hk, wk, svt, svh, svw, OFF64)[:, None] + offs_d[None, :]), mask=kv_mask,
-                    other=0.0)
+        k = tl.load(k_base + (in_batch_offset(tk, hk, wk, skt, skh, skw, OFF64)[:, None] + offs_d[None, :]),
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_base + (in_batch_offset(tk, hk, wk, svt, svh, svw, OFF64)[:, None] + offs_d[None, :]),
+                    mask=kv_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
