@@ -361,3 +361,19 @@ def test_legacy_kernels_stay_reachable(monkeypatch):
     q, k, v, table, dout = _inputs(1, (5, 7, 9), 1, 20, (2, 3, 4), torch.float32, seed=10)
     _check(q, k, v, table, dout, 1e-4, window=(2, 3, 4), shift=(1, 1, 2))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_one_tile_packing(bias):
+    """The one-kernel backward packs 64 // block windows into one tile (block-diagonal): four 12-token windows
+    per 64-row tile here, on a ragged, shifted grid whose classes hold unit counts that are not multiples of 4
+    (a chunk's last step is partly empty), against the fp64 reference, dbias included."""
+    kw = dict(window=(2, 2, 3), shift=(1, 1, 2), bias_window=(2, 3, 3))
+    one = tk._one_tile_block(12, 32)
+    assert (one, tk._one_tile_pack(one)) == (16, 4)
+    units, ptr, chunk_cls, n = tk._unit_plan(3, (3, 5, 7), kw["window"], kw["shift"], 2, 2 * 64 * 64 * 4,
+                                             torch.device("cpu"), 4)
+    sizes = (ptr[1:] - ptr[:-1]).tolist()
+    assert any(s % 4 for s in sizes) and max(sizes) > 4, sizes
+    q, k, v, table, dout = _inputs(3, (3, 5, 7), 2, 16, kw["bias_window"], torch.float32, bias=bias, seed=11)
+    _check(q, k, v, table, dout, 1e-4, **kw)

@@ -56,9 +56,10 @@ def main(sm: int = 90) -> int:
         one = tk._one_tile_block(nwin, cfg["BLOCK_D"])
         grads = dict(common, OUT=dt, DOUT=dt, DQ=dt, DK=dt, DV=dt, PART="fp32", UNITS="i32", CHUNK_PTR="i32")
         if one:
+            block = one * tk._one_tile_pack(one)
             build(htwa_tiles.htwa_bwd_one_tile_kernel, grads,
-                  dict(geo, HAS_BIAS=has_bias, UPCAST=cfg["UPCAST"], DOT_PREC=cfg["DOT_PREC"], BLOCK=one,
-                       BLOCK_D=cfg["BLOCK_D"]), ("scale", "qk_scale"), tk._tile_warps(one, cfg["BLOCK_D"]))
+                  dict(geo, HAS_BIAS=has_bias, UPCAST=cfg["UPCAST"], DOT_PREC=cfg["DOT_PREC"], BLOCK=block, WB=one,
+                       BLOCK_D=cfg["BLOCK_D"]), ("scale", "qk_scale"), tk._tile_warps(block, cfg["BLOCK_D"]))
             return
         nw = tk._launch_kw(cfg, backward=True)["num_warps"]
         consts = dict(geo, HAS_BIAS=has_bias, **cfg)

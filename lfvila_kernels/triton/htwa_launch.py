@@ -243,17 +243,23 @@ def _round_up(n: int, block: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _class_rows(grid, window, shift, bias_window, pad, device):
+def _class_rows(grid, window, shift, bias_window, pad, device, pack=1):
     """geometry.class_bias_rows on the device: (box_cls int32 (nbox,), rows int64 (n_classes * pad * pad,),
-    n_classes, rows as a host tensor (n_classes, pad, pad))."""
-    box, rows, _ = geometry.class_bias_rows(grid, window, shift, bias_window, pad)
+    n_classes, rows as a host tensor (n_classes, pad, pad)). pack > 1: `pack` windows of pad // pack tokens on
+    the diagonal of each tile (the one-kernel backward's packing), -inf (row nbias + 1) between them."""
+    box, rows, _ = geometry.class_bias_rows(grid, window, shift, bias_window, pad // pack)
+    if pack > 1:
+        wb = pad // pack
+        i = torch.arange(pad)
+        same = (i[:, None] // wb) == (i[None, :] // wb)
+        rows = torch.where(same, rows[:, i[:, None] % wb, i[None, :] % wb], geometry.num_bias_rows(bias_window) + 1)
     return box.to(torch.int32).to(device), rows.flatten().to(device), rows.shape[0], rows
 
 
-def _bias_tiles(bias, grid, window, shift, bias_window, pad, device):
+def _bias_tiles(bias, grid, window, shift, bias_window, pad, device, pack=1):
     """The per-call gather of the bias table into (heads, n_classes, pad, pad) tiles, log2(e) folded in, with a
     zero for padded query rows and -inf for padded keys (htwa_tiles.py). Returns (tiles, box_cls, n_classes)."""
-    box_cls, rows, n_cls, _ = _class_rows(grid, window, shift, bias_window, pad, device)
+    box_cls, rows, n_cls, _ = _class_rows(grid, window, shift, bias_window, pad, device, pack)
     heads = bias.shape[1]
     ext = torch.cat([bias.t() * LOG2E, bias.new_zeros(heads, 1), bias.new_full((heads, 1), float("-inf"))], 1)
     return ext[:, rows].view(heads, n_cls, pad, pad), box_cls, n_cls
@@ -269,6 +275,12 @@ def _off64(*tensors) -> bool:
         if (T - 1) * abs(st[1]) + (H - 1) * abs(st[2]) + (W - 1) * abs(st[3]) + 1024 >= 2**31:
             return True
     return False
+
+
+def _off64_whole(*tensors) -> bool:
+    """Whether any element offset of these tensors, batch included, can pass int32 (the one-kernel backward's
+    OFF64: its rows come from several samples)."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(x.shape, x.stride())) + 1024 >= 2**31 for x in tensors)
 
 
 def htwa_fwd_triton(q, k, v, bias: Optional[torch.Tensor], window, shift, bias_window, scale):
@@ -300,14 +312,20 @@ def htwa_fwd_triton(q, k, v, bias: Optional[torch.Tensor], window, shift, bias_w
 
 
 def _one_tile_block(nwin: int, block_d: int) -> int:
-    """Tile of the one-kernel backward when the window fits one (<= 64 tokens, D <= 64: LF-VILA layers 0-1),
-    else 0. BLOCK_OVERRIDE (tests) forces the multi-tile kernels when the window exceeds it."""
+    """Per-window block of the one-kernel backward when the window fits one (<= 64 tokens, D <= 64: LF-VILA
+    layers 0-1), else 0. BLOCK_OVERRIDE (tests) forces the multi-tile kernels when the window exceeds it."""
     if nwin > experimental.SMALL_BOX_MAX or block_d > 64:
         return 0
     block = max(16, triton.next_power_of_2(nwin))
     if BLOCK_OVERRIDE is not None and BLOCK_OVERRIDE < block:
         return 0
     return block
+
+
+def _one_tile_pack(block: int) -> int:
+    """Windows packed per tile of the one-kernel backward: as many as make 64 rows (layer 0: two 30-token windows
+    in 32-row blocks), so its products have the tensor cores' 64-row shape."""
+    return max(1, 64 // block)
 
 
 def _dssum_block(cfg, nwin: int) -> int:
@@ -327,15 +345,16 @@ def _tile_warps(block: int, block_d: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _unit_plan(B, grid, window, shift, programs_per_chunk, slot_bytes, device):
+def _unit_plan(B, grid, window, shift, programs_per_chunk, slot_bytes, device, multiple=1):
     """Chunks of (batch, box) units, each of ONE class: (units int32, chunk_ptr int32, chunk_cls tuple,
     n_chunks). The chunk count aims at `_target_programs` programs (each chunk runs `programs_per_chunk`) and keeps
-    the dS partials n_chunks * slot_bytes within _WORKSPACE_BYTES, plus at most one chunk per class."""
+    the dS partials n_chunks * slot_bytes within _WORKSPACE_BYTES, plus at most one chunk per class. Chunks hold
+    a multiple of `multiple` units (the one-kernel backward's packing) but for each class's last one."""
     box_cls, _ = geometry.box_class_ids(grid, window, shift)
     nbox = box_cls.numel()
     want = max(1, -(-_target_programs(device) // programs_per_chunk))
     want = min(want, max(1, _WORKSPACE_BYTES // slot_bytes))
-    per = max(1, -(-(B * nbox) // want))
+    per = _round_up(max(1, -(-(B * nbox) // want)), multiple)
     units, ptr, cls_of = [], [0], []
     for c in torch.unique(box_cls).tolist():
         boxes = torch.nonzero(box_cls == c).flatten()
@@ -349,11 +368,11 @@ def _unit_plan(B, grid, window, shift, programs_per_chunk, slot_bytes, device):
 
 
 @functools.lru_cache(maxsize=64)
-def _partials_csr(grid, window, shift, bias_window, pad, chunk_cls, device):
+def _partials_csr(grid, window, shift, bias_window, pad, chunk_cls, device, pack=1):
     """CSR from table rows to the dS partials PART[head] (n_chunks, pad, pad) flattened: for each row, the
     ascending flat positions chunk * pad^2 + i * pad + j of the (query i, key j) pairs of each chunk's class that
     read it. Returns (row_ptr int32 (nbias + 1), pairs int32, max count)."""
-    *_, rows = _class_rows(grid, window, shift, bias_window, pad, torch.device("cpu"))
+    *_, rows = _class_rows(grid, window, shift, bias_window, pad, torch.device("cpu"), pack)
     nbias = geometry.num_bias_rows(bias_window)
     r = rows[torch.tensor(chunk_cls, dtype=torch.int64)].flatten()
     pos = torch.nonzero(r < nbias).flatten()
@@ -365,10 +384,10 @@ def _partials_csr(grid, window, shift, bias_window, pad, chunk_cls, device):
     return ptr.to(torch.int32).to(device), pos[order].to(torch.int32).to(device), int(counts.max())
 
 
-def _reduce_partials(part, bias, grid, window, shift, bias_window, pad, chunk_cls):
+def _reduce_partials(part, bias, grid, window, shift, bias_window, pad, chunk_cls, pack=1):
     """dbias (nbias, heads) from PART (heads, n_chunks, pad, pad) in a fixed order (htwa_dbias.dbias_gather_kernel)."""
     heads = part.shape[0]
-    row_ptr, pairs, maxcnt = _partials_csr(grid, window, shift, bias_window, pad, chunk_cls, part.device)
+    row_ptr, pairs, maxcnt = _partials_csr(grid, window, shift, bias_window, pad, chunk_cls, part.device, pack)
     nbias = bias.shape[0]
     dbias = torch.empty((nbias, heads), dtype=bias.dtype, device=part.device)
     block_r, block_j = (1024, 64) if _interpreted() else (32, 64)
@@ -406,10 +425,11 @@ def htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, s
     nwin = window[0] * window[1] * window[2]
     has_bias = bias is not None
     one = _one_tile_block(nwin, cfg["BLOCK_D"])
+    pack = _one_tile_pack(one) if one else 1
     block_s = _dssum_block(cfg, nwin)
-    pad = one or _round_up(nwin, max(cfg["BLOCK_M"], cfg["BLOCK_N"], block_s))
+    pad = one * pack or _round_up(nwin, max(cfg["BLOCK_M"], cfg["BLOCK_N"], block_s))
     if has_bias:
-        tiles, box_cls, n_cls = _bias_tiles(bias, grid, window, shift, bias_window, pad, q.device)
+        tiles, box_cls, n_cls = _bias_tiles(bias, grid, window, shift, bias_window, pad, q.device, pack)
     else:
         tiles, box_cls, n_cls = q, q, 1
     strides = (*_strides5(q), *_strides5(k), *_strides5(v), *_strides5(out), *lse.stride())
@@ -419,14 +439,15 @@ def htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, s
     slot_bytes = heads * pad * pad * 4
 
     if one:
-        units, chunk_ptr, chunk_cls, n_chunks = _unit_plan(B, grid, window, shift, heads, slot_bytes, q.device)
+        units, chunk_ptr, chunk_cls, n_chunks = _unit_plan(B, grid, window, shift, heads, slot_bytes, q.device,
+                                                           pack)
         part = torch.empty((heads, n_chunks, pad, pad), dtype=acc, device=q.device) if has_bias else empty
-        launch = {} if _interpreted() else dict(num_warps=_tile_warps(one, cfg["BLOCK_D"]))
+        launch = {} if _interpreted() else dict(num_warps=_tile_warps(pad, cfg["BLOCK_D"]))
         htwa_bwd_one_tile_kernel[(n_chunks, heads)](
             q, k, v, tiles, box_cls, out, dout, lse, dq, dk, dv, part, units, chunk_ptr, *strides, *_strides5(dq),
             T, H, W, D, *geo[5:], nbox, nbh, nbw, n_cls, n_chunks, float(scale), float(scale) * LOG2E,
-            **geometry_kw, HAS_BIAS=has_bias, UPCAST=cfg["UPCAST"], DOT_PREC=cfg["DOT_PREC"], OFF64=off64, BLOCK=one,
-            BLOCK_D=cfg["BLOCK_D"], **launch,
+            **geometry_kw, HAS_BIAS=has_bias, UPCAST=cfg["UPCAST"], DOT_PREC=cfg["DOT_PREC"],
+            OFF64=_off64_whole(q, k, v, out, dout, lse, dq), BLOCK=pad, WB=one, BLOCK_D=cfg["BLOCK_D"], **launch,
         )
     else:
         delta = torch.empty(q.shape[:5], dtype=acc, device=q.device)  # <dO, O> per row, computed once
@@ -452,4 +473,4 @@ def htwa_bwd_triton(dout, q, k, v, bias, out, lse, window, shift, bias_window, s
             )
     if not has_bias:
         return dq, dk, dv, empty
-    return dq, dk, dv, _reduce_partials(part, bias, grid, window, shift, bias_window, pad, chunk_cls)
+    return dq, dk, dv, _reduce_partials(part, bias, grid, window, shift, bias_window, pad, chunk_cls, pack)

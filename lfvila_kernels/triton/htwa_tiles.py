@@ -372,17 +372,25 @@ def htwa_bwd_one_tile_kernel(
     T, H, W, D: tl.constexpr, OT, OH, OW, NBOX, NBH, NBW, NCLS, N_CHUNKS, scale, qk_scale,
     WT, WH: tl.constexpr, WW: tl.constexpr,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, OFF64: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK: tl.constexpr, WB: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """The whole backward of windows that fit one BLOCK x BLOCK tile (NP = BLOCK), one (chunk, head) per program:
-    per unit (batch, box) of the chunk, in order, delta, P and dS once, then dQ = scale dS K, dK = scale dS^T Q,
-    dV = P^T dO; dS summed over the units in registers and stored once into PART[head, chunk] (HAS_BIAS). The
-    chunk's units share one class, hence one bias tile, loaded once. Strides as the dQ kernel.
-    Grid: (N_CHUNKS, heads)."""
+    """The whole backward of windows of <= WB tokens, BLOCK // WB of them packed into one BLOCK x BLOCK tile
+    (rows and columns s*WB .. s*WB + WB - 1 belong to the s-th unit of the step; the products are block-diagonal:
+    the mask, and the bias tile's -inf off the diagonal blocks, keep the units apart), so that the tensor cores
+    see BLOCK-row products where one 30-token window would give 32. One (chunk, head) per program: per step of
+    BLOCK // WB units (batch, box) of the chunk, in order, delta, P and dS once, then dQ = scale dS K,
+    dK = scale dS^T Q, dV = P^T dO; dS summed over the steps in registers and stored once into PART[head, chunk]
+    (HAS_BIAS). The chunk's units share one class, hence one (packed) bias tile, NP = BLOCK.
+    Strides as the dQ kernel, but OFF64 here means that some element offset of a whole tensor (batch included) can
+    pass 2^31: the rows of a step come from different samples, so the batch offset is per row, and int32 offsets
+    keep the 64 x 64 tile from spilling. Grid: (N_CHUNKS, heads)."""
     chunk = tl.program_id(0)
     head = tl.program_id(1)
     ACC = LSE.dtype.element_ty
     offs = tl.arange(0, BLOCK)
+    slot = offs // WB  # which unit of the step a row / column belongs to
+    local = offs % WB  # its box-local token index
+    same = slot[:, None] == slot[None, :]
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     u_lo = tl.load(CHUNK_PTR + chunk)
@@ -390,46 +398,46 @@ def htwa_bwd_one_tile_kernel(
     if HAS_BIAS:
         tile = bias_tile_base(TILE, BOX_CLS, tl.load(UNITS + u_lo) % NBOX, head, NCLS, BLOCK)
     ds_sum = tl.zeros([BLOCK, BLOCK], dtype=ACC)
-    for ui in range(u_lo, u_hi):
-        unit = tl.load(UNITS + ui)
+    for ui in range(u_lo, u_hi, BLOCK // WB):
+        in_chunk = ui + slot < u_hi  # the chunk's last step may hold fewer units
+        unit = tl.load(UNITS + ui + slot, mask=in_chunk, other=0)
         b = unit // NBOX
-        box = unit % NBOX
-        t0, h0, w0, lh, lw, ct, ch, cw, nb = window_box(box, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW)
-        ok = offs < nb
+        if OFF64:  # here: a whole-tensor offset could pass 2^31 (launcher), else all offsets are int32
+            b = b.to(tl.int64)
+        t0, h0, w0, lh, lw, ct, ch, cw, nb = window_box(unit % NBOX, T, H, W, OT, OH, OW, NBH, NBW, WT, WH, WW)
+        ok = in_chunk & (local < nb)
         md = ok[:, None] & d_ok[None, :]
-        tt, hh, ww, _, _ = decode_token(offs, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, WH, WW)
-        q = tl.load(tile_ptrs(Q, b, head, tt, hh, ww, sqb, sqn, sqt, sqh, sqw, offs_d, OFF64),
-                    mask=md, other=0.0)
-        k = tl.load(tile_ptrs(K, b, head, tt, hh, ww, skb, skn, skt, skh, skw, offs_d, OFF64),
-                    mask=md, other=0.0)
-        v = tl.load(tile_ptrs(V, b, head, tt, hh, ww, svb, svn, svt, svh, svw, offs_d, OFF64),
-                    mask=md, other=0.0)
-        do = tl.load(tile_ptrs(DOUT, b, head, tt, hh, ww, sob, son, sot, soh, sow, offs_d, OFF64), mask=md,
-                     other=0.0)
-        o = tl.load(tile_ptrs(OUT, b, head, tt, hh, ww, sob, son, sot, soh, sow, offs_d, OFF64), mask=md, other=0.0)
+        tt, hh, ww, _, _ = decode_token(local, t0, h0, w0, lh, lw, ct, ch, cw, WH, WW, WH, WW)
+        q = tl.load(Q + ((b * sqb + head * sqn + in_batch_offset(tt, hh, ww, sqt, sqh, sqw, OFF64))[:, None]
+                         + offs_d[None, :]), mask=md, other=0.0)
+        k = tl.load(K + ((b * skb + head * skn + in_batch_offset(tt, hh, ww, skt, skh, skw, OFF64))[:, None]
+                         + offs_d[None, :]), mask=md, other=0.0)
+        v = tl.load(V + ((b * svb + head * svn + in_batch_offset(tt, hh, ww, svt, svh, svw, OFF64))[:, None]
+                         + offs_d[None, :]), mask=md, other=0.0)
+        o_off = (b * sob + head * son + in_batch_offset(tt, hh, ww, sot, soh, sow, OFF64))[:, None] + offs_d[None, :]
+        do = tl.load(DOUT + o_off, mask=md, other=0.0)
+        o = tl.load(OUT + o_off, mask=md, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             k = k.to(tl.float32)
             v = v.to(tl.float32)
             do = do.to(tl.float32)
-        lse2 = tl.load(row_ptrs(LSE, b, head, tt, hh, ww, slb, sln, slt, slh, slw, OFF64), mask=ok,
+        lse2 = tl.load(LSE + (b * slb + head * sln + in_batch_offset(tt, hh, ww, slt, slh, slw, OFF64)), mask=ok,
                        other=0.0) * 1.4426950408889634
         delta = tl.sum(do.to(ACC) * o.to(ACC), 1)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC).to(ACC) * qk_scale
-        if HAS_BIAS:  # re-read per unit (L1/L2) rather than held in registers across the loop
+        if HAS_BIAS:  # re-read per step (L1/L2) rather than held in registers across the loop
             s += tl.load(tile + (offs[:, None] * BLOCK + offs[None, :])).to(ACC)
-        p = tl.where(ok[:, None] & ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.where(ok[:, None] & ok[None, :] & same, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC).to(ACC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC).to(ACC) * scale
         dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC).to(ACC) * scale
         dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC).to(ACC)
-        tl.store(tile_ptrs(DQ, b, head, tt, hh, ww, sgb, sgn, sgt, sgh, sgw, offs_d, OFF64),
-                 dq.to(DQ.dtype.element_ty), mask=md)
-        tl.store(tile_ptrs(DK, b, head, tt, hh, ww, sgb, sgn, sgt, sgh, sgw, offs_d, OFF64),
-                 dk.to(DK.dtype.element_ty), mask=md)
-        tl.store(tile_ptrs(DV, b, head, tt, hh, ww, sgb, sgn, sgt, sgh, sgw, offs_d, OFF64),
-                 dv.to(DV.dtype.element_ty), mask=md)
+        g_off = (b * sgb + head * sgn + in_batch_offset(tt, hh, ww, sgt, sgh, sgw, OFF64))[:, None] + offs_d[None, :]
+        tl.store(DQ + g_off, dq.to(DQ.dtype.element_ty), mask=md)
+        tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=md)
+        tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=md)
         if HAS_BIAS:
             ds_sum += ds
     if HAS_BIAS:
