@@ -4,7 +4,9 @@ On CUDA, for the 12 official (layer, shifted) cases at B=16:
 1. checks: every backend's bf16 output and gradients (q, k, v, bias table) against the reference computed in fp32
    from the same bf16 inputs; `max_err` = max over those tensors of max|x - ref| / max|ref|. The reference
    backend's own bf16 row is the rounding baseline to read the others against. The Triton dbias is also run
-   twice and compared bit for bit (`dbias_deterministic`). fp32 (Triton vs reference) on two cases if time is left.
+   twice and compared bit for bit (`dbias_deterministic`). "triton-legacy" is the Triton backend with the
+   previous per-window kernels (experimental.TUNE["legacy_kernels"]), checked and timed beside the default.
+   fp32 (Triton vs reference) on two cases if time is left.
 2. timings: forward and forward+backward, median of CUDA-event timed runs after warm-up, for reference, SDPA
    with a dense bias+mask on partitioned windows, FlexAttention with the bias as score_mod, and triton; plus the
    peak memory of one forward+backward.
@@ -17,6 +19,7 @@ With dry_run=True: tiny shapes on the CPU, Triton through the interpreter, corre
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -39,18 +42,37 @@ def _inputs(case, batch, dtype, device, seed=0):
     return qkv, table, dout
 
 
+LEGACY = "triton-legacy"  # backend "triton" with the per-window kernels (experimental.TUNE["legacy_kernels"])
+
+
+@contextlib.contextmanager
+def _variant(backend):
+    """The op's backend for a row: LEGACY is "triton" with the previous kernels, for forward and backward."""
+    if backend != LEGACY:
+        yield backend
+        return
+    from lfvila_kernels.triton import experimental
+
+    experimental.TUNE["legacy_kernels"] = True
+    try:
+        yield "triton"
+    finally:
+        experimental.TUNE.pop("legacy_kernels", None)
+
+
 def _run(case, backend, qkv, table, dout, grads: bool):
     """One forward (and backward) through `htwa_attention_qkv`; returns (out, [dq, dk, dv], dbias)."""
     from lfvila_kernels import htwa_attention_qkv
 
     qkv = qkv.detach().requires_grad_(grads)
     tab = table.detach().requires_grad_(grads)
-    # the packed entry point, as the model and the CPU benchmarks call it (the torch backends unbind it)
-    out = htwa_attention_qkv(qkv, tab, window=case.window, shift=case.shift, bias_window=case.bias_window,
-                             backend=backend)
-    if not grads:
-        return out, None, None
-    out.backward(dout)
+    with _variant(backend) as backend:
+        # the packed entry point, as the model and the CPU benchmarks call it (the torch backends unbind it)
+        out = htwa_attention_qkv(qkv, tab, window=case.window, shift=case.shift, bias_window=case.bias_window,
+                                 backend=backend)
+        if not grads:
+            return out, None, None
+        out.backward(dout)
     return out.detach(), list(qkv.grad.unbind(4)), tab.grad
 
 
@@ -159,7 +181,7 @@ def run_htwa_suite(device, dry_run: bool, budget_s: float = 170.0, cases=None) -
             return
         for backend in backends:
             r = row(case, backend, dtype)
-            if left() < 20 and backend != "triton":
+            if left() < 20 and not backend.startswith("triton"):
                 r["skipped"] = "time budget"
                 continue
             try:
@@ -167,7 +189,7 @@ def run_htwa_suite(device, dry_run: bool, budget_s: float = 170.0, cases=None) -
                 errs = _errors(got, ref)
                 r["max_err"] = max(errs.values())
                 r["worst"] = max(errs, key=errs.get)
-                if backend == "triton":
+                if backend.startswith("triton"):
                     again = _run(case, backend, qkv, table, dout, True)[2]
                     r["dbias_deterministic"] = bool(torch.equal(got[2], again))
                 del got
@@ -187,16 +209,17 @@ def run_htwa_suite(device, dry_run: bool, budget_s: float = 170.0, cases=None) -
         qkv, table, dout = _inputs(case, batch, dtype, device)
         leaf = qkv.detach().requires_grad_()
         tab = table.detach().requires_grad_()
-        kw = dict(window=case.window, shift=case.shift, bias_window=case.bias_window, backend=backend)
+        kw = dict(window=case.window, shift=case.shift, bias_window=case.bias_window)
 
         def fwd():
-            with torch.no_grad():
-                htwa_attention_qkv(leaf, tab, **kw)
+            with torch.no_grad(), _variant(backend) as name:
+                htwa_attention_qkv(leaf, tab, backend=name, **kw)
 
         def fwdbwd():
             leaf.grad = None
             tab.grad = None
-            htwa_attention_qkv(leaf, tab, **kw).backward(dout)
+            with _variant(backend) as name:
+                htwa_attention_qkv(leaf, tab, backend=name, **kw).backward(dout)
 
         try:
             r["fwd_ms"] = _median_ms(fwd, sync, left)
@@ -217,9 +240,9 @@ def run_htwa_suite(device, dry_run: bool, budget_s: float = 170.0, cases=None) -
     # 1. bf16 checks of ours and the cheap baselines, all cases (the Triton kernels compile here: one set for
     #    the 30-token windows of layer 0 and one for the rest, whose windows differ only in time)
     for case in sel:
-        check(case, ("reference", "sdpa", "triton"), bf16)
-    # 2. their bf16 timings
-    for backend in ("triton", "reference", "sdpa"):
+        check(case, ("reference", "sdpa", "triton", LEGACY), bf16)
+    # 2. their bf16 timings (the previous Triton kernels beside the new ones: the A/B of issue 18)
+    for backend in ("triton", LEGACY, "reference", "sdpa"):
         for case in sel:
             timing(case, backend, bf16)
     # 3. fp32 checks of the Triton backend (exact fp32 products) against an fp64 reference, B=4

@@ -182,6 +182,7 @@ def main(argv=None):
             experimental.TUNE.clear()
             experimental.TUNE.update({k: v for k, v in tune.items() if not k.startswith("_")})
             htwa_launch._chunk_plan.cache_clear()
+            htwa_launch._unit_plan.cache_clear()
             no_bias = tune.get("_no_bias", False)
             row = {"variant": vname, "tune": tune}
             t0 = time.perf_counter()
@@ -212,6 +213,7 @@ def main(argv=None):
             save()
         experimental.TUNE.clear()
         htwa_launch._chunk_plan.cache_clear()
+        htwa_launch._unit_plan.cache_clear()
 
     # the forward first: the H100 sweep of 2026-11-26 ran out of time before it; the backward is still most of
     # the time (layer3: 2.1 of 2.9 ms after that sweep)

@@ -91,3 +91,63 @@ def bias_inverse(window: Triple, bias_window: Triple) -> tuple[torch.Tensor, tor
     offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(counts, 0)
     return offsets.to(torch.int32), pairs.to(torch.int32)
+
+
+# ---- window classes: the bias tiles of the Triton kernels (triton/htwa_launch.py, triton/htwa_tiles.py) ----
+#
+# Boxes with the same (size, c0) along every axis are one CLASS: their tokens, flattened frame-major inside the box
+# (i = (it lh + ih) lw + iw), have the same in-window indices n(i), hence the same bias rows. A grid has at most
+# 3 x 3 x 3 classes; the official shapes have 1 (unshifted) to 9 (shifted). So the bias of a call is a few dense
+# (NP, NP) tiles per head, indexed by box-local positions, where the per-window form reads the table through an
+# index for every (query, key) pair of every window.
+
+
+def box_class_ids(grid: Triple, window: Triple, shift: Triple) -> tuple[torch.Tensor, list]:
+    """Per box of the grid (t-major, as the kernels number them): its class id, int64 (nbox,); and per class its
+    box extent and first in-window coordinates ((lt, lh, lw), (ct, ch, cw)). Class ids combine the per-axis
+    `box_classes` ids t-major, so every id in range(len(classes)) occurs."""
+    per_axis = [axis_boxes(L, w, s) for L, w, s in zip(grid, window, shift)]
+    ids = [box_classes(L, w, s) for L, w, s in zip(grid, window, shift)]
+    n_cls = [max(c) + 1 for c in ids]
+    kinds = [{} for _ in range(3)]  # axis class id -> (size, c0)
+    for a in range(3):
+        for (_, size, c0), c in zip(per_axis[a], ids[a]):
+            kinds[a].setdefault(c, (size, c0))
+    classes = []
+    for ct in range(n_cls[0]):
+        for ch in range(n_cls[1]):
+            for cw in range(n_cls[2]):
+                (lt, c0t), (lh, c0h), (lw, c0w) = kinds[0][ct], kinds[1][ch], kinds[2][cw]
+                classes.append(((lt, lh, lw), (c0t, c0h, c0w)))
+    it, ih, iw = (torch.tensor(c, dtype=torch.int64) for c in ids)
+    box = ((it[:, None, None] * n_cls[1] + ih[None, :, None]) * n_cls[2] + iw[None, None, :]).flatten()
+    return box, classes
+
+
+def class_window_index(extent: Triple, c0: Triple, window: Triple) -> torch.Tensor:
+    """In-window index n of each box-local token of a class (frame-major inside the box), int64 (lt lh lw,)."""
+    (lt, lh, lw), (ct, ch, cw) = extent, c0
+    t = torch.arange(lt)[:, None, None] + ct
+    h = torch.arange(lh)[None, :, None] + ch
+    w = torch.arange(lw)[None, None, :] + cw
+    return ((t * window[1] + h) * window[2] + w).flatten()
+
+
+def class_bias_rows(grid: Triple, window: Triple, shift: Triple, bias_window: Triple, pad: int):
+    """The gather map of the bias tiles: (box_cls int64 (nbox,), rows int64 (n_classes, pad, pad), sizes list).
+
+    rows[c, i, j] is the bias table row of box-local query i and key j of class c when both are tokens of the box
+    (i, j < size_c); `nbias` (a zero column: padded query rows) when only the key is real; `nbias + 1` (a -inf
+    column: the key mask) when the key is padding. `pad` >= the window's token count."""
+    box, classes = box_class_ids(grid, window, shift)
+    nbias = num_bias_rows(bias_window)
+    table = bias_rows(window, bias_window)
+    rows = torch.full((len(classes), pad, pad), nbias + 1, dtype=torch.int64)
+    sizes = []
+    for c, (extent, c0) in enumerate(classes):
+        n = class_window_index(extent, c0, window)
+        nb = n.numel()
+        sizes.append(nb)
+        rows[c, :, :nb] = nbias
+        rows[c, :nb, :nb] = table[n[:, None], n[None, :]]
+    return box, rows, sizes

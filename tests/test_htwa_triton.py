@@ -277,3 +277,99 @@ def test_dbias_kernel_official_large_window(monkeypatch):
     case = next(c for c in _CASES if c.name == "layer5")
     q, k, v, table, dout = _inputs(1, case.grid, 1, case.head_dim, case.bias_window, torch.float32)
     _check(q, k, v, table, dout, 1e-4, window=case.window, shift=case.shift, bias_window=case.bias_window)
+
+
+# ---- the class-tile kernels (htwa_tiles.py, the default) and the per-window kernels they replace ----
+
+_MULTI = [c for c in _CASES if c.window[0] * c.window[1] * c.window[2] > exp.SMALL_BOX_MAX]
+
+
+@pytest.mark.parametrize("case", _MULTI, ids=[c.name for c in _MULTI])
+def test_official_cases_gpu_tiles(case, monkeypatch):
+    """The windows of > 64 tokens (layers 2-5) with the GPU's 64-token tiles instead of the interpreter's one
+    tile per box: several query x key tile pairs in the dQ, dK/dV and dS-sum kernels, the padded last tile of
+    120 / 240 / 480 tokens, and (B=2) chunks of several units."""
+    monkeypatch.setattr(tk, "BLOCK_OVERRIDE", 64)
+    q, k, v, table, dout = _inputs(2, case.grid, 1, case.head_dim, case.bias_window, torch.float32, seed=7)
+    _check(q, k, v, table, dout, 1e-4, window=case.window, shift=case.shift, bias_window=case.bias_window)
+
+
+@pytest.mark.parametrize("block", [None, 16], ids=["one-tile", "tiles16"])
+def test_tiles_ragged_classes(block, monkeypatch):
+    """A grid ragged at both ends of every axis (3 x 2 x 3 box classes, so 18 bias tiles), the bias_window quirk,
+    two heads, head-major strides: the one-kernel backward (36-token windows) and, with 16-token tiles, the
+    multi-tile kernels with their dS-sum chunks."""
+    if block is not None:
+        monkeypatch.setattr(tk, "BLOCK_OVERRIDE", block)
+    kw = dict(window=(3, 3, 4), shift=(1, 1, 2), bias_window=(4, 3, 5))
+    assert len(geometry.box_class_ids((5, 7, 9), kw["window"], kw["shift"])[1]) == 18
+    q, k, v, table, dout = _inputs(2, (5, 7, 9), 2, 20, kw["bias_window"], torch.float32, layout="heads", seed=8)
+    _check(q, k, v, table, dout, 1e-4, **kw)
+
+
+def test_bias_tiles_are_the_table_per_box():
+    """Each box's tile is the table read at the bias rows of its tokens' in-window indices (spec 1.3), with 0 at
+    padded queries and -inf at padded keys: checked box by box against geometry.bias_rows on a ragged, shifted
+    grid with the bias_window quirk."""
+    grid, window, shift, bias_window, pad = (5, 7, 9), (2, 3, 4), (1, 1, 2), (3, 3, 5), 32
+    table = torch.randn(_nbias(bias_window), 2, dtype=torch.float64)
+    tiles, box_cls, _ = tk._bias_tiles(table, grid, window, shift, bias_window, pad, torch.device("cpu"))
+    rows = geometry.bias_rows(window, bias_window)
+    boxes = [geometry.axis_boxes(L, w, s) for L, w, s in zip(grid, window, shift)]
+    i = 0
+    for bt in boxes[0]:
+        for bh in boxes[1]:
+            for bw in boxes[2]:
+                n = geometry.class_window_index((bt[1], bh[1], bw[1]), (bt[2], bh[2], bw[2]), window)
+                nb = n.numel()
+                tile = tiles[:, int(box_cls[i])]
+                want = table[rows[n[:, None], n[None, :]]].permute(2, 0, 1) * tk.LOG2E
+                assert torch.equal(tile[:, :nb, :nb], want)
+                assert torch.all(tile[:, :, nb:] == float("-inf")) and torch.all(tile[:, nb:, :nb] == 0)
+                i += 1
+    assert i == box_cls.numel()
+
+
+@pytest.mark.parametrize("block", [None, 16], ids=["one-tile", "tiles16"])
+def test_tiles_dbias_deterministic(block, monkeypatch):
+    """dbias is the same bits on every run (the issue's target): partials summed in registers, reduced in a fixed
+    order over several chunks per table row."""
+    if block is not None:
+        monkeypatch.setattr(tk, "BLOCK_OVERRIDE", block)
+    q, k, v, table, dout = _inputs(2, (4, 6, 10), 2, 16, (4, 3, 5), torch.float32, seed=9)
+    window, shift = (4, 3, 5), (0, 1, 2)
+    out, lse = tk.htwa_fwd_triton(q, k, v, table, window, shift, window, 0.25)
+    runs = [tk.htwa_bwd_triton(dout, q, k, v, table, out, lse, window, shift, window, 0.25)[3] for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    units, ptr, chunk_cls, n = tk._unit_plan(2, (4, 6, 10), window, shift, 2, 2 * 64 * 64 * 4, q.device)
+    # 9 classes, one chunk each, of 2 units: dS summed over units in registers, and each table row gathered
+    # from the partials of several chunks
+    assert n == len(set(chunk_cls)) == 9 and int((ptr[1:] - ptr[:-1]).min()) == 2
+
+
+def test_legacy_kernels_stay_reachable(monkeypatch):
+    """TUNE["legacy_kernels"] runs the per-window kernels (htwa_fwd.py, htwa_bwd.py) for the GPU A/B timing; they
+    stay correct."""
+    monkeypatch.setitem(exp.TUNE, "legacy_kernels", True)
+    calls = []
+    real = tk._legacy_bwd
+    monkeypatch.setattr(tk, "_legacy_bwd", lambda *a: calls.append(1) or real(*a))
+    q, k, v, table, dout = _inputs(1, (5, 7, 9), 1, 20, (2, 3, 4), torch.float32, seed=10)
+    _check(q, k, v, table, dout, 1e-4, window=(2, 3, 4), shift=(1, 1, 2))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_one_tile_packing(bias):
+    """The one-kernel backward packs 64 // block windows into one tile (block-diagonal): four 12-token windows
+    per 64-row tile here, on a ragged, shifted grid whose classes hold unit counts that are not multiples of 4
+    (a chunk's last step is partly empty), against the fp64 reference, dbias included."""
+    kw = dict(window=(2, 2, 3), shift=(1, 1, 2), bias_window=(2, 3, 3))
+    one = tk._one_tile_block(12, 32)
+    assert (one, tk._one_tile_pack(one)) == (16, 4)
+    units, ptr, chunk_cls, n = tk._unit_plan(3, (3, 5, 7), kw["window"], kw["shift"], 2, 2 * 64 * 64 * 4,
+                                             torch.device("cpu"), 4)
+    sizes = (ptr[1:] - ptr[:-1]).tolist()
+    assert any(s % 4 for s in sizes) and max(sizes) > 4, sizes
+    q, k, v, table, dout = _inputs(3, (3, 5, 7), 2, 16, kw["bias_window"], torch.float32, bias=bias, seed=11)
+    _check(q, k, v, table, dout, 1e-4, **kw)

@@ -21,7 +21,7 @@ def main(sm: int = 90) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lfvila_kernels.triton import experimental, htwa_bwd, htwa_dbias, htwa_fwd
+    from lfvila_kernels.triton import experimental, htwa_bwd, htwa_dbias, htwa_fwd, htwa_tiles
     from lfvila_kernels.triton import htwa_launch as tk
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -41,15 +41,50 @@ def main(sm: int = 90) -> int:
                                   f.name, "-o", os.devnull], capture_output=True, text=True)
             os.unlink(f.name)
             report = "; ".join(x.split(":", 1)[-1].strip() for x in res.stderr.splitlines() if "Used" in x or "spill" in x)
-        print(f"  {fn.__name__}: {report}", flush=True)
+        print(f"  {fn.__name__} (warps {num_warps}): {report}", flush=True)
+
+    def build_tiles(q, dt, window, D, has_bias):
+        """The default kernels (htwa_tiles.py: class bias tiles, dbias as a register reduction), as launched."""
+        nwin = window[0] * window[1] * window[2]
+        geo = dict(WH=window[1], WW=window[2], D=D, OFF64=False)
+        common = dict(Q=dt, K=dt, V=dt, TILE="fp32", BOX_CLS="i32", LSE="fp32")
+        cfg = tk._settings(q, window)
+        build(htwa_tiles.htwa_fwd_tiles_kernel, dict(common, OUT=dt), dict(geo, HAS_BIAS=has_bias, **cfg),
+              ("qk_scale",), tk._launch_kw(cfg)["num_warps"])
+        cfg = tk._settings(q, window, backward=True)
+        one = tk._one_tile_block(nwin, cfg["BLOCK_D"])
+        grads = dict(common, OUT=dt, DOUT=dt, DQ=dt, DK=dt, DV=dt, PART="fp32", UNITS="i32", CHUNK_PTR="i32")
+        if one:
+            block = one * tk._one_tile_pack(one)
+            build(htwa_tiles.htwa_bwd_one_tile_kernel, grads,
+                  dict(geo, HAS_BIAS=has_bias, UPCAST=cfg["UPCAST"], DOT_PREC=cfg["DOT_PREC"], BLOCK=block, WB=one,
+                       BLOCK_D=cfg["BLOCK_D"]), ("scale", "qk_scale"), tk._tile_warps(block, cfg["BLOCK_D"]))
+            return
+        nw = tk._launch_kw(cfg, backward=True)["num_warps"]
+        consts = dict(geo, HAS_BIAS=has_bias, **cfg)
+        build(htwa_tiles.htwa_bwd_dq_tiles_kernel, dict(common, OUT=dt, DOUT=dt, DELTA="fp32", DQ=dt), consts,
+              ("scale", "qk_scale"), nw)
+        build(htwa_tiles.htwa_bwd_dkdv_tiles_kernel, dict(common, DOUT=dt, DELTA="fp32", DK=dt, DV=dt), consts,
+              ("scale", "qk_scale"), nw)
+        if has_bias:
+            block_s = tk._dssum_block(cfg, nwin)
+            build(htwa_tiles.htwa_bwd_dssum_tiles_kernel,
+                  dict(common, DOUT=dt, DELTA="fp32", PART="fp32", UNITS="i32", CHUNK_PTR="i32"),
+                  dict(geo, UPCAST=cfg["UPCAST"], DOT_PREC=cfg["DOT_PREC"], BLOCK_M=block_s, BLOCK_N=block_s,
+                       BLOCK_D=cfg["BLOCK_D"]),
+                  ("qk_scale",), tk._tile_warps(block_s, cfg["BLOCK_D"]))
 
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     for dt, window, bias_window, D, has_bias in [("bf16", (32, 3, 5), (32, 3, 5), 32, True),
+                                                 ("bf16", (2, 3, 5), (2, 3, 5), 32, True),
+                                                 ("bf16", (4, 3, 5), (4, 3, 5), 32, True),
+                                                 ("bf16", (16, 3, 5), (16, 3, 5), 32, False),
                                                  ("bf16", (2, 3, 5), (2, 3, 5), 32, False),
                                                  ("fp32", (2, 3, 5), (4, 3, 5), 32, True),
                                                  ("bf16", (4, 3, 5), (4, 3, 5), 128, True)]:
         print(dt, "window", window, "bias_window", bias_window, "D", D, "bias", has_bias, flush=True)
         q = torch.empty(1, 1, 1, 1, 1, D, dtype=dtypes[dt])
+        build_tiles(q, dt, window, D, has_bias)
         for backward in (False, True):
             cfg = tk._settings(q, window, backward=backward)
             nw = tk._launch_kw(cfg, backward=backward)["num_warps"]

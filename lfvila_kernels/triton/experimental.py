@@ -3,6 +3,10 @@ here runs unless `TUNE` (empty by default) asks for it; benchmarks/gpu_htwa_tune
 benchmarks/gpu_suite.py may load the settings a tuning run chose (LFVILA_HTWA_TUNE).
 
 TUNE keys:
+    "legacy_kernels": True: the per-window kernels (htwa_fwd.py, htwa_bwd.py, htwa_dbias.py's chunk sum, launched
+        by htwa_launch._legacy_fwd / _legacy_bwd) instead of the class-tile kernels (htwa_tiles.py), for the GPU
+        A/B timing (benchmarks/gpu_htwa.py's "triton-legacy" rows). The experiments below run on the legacy
+        backward too (they are variants of it).
     "fwd" | "bwd": {"block": int, "warps": int, "stages": int} (and "block_m", "block_n" for the forward): tile
         size and launch settings instead of htwa_launch._settings / _launch_kw.
     "programs_per_sm": int: dQ programs per SM the dbias chunk plan aims at (shipped: 16).
