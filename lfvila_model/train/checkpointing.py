@@ -28,7 +28,7 @@ from torch import nn
 from ..weights import atomic_write_bytes, load_checked, read_state_dict, save_pretrained
 
 __all__ = ["rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "list_checkpoints"]
+           "list_checkpoints", "checkpoint_paths", "prepare_checkpoint_dir", "publish_checkpoint"]
 
 _NAME = re.compile(r"^step-(\d{8,})$")
 LATEST = "latest"
@@ -89,6 +89,34 @@ def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
     return found[-1] if found else None
 
 
+def checkpoint_paths(ckpt_dir: str, step: int) -> tuple[str, str, str]:
+    """`(name, final, tmp)` of checkpoint `step`: a checkpoint is written into `tmp` and renamed to `final`."""
+    name = f"step-{step:08d}"
+    return name, os.path.join(ckpt_dir, name), os.path.join(ckpt_dir, f".{name}.tmp")
+
+
+def prepare_checkpoint_dir(ckpt_dir: str, tmp: str) -> None:
+    """Rank 0, before a save: the checkpoint folder exists, leftovers of an interrupted save are gone, `tmp` is
+    new and empty."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    for d in os.listdir(ckpt_dir):  # leftovers of an interrupted save
+        if d.startswith(".step-") and d.endswith(".tmp"):
+            shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
+    os.makedirs(tmp)
+
+
+def publish_checkpoint(ckpt_dir: str, name: str, tmp: str, final: str, keep_last: Optional[int]) -> None:
+    """Rank 0, after every rank has written into `tmp`: rename it to `final` (atomic), point `latest` at it, and
+    prune to the newest `keep_last` (0 or None keeps all)."""
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_bytes(os.path.join(ckpt_dir, LATEST), (name + "\n").encode())
+    if keep_last:
+        for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(ckpt_dir: str, step: int, model: nn.Module, optimizer=None, scheduler=None, scaler=None,
                     state: Optional[dict] = None, keep_last: int = 3, rank: int = 0, world_size: int = 1,
                     barrier=None) -> str:
@@ -98,16 +126,10 @@ def save_checkpoint(ckpt_dir: str, step: int, model: nn.Module, optimizer=None, 
     callable) orders the steps; the rename happens on rank 0 after every rank has written.
     Returns the final directory.
     """
-    name = f"step-{step:08d}"
-    final = os.path.join(ckpt_dir, name)
-    tmp = os.path.join(ckpt_dir, f".{name}.tmp")
+    name, final, tmp = checkpoint_paths(ckpt_dir, step)
     sync = barrier or (lambda: None)
     if rank == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        for d in os.listdir(ckpt_dir):  # leftovers of an interrupted save
-            if d.startswith(".step-") and d.endswith(".tmp"):
-                shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
-        os.makedirs(tmp)
+        prepare_checkpoint_dir(ckpt_dir, tmp)
     sync()
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     if rank == 0:
@@ -122,13 +144,7 @@ def save_checkpoint(ckpt_dir: str, step: int, model: nn.Module, optimizer=None, 
         torch.save(trainer, os.path.join(tmp, "trainer_state.pt"))
     sync()
     if rank == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_bytes(os.path.join(ckpt_dir, LATEST), (name + "\n").encode())
-        if keep_last:
-            for old in list_checkpoints(ckpt_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        publish_checkpoint(ckpt_dir, name, tmp, final, keep_last)
     sync()
     return final
 

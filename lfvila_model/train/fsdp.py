@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from typing import Optional
 
@@ -35,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..weights import atomic_write_bytes, save_pretrained
-from .checkpointing import LATEST, list_checkpoints, rng_state, set_rng_state
+from .checkpointing import checkpoint_paths, prepare_checkpoint_dir, publish_checkpoint, rng_state, set_rng_state
 
 __all__ = ["DCP_DIR", "precision_policy", "ensure_process_group", "shard_model", "transformer_blocks", "plain_class",
            "is_fsdp_checkpoint", "check_checkpoint_strategy", "gather_unsharded", "save_fsdp_checkpoint",
@@ -215,14 +214,9 @@ def save_fsdp_checkpoint(ckpt_dir: str, step: int, model: nn.Module, optimizer, 
 
     rank, world = dist.get_rank(), dist.get_world_size()
     sync = barrier or dist.barrier
-    name = f"step-{step:08d}"
-    final = os.path.join(ckpt_dir, name)
-    tmp = os.path.join(ckpt_dir, f".{name}.tmp")
+    name, final, tmp = checkpoint_paths(ckpt_dir, step)
     if rank == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        for d in os.listdir(ckpt_dir):  # leftovers of an interrupted save
-            if d.startswith(".step-") and d.endswith(".tmp"):
-                shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
+        prepare_checkpoint_dir(ckpt_dir, tmp)
         os.makedirs(os.path.join(tmp, DCP_DIR))
     sync()
     tensors, aliases = _model_tensors(model)
@@ -248,13 +242,7 @@ def save_fsdp_checkpoint(ckpt_dir: str, step: int, model: nn.Module, optimizer, 
         torch.save(trainer, os.path.join(tmp, "trainer_state.pt"))
     sync()
     if rank == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_bytes(os.path.join(ckpt_dir, LATEST), (name + "\n").encode())
-        if keep_last:
-            for old in list_checkpoints(ckpt_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        publish_checkpoint(ckpt_dir, name, tmp, final, keep_last)
     sync()
     return final
 
