@@ -193,15 +193,19 @@ class _EncodeMixin:
 
     The evaluation (`encode_retrieval`) takes the global VPC features: `encode_paragraphs(p) @ encode_videos(v).T`
     is its text-to-video score matrix. Subclasses give the two per-batch feature functions; this mixin adds
-    batching, eval mode, no-grad, autocast and the input forms. Files are read by `lfvila_model.eval.embed`
+    batching, eval mode, no-grad, autocast and the input forms. Files are read by `lfvila_model.eval.encode`
     (imported when a path is given: the model modules read no files themselves).
+
+    A subclass defines `_video_features(video (B, 3, F, H, W)) -> (B, E)` and
+    `_paragraph_features(input_ids, attention_mask (B, M, L)) -> (B, E)`; one that does not is refused when the
+    class is defined, not at the first call.
     """
 
-    def _video_features(self, video: Tensor) -> Tensor:  # (B, 3, F, H, W) -> (B, E)
-        raise NotImplementedError
-
-    def _paragraph_features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:  # (B, M, L) -> (B, E)
-        raise NotImplementedError
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        missing = [m for m in ("_video_features", "_paragraph_features") if not callable(getattr(cls, m, None))]
+        if missing:
+            raise TypeError(f"{cls.__name__} uses _EncodeMixin but does not define {', '.join(missing)}")
 
     @property
     def embedding_dim(self) -> int:

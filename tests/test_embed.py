@@ -227,3 +227,10 @@ def test_help(cmd, words, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert cmd in capsys.readouterr().out
+
+
+def test_encode_mixin_refuses_a_model_without_its_feature_functions():
+    from lfvila_model.models import _EncodeMixin
+
+    with pytest.raises(TypeError, match="_paragraph_features"):
+        type("VideoOnly", (_EncodeMixin,), {"_video_features": lambda self, video: video})
