@@ -26,13 +26,14 @@ LFVILA_BENCH_DATA_STEPS (default 8 training steps per run). Benchmarks measure; 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
+
+from benchmarks.pinning import one_core
 
 ROUNDS = int(os.environ.get("LFVILA_BENCH_ROUNDS", "3"))
 LONG_SECONDS = int(os.environ.get("LFVILA_BENCH_DATA_LONG_SECONDS", "120"))
@@ -94,20 +95,6 @@ def videos(tmp_path_factory):
     _encode(str(root / "long.mp4"), LONG_SECONDS * LONG_FPS, 720, 1280, LONG_FPS, LONG_KEYINT, seed=9)
     out["long"] = (str(root), ann.RetrievalRecord("long", ("one.", "two.", "three.", "four.")))
     return out
-
-
-@contextlib.contextmanager
-def _one_core():
-    """This process (and the decoder threads it starts) on one CPU, torch on one thread."""
-    cpus = os.sched_getaffinity(0)
-    threads = torch.get_num_threads()
-    os.sched_setaffinity(0, {min(cpus)})
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, cpus)
-        torch.set_num_threads(threads)
 
 
 def _naive_frames(path: str, choose) -> np.ndarray:
@@ -173,7 +160,7 @@ def test_item_throughput(benchmark, videos, case, impl):
     rng = np.random.default_rng(0)
     benchmark.group = f"data item {case} one core"
     benchmark.extra_info.update(case=case, backend=impl, size=list(SIZE), cores=1)
-    with _one_core():
+    with one_core():
         out = item(rng)
         assert out is not None and not (isinstance(out, dict) and out.get("skipped"))
         benchmark.pedantic(item, args=(rng,), rounds=ROUNDS, iterations=1, warmup_rounds=0)

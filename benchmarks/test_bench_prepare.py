@@ -19,13 +19,14 @@ LFVILA_BENCH_ROUNDS (default 3) rounds per case. Benchmarks measure; they assert
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 
 import numpy as np
 import pytest
+
+from benchmarks.pinning import one_core
 
 ROUNDS = int(os.environ.get("LFVILA_BENCH_ROUNDS", "3"))
 VIDEOS = int(os.environ.get("LFVILA_BENCH_PREPARE_VIDEOS", "2"))
@@ -97,16 +98,6 @@ def raw_sets(tmp_path_factory):
     return out
 
 
-@contextlib.contextmanager
-def _one_core():
-    cpus = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(cpus)})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, cpus)
-
-
 @pytest.mark.parametrize("tag", list(SIZES))
 def test_prepare_clips(benchmark, raw_sets, tmp_path, tag):
     from lfvila_model.data.hdvila import prepare_clips
@@ -123,7 +114,7 @@ def test_prepare_clips(benchmark, raw_sets, tmp_path, tag):
     def run():
         reports.append(prepare_clips(meta, text, raw, out, fps=3, workers=1, progress=False))
 
-    with _one_core():
+    with one_core():
         benchmark.pedantic(run, setup=fresh, rounds=ROUNDS, iterations=1)
     rep = reports[-1]
     assert rep["clips"]["cut_now"] == VIDEOS * CLIPS and rep["samples"] == VIDEOS  # the work was done

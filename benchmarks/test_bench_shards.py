@@ -15,13 +15,12 @@ per round, default 8). Benchmarks measure; they assert nothing about speed.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 
 import numpy as np
 import pytest
-import torch
+
+from benchmarks.pinning import one_core
 
 ROUNDS = int(os.environ.get("LFVILA_BENCH_ROUNDS", "3"))
 ITEMS = int(os.environ.get("LFVILA_BENCH_SHARD_ITEMS", "8"))
@@ -52,10 +51,10 @@ def _clip(path: str, h: int, w: int, seed: int) -> None:
 
 @pytest.fixture(scope="session")
 def sets(tmp_path_factory):
-    """{resolution: (shard folder, clip root, samples)}: the same clips as tar shards and as clip files."""
-    import webdataset as wds
-
+    """{resolution: (shard folder, clip root, samples)}: the same clips as clip files and, written by the
+    project's own writer (`lfvila shard`, `data.shards.write_shards`), as tar shards."""
     from lfvila_model.data import annotations as ann
+    from lfvila_model.data.shards import write_shards
 
     out = {}
     for tag, (h, w) in RESOLUTIONS.items():
@@ -66,45 +65,21 @@ def sets(tmp_path_factory):
             _clip(path, h, w, seed=m)
             with open(path, "rb") as f:
                 data.append(f.read())
-        shard_dir, clip_root = base / "shards", base / "clips"
-        shard_dir.mkdir()
-        entries, samples, n = [], [], 0
-        for s in range(SHARDS):
-            name = f"shard-{s:06d}.tar"
-            with wds.TarWriter(str(shard_dir / name), encoder=False) as tw:
-                for _ in range(PER_SHARD):
-                    vid = f"v{n:05d}"
-                    ids = [f"{vid}.{m}.mp4" for m in range(CLIPS)]
-                    texts = [f"sentence {m}." for m in range(CLIPS)]
-                    sample = {"__key__": f"s{n:09d}",
-                              "json": json.dumps({"video_id": vid, "clips": ids, "texts": texts}).encode()}
-                    for m in range(CLIPS):
-                        sample[f"clip{m:03d}.mp4"] = data[m]
-                        p = ann.clip_video_path(str(clip_root), ids[m])
-                        os.makedirs(os.path.dirname(p), exist_ok=True)
-                        with open(p, "wb") as f:
-                            f.write(data[m])
-                    tw.write(sample)
-                    samples.append(ann.PretrainSample(tuple(ann.ClipText(c, t) for c, t in zip(ids, texts))))
-                    n += 1
-            entries.append({"name": name, "samples": PER_SHARD, "bytes": os.path.getsize(shard_dir / name)})
-        with open(shard_dir / "index.json", "w") as f:
-            json.dump({"format": "lfvila-shards", "version": 1, "total": n, "shards": entries}, f)
-        out[tag] = (str(shard_dir), str(clip_root), samples)
+        clip_root = base / "clips"
+        samples = []
+        for n in range(SHARDS * PER_SHARD):  # the 4 clips encoded once, copied under each sample's ids
+            ids = [f"v{n:05d}.{m}.mp4" for m in range(CLIPS)]
+            for m, cid in enumerate(ids):
+                p = ann.clip_video_path(str(clip_root), cid)
+                os.makedirs(os.path.dirname(p), exist_ok=True)
+                with open(p, "wb") as f:
+                    f.write(data[m])
+            samples.append(ann.PretrainSample(tuple(ann.ClipText(c, f"sentence {m}.") for m, c in enumerate(ids))))
+        jsonl = base / "pretrain.jsonl"
+        ann.write_jsonl(jsonl, [[{"clip_id": c.clip_id, "text": c.text} for c in smp.clips] for smp in samples])
+        write_shards(jsonl, clip_root, base / "shards", samples_per_shard=PER_SHARD, progress=False)
+        out[tag] = (str(base / "shards"), str(clip_root), samples)
     return out
-
-
-@contextlib.contextmanager
-def _one_core():
-    cpus = os.sched_getaffinity(0)
-    threads = torch.get_num_threads()
-    os.sched_setaffinity(0, {min(cpus)})
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, cpus)
-        torch.set_num_threads(threads)
 
 
 PARAMS = [(r, impl) for r in RESOLUTIONS for impl in ("files", "shards")]
@@ -132,7 +107,7 @@ def test_shard_reader_throughput(benchmark, sets, res, impl):
 
     benchmark.group = f"shard reader {res} one core"
     benchmark.extra_info.update(resolution=res, backend=impl, size=list(SIZE), cores=1, items_per_round=ITEMS)
-    with _one_core():
+    with one_core():
         first = read()
         assert all(not it.get("skipped") for it in first)
         benchmark.pedantic(read, rounds=ROUNDS, iterations=1, warmup_rounds=0)
