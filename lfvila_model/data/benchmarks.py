@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from .annotations import AnnotationError, write_jsonl
+from ..jsonable import write_json
 
 __all__ = ["DATASETS", "VIDEO_EXTENSIONS", "BenchmarkRow", "read_activitynet_captions", "read_didemo",
            "read_split_list", "parse_split_lists", "index_videos", "find_video", "prepare_benchmark"]
@@ -263,14 +264,6 @@ def find_video(index: tuple[dict[str, str], dict[str, list[str]]], names: Iterab
 # the whole preparation
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _check_options(out_dir: str, options: Mapping[str, Any]) -> None:
     """A folder already prepared with other re-encoding options would mix two kinds of videos: refuse."""
     path = os.path.join(out_dir, "report.json")
@@ -400,5 +393,5 @@ def prepare_benchmark(dataset: str, annotations_dir: str | os.PathLike, raw_dir:
         "unreadable": dict(sorted(unreadable.items())),
         "note": "rows whose video is missing or unreadable are left out of the jsonl files (listed per split)",
     }
-    _write_json(os.path.join(out_dir, "report.json"), report)
+    write_json(os.path.join(out_dir, "report.json"), report)
     return report

@@ -36,6 +36,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from .annotations import AnnotationError, clip_video_path, write_jsonl
 from .benchmarks import find_video, index_videos
+from ..jsonable import write_json
 
 __all__ = ["HdvilaClip", "HdvilaVideo", "parse_timestamp", "parse_clip_id", "read_hdvila_meta", "read_transcripts",
            "consecutive_runs", "prepare_clips"]
@@ -214,14 +215,6 @@ def consecutive_runs(numbers: Iterable[int], min_clips: int) -> list[list[int]]:
     return [r for r in runs if len(r) >= min_clips]
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _check_reencoding(out_dir: str, options: dict) -> None:
     """Clips cut with other re-encoding options would not be redone and the set would mix two kinds: refuse."""
     path = os.path.join(out_dir, "report.json")
@@ -365,5 +358,5 @@ def prepare_clips(meta: str | os.PathLike, transcripts: str | os.PathLike, raw_d
         "note": "a sample is a maximal run of >= min_clips consecutive clip numbers of one video that all have a "
                 "text and were cut; missing and unreadable videos and the clips that could not be cut are left out",
     }
-    _write_json(os.path.join(out_dir, "report.json"), report)
+    write_json(os.path.join(out_dir, "report.json"), report)
     return report

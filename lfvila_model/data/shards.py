@@ -32,6 +32,7 @@ import re
 from typing import Any
 
 from .annotations import clip_video_path, read_pretrain_jsonl
+from ..jsonable import write_json
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "INDEX_FILE", "SHARD_NAME", "SHARD_NAME_RE", "JSON_MEMBER",
            "CLIP_MEMBER_RE", "MAX_CLIPS", "shard_name", "sample_key", "clip_member", "read_index", "write_shards"]
@@ -102,14 +103,6 @@ def _import_webdataset():
     except ImportError as e:
         raise ImportError(f"writing shards needs the webdataset package (pip install webdataset): {e}") from None
     return webdataset
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _verify_shard(path: str, expected: list[tuple[str, dict[str, str]]]) -> None:
@@ -246,6 +239,6 @@ def write_shards(annotations: str | os.PathLike, video_root: str | os.PathLike, 
     report = {"annotations": annotations, "video_root": video_root, "out": out_dir, "samples_in_annotations":
               len(samples), "written": total, "shards": len(sink.shards),
               "bytes": sum(s["bytes"] for s in sink.shards), "skipped": skipped}
-    _write_json(os.path.join(out_dir, "report.json"), report)
-    _write_json(index_path, index)
+    write_json(os.path.join(out_dir, "report.json"), report)
+    write_json(index_path, index)
     return {**index, "report": report}
