@@ -190,3 +190,32 @@ def make_videos(root):
 def embed_model(model_type="pretrain", seed=0):
     """A tiny pre-training (stage 1) or retrieval model that takes the real tokenizer's ids (BERT-uncased)."""
     return tiny_model(seed=seed, model_type=model_type, text={"vocab_size": BERT_VOCAB})
+
+
+def grey_level(i: int) -> int:
+    """The grey value of source frame i in `write_grey_video`'s files (the value read back names the frame)."""
+    return (6 * i) % 246
+
+
+def write_grey_video(path, seconds: float = 4.0, fps: int = 10, size=(64, 48), codec: str = "libx264", fmt=None,
+                     keyint=None) -> str:
+    """Writes `seconds * fps` frames of `size` (W, H) with PyAV, frame i a flat grey `grey_level(i)`, so a cut or
+    re-encoded copy says which source frames it holds. `keyint`: x264's keyframe interval (default x264's)."""
+    import av
+
+    w, h = size
+    c = av.open(str(path), mode="w", format=fmt)
+    s = c.add_stream(codec, rate=fps)
+    s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+    if codec == "libx264":
+        s.options = {"preset": "ultrafast", "threads": "1"}
+        if keyint is not None:
+            s.options = dict(s.options, **{"x264-params": f"keyint={keyint}:min-keyint={keyint}"})
+    for i in range(int(round(seconds * fps))):
+        frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), grey_level(i), np.uint8), format="rgb24")
+        for p in s.encode(frame):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    return str(path)

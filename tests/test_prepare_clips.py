@@ -5,6 +5,7 @@ Raw videos are encoded here with PyAV: 64x48, 10 fps, a keyframe every 10 frames
 flat grey of value `LEVEL(i)`: the value read back from a clip's frame says which source frame it shows (lossy
 codecs move it by a few levels; levels are 6 apart)."""
 
+import functools
 import json
 import math
 import os
@@ -20,29 +21,13 @@ from lfvila_model.data import hdvila as H
 from lfvila_model.data.annotations import AnnotationError, read_pretrain_jsonl
 from lfvila_model.data.transcode import temporary_name
 from lfvila_model.data.video import decode_all_frames
+from tests.helpers import grey_level, write_grey_video
 
 SRC_FPS = 10
 
 
-def LEVEL(i):
-    return (6 * i) % 246
-
-
-def make_video(path, seconds=8.0, fps=SRC_FPS, size=(64, 48), codec="libx264", keyint=10):
-    w, h = size
-    c = av.open(str(path), mode="w")
-    s = c.add_stream(codec, rate=fps)
-    s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-    if codec == "libx264":
-        s.options = {"preset": "ultrafast", "threads": "1", "x264-params": f"keyint={keyint}:min-keyint={keyint}"}
-    for i in range(int(round(seconds * fps))):
-        frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), LEVEL(i), np.uint8), format="rgb24")
-        for p in s.encode(frame):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
-    return str(path)
+LEVEL = grey_level
+make_video = functools.partial(write_grey_video, seconds=8.0, fps=SRC_FPS, keyint=10)
 
 
 def stamp(seconds):

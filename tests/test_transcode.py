@@ -12,28 +12,11 @@ import pytest
 
 from lfvila_model.data import transcode as T
 from lfvila_model.data.video import VideoReadError, decode_all_frames
+from tests.helpers import grey_level, write_grey_video
 
 
-def LEVEL(i):
-    return (6 * i) % 246
-
-
-def make_video(path, seconds=4.0, fps=10, size=(64, 48), codec="libx264", fmt=None):
-    """Writes `seconds * fps` frames of `size` (W, H), frame i a flat grey LEVEL(i)."""
-    w, h = size
-    c = av.open(str(path), mode="w", format=fmt)
-    s = c.add_stream(codec, rate=fps)
-    s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-    if codec == "libx264":
-        s.options = {"preset": "ultrafast", "threads": "1"}
-    for i in range(int(round(seconds * fps))):
-        frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), LEVEL(i), np.uint8), format="rgb24")
-        for p in s.encode(frame):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
-    return str(path)
+LEVEL = grey_level
+make_video = write_grey_video  # (also used by test_prepare_benchmarks)
 
 
 def probe(path):
