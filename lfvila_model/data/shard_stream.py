@@ -65,6 +65,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .datasets import PretrainDataset, check_pos_int, collate
+from .shards import FORMAT_NAME, FORMAT_VERSION, INDEX_FILE, JSON_MEMBER, clip_member
 from .text import ParagraphTokenizer
 
 __all__ = ["SHARD_FORMAT", "SHARD_VERSION", "DEFAULT_SHUFFLE_BUFFER", "ShardInfo", "ShardIndex", "read_shard_index",
@@ -72,8 +73,8 @@ __all__ = ["SHARD_FORMAT", "SHARD_VERSION", "DEFAULT_SHUFFLE_BUFFER", "ShardInfo
 
 log = logging.getLogger("lfvila.data")
 
-SHARD_FORMAT = "lfvila-shards"
-SHARD_VERSION = 1
+# the format's names are the writer's (data/shards.py), so reader and writer cannot drift apart
+SHARD_FORMAT, SHARD_VERSION = FORMAT_NAME, FORMAT_VERSION
 # samples held by each lane's shuffle buffer: their mp4 bytes (4 clips of 3 fps video: ~0.2 MB at 360p, ~1-2 MB at
 # 720p) stay in the worker's memory
 DEFAULT_SHUFFLE_BUFFER = 100
@@ -114,7 +115,7 @@ def read_shard_index(path: str | os.PathLike) -> ShardIndex:
     not plain file names of this folder, shards that are missing).
     """
     path = os.fspath(path)
-    index_file = os.path.join(path, "index.json") if os.path.isdir(path) else path
+    index_file = os.path.join(path, INDEX_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(index_file):
         raise FileNotFoundError(f"no shard index at {index_file} (data.train must be a shard folder or its "
                                 f"index.json, as `lfvila shard` writes them)")
@@ -279,20 +280,20 @@ class ShardStream:
             return {"skipped": True, "index": -1 - bad_id, "path": where,
                     "reason": "key is not s<sample number>"}
         try:
-            meta = json.loads(sample["json"])
+            meta = json.loads(sample[JSON_MEMBER])
             clip_ids, texts = meta["clips"], meta["texts"]
             if not (isinstance(clip_ids, list) and isinstance(texts, list) and len(clip_ids) == len(texts)):
                 raise ValueError("clips and texts must be lists of the same length")
             if len(clip_ids) < self.num_clips:
                 raise ValueError(f"{len(clip_ids)} clips, fewer than num_clips={self.num_clips}")
-            missing = [k for k in range(len(clip_ids)) if f"clip{k:03d}.mp4" not in sample]
+            missing = [k for k in range(len(clip_ids)) if clip_member(k) not in sample]
             if missing:
-                raise ValueError(f"no clip{missing[0]:03d}.mp4 member")
+                raise ValueError(f"no {clip_member(missing[0])} member")
         except (KeyError, ValueError, TypeError) as e:
             log.warning("skipping sample %s: %s", where, e)
             return {"skipped": True, "index": index, "path": where, "reason": f"{type(e).__name__}: {e}"}
         return self.items.make_item(index, clip_ids, texts,
-                                    lambda k: _named_bytes(sample[f"clip{k:03d}.mp4"], f"{where}.clip{k:03d}.mp4"))
+                                    lambda k: _named_bytes(sample[clip_member(k)], f"{where}.{clip_member(k)}"))
 
     def read_batch(self, samples: Iterator[dict], batch_size: int,
                    max_replacements: int = MAX_REPLACEMENTS) -> tuple[dict, int]:
